@@ -1,0 +1,158 @@
+"""The ``bdsan`` command line: parses options, calls the Python API, renders reports, maps exit codes."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .atomic import write_text_atomic
+from .config import find_config_arg, load_config_file
+from .errors import EXIT_INTERRUPTED, EXIT_RUN, EXIT_USAGE, BdsanError
+from .progress import set_quiet
+from .report import Report, render_json, render_text
+
+log = logging.getLogger("bdsan")
+
+
+class BdsanCommand(click.Command):
+    """Every option also reads ``BDSAN_<OPTION>`` from the environment (SPEC §3.2)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, click.Option) and param.envvar is None and param.name:
+                param.envvar = f"BDSAN_{param.name.upper()}"
+
+
+class BdsanGroup(click.Group):
+    command_class = BdsanCommand
+
+
+def common_options(func):
+    """Options shared by every command (SPEC §3.2)."""
+    options = [
+        click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N (auto = CUDA when available)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for splits, data order and initialisation."),
+        click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Images per forward pass."),
+        click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+                     help="stdout format; with json nothing but the JSON report goes to stdout."),
+        click.option("-o", "--report", "report_path", type=click.Path(dir_okay=False), default=None,
+                     help="Also write the report to this file (.json; .sarif / .xml for audit and scan)."),
+        click.option("--config", type=click.Path(dir_okay=False), default=None, expose_value=False,
+                     help="TOML or YAML file of option defaults (keys = option names)."),
+        click.option("--quiet", is_flag=True, help="No progress bars, no log lines below warnings."),
+        click.option("--debug", is_flag=True, help="Show tracebacks on errors."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        quiet = kwargs.get("quiet", False)
+        set_quiet(quiet)
+        logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr,
+                            force=True)
+        logging.getLogger("bdsan").setLevel(logging.DEBUG if kwargs.get("debug") else
+                                            logging.WARNING if quiet else logging.INFO)
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def emit(report: Report, output_format: str, report_path: str | None, renderers: dict | None = None) -> int:
+    """Print the report (text or JSON), write ``-o`` atomically, and return the report's exit code."""
+    renderers = {".json": render_json, **(renderers or {})}
+    if report_path:
+        suffix = Path(report_path).suffix.lower()
+        render = renderers.get(suffix, render_json)
+        write_text_atomic(report_path, render(report))
+    click.echo(render_json(report) if output_format == "json" else render_text(report), nl=False)
+    return report.exit_code
+
+
+@click.group(cls=BdsanGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="bdsan")
+def cli():
+    """bdsan — find and remove backdoors in image classifiers.
+
+    \b
+    Typical use:
+      bdsan demo                                   offline tour on generated data
+      bdsan inspect model.safetensors              what is this file? is it safe to load?
+      bdsan audit MODEL --holdout DIR              CA / ASR / RA, exit 1 when a trigger fires
+      bdsan sanitize MODEL --holdout DIR --method fmp --out OUT
+
+    Exit codes: 0 ok, 1 gate failed, 2 usage error, 3 input refused or invalid, 4 run failed, 130 interrupted.
+    """
+
+
+@cli.command("archs")
+@common_options
+def archs_command(device, seed, batch_size, output_format, report_path, quiet, debug):
+    """List the architecture registry (plus user factories: --arch file.py:build)."""
+    from .io.archs import list_archs
+
+    report = Report("archs", seed=seed)
+    report.details["archs"] = list_archs()
+    if output_format == "json" or report_path:
+        return emit(report, output_format, report_path)
+    for name, description in report.details["archs"].items():
+        click.echo(f"{name:32s} {description}")
+    return 0
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("BDSAN_DEBUG", "").lower() in ("1", "true", "yes")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: runs the group and maps every outcome to SPEC §3.1 exit codes."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    try:
+        default_map = None
+        config_path = find_config_arg(argv)
+        if config_path:
+            values = load_config_file(config_path)
+            default_map = {name: dict(values) for name in cli.commands}
+        code = cli.main(args=argv, prog_name="bdsan", standalone_mode=False, default_map=default_map)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        code = EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        click.echo("interrupted; partial outputs removed", err=True)
+        code = EXIT_INTERRUPTED
+    except BdsanError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc.message}", err=True)
+        if exc.hint:
+            click.echo(f"hint: {exc.hint}", err=True)
+        code = exc.exit_code
+    except MemoryError:
+        click.echo("error: out of memory", err=True)
+        code = EXIT_RUN
+    except Exception as exc:  # the last line of defence: no traceback unless --debug
+        if debug:
+            traceback.print_exc()
+        oom = "out of memory" in str(exc).lower()
+        click.echo(f"error: {'out of memory: ' if oom else 'internal error: '}{type(exc).__name__}: {exc}", err=True)
+        click.echo("hint: rerun with --debug for the traceback" + ("; try a smaller --batch-size" if oom else ""),
+                   err=True)
+        code = EXIT_RUN
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Device selection and the CUDA speed settings (bf16 autocast, channels_last)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .errors import UsageError
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without CUDA is a usage error."""
+    if isinstance(spec, torch.device):
+        return spec
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available on this machine", hint="use --device cpu")
+        device = torch.device(spec)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return device
+    if spec == "cpu":
+        return torch.device("cpu")
+    raise UsageError(f"--device {spec!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+def describe_device(device: torch.device) -> str:
+    """Human label for reports, e.g. ``cuda:0 (NVIDIA H100)``."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return "cpu"
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, a no-op elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move to the device; channels_last on CUDA."""
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model

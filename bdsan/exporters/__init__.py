@@ -1,0 +1,1 @@
+"""Verified exports: ONNX, self-describing safetensors, slim (physically pruned) models."""

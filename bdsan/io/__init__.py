@@ -1,0 +1,1 @@
+"""Safe model loading, the architecture registry and holdout data."""
