@@ -65,6 +65,74 @@ def common_options(func):
     return wrapper
 
 
+def model_options(func):
+    """Options that say how to read MODEL (SPEC §2.1, §2.2, §2.4)."""
+    options = [
+        click.option("--arch", default=None, help="Architecture name (`bdsan archs`), file.py:factory or pkg.module:factory. "
+                     "Default: from the file's metadata or a config.json beside it."),
+        click.option("--num-classes", type=click.IntRange(1), default=None, help="Default: inferred from the weights."),
+        click.option("--trust-code", is_flag=True, help="Allow TorchScript / pickled modules: runs code from the file."),
+        click.option("--preset", type=click.Choice(["cifar10", "imagenet", "none"]), default=None,
+                     help="Normalisation preset (default: the file's metadata, else none)."),
+        click.option("--mean", default=None, help="Per-channel mean, e.g. 0.4914,0.4822,0.4465."),
+        click.option("--std", default=None, help="Per-channel std, e.g. 0.2470,0.2435,0.2616."),
+        click.option("--input-size", type=click.IntRange(1), default=None,
+                     help="Resize holdout images to this size (otherwise a size mismatch is an error)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def holdout_options(func):
+    """Options that say how to read the clean holdout (SPEC §2.3)."""
+    options = [
+        click.option("--holdout", required=True, type=click.Path(), help="Clean labelled images: ImageFolder dir or .npz."),
+        click.option("--split", "data_split", type=click.Choice(["train", "test"]), default=None,
+                     help="For .npz files with x_train/x_test keys."),
+        click.option("--classes", default=None, help="Comma-separated class folder names, in label order."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=option) from None
+
+
+def preprocessing_from_options(preset, mean, std, input_size):
+    """A Preprocessing when the command line says one, else None (the file's metadata decides)."""
+    from .io.preprocess import Preprocessing
+
+    mean_values, std_values = parse_floats(mean, "--mean"), parse_floats(std, "--std")
+    if preset is None and mean_values is None and std_values is None and input_size is None:
+        return None
+    base = Preprocessing.preset(preset or "none")
+    return Preprocessing(mean_values or base.mean, std_values or base.std, input_size)
+
+
+def load_model_from_options(model_path, arch, num_classes, trust_code, preset, mean, std, input_size):
+    """The one place the CLI turns model options into ``bdsan.load_model``."""
+    from .io.models import load_model
+
+    preprocessing = preprocessing_from_options(preset, mean, std, input_size)
+    return load_model(model_path, arch=arch, num_classes=num_classes, preprocessing=preprocessing,
+                      trust_code=trust_code)
+
+
+def load_holdout_from_options(holdout, data_split, classes, device, input_size=None):
+    from .io.data import load_holdout
+
+    class_names = [c.strip() for c in classes.split(",")] if classes else None
+    return load_holdout(holdout, device=device, split=data_split, classes=class_names, input_size=input_size)
+
+
 def emit(report: Report, output_format: str, report_path: str | None, renderers: dict | None = None) -> int:
     """Print the report (text or JSON), write ``-o`` atomically, and return the report's exit code."""
     renderers = {".json": render_json, **(renderers or {})}

@@ -106,3 +106,21 @@ def holdout_from_arrays(x_nhwc: np.ndarray, y: np.ndarray, classes: list[str] | 
 
 
 __all__ = ["Holdout", "Preprocessing", "holdout_from_arrays", "split_holdout", "stratified_split", "to_float"]
+
+
+def load_holdout(path: str | "Path", device: torch.device | str = "cpu", split: str | None = None,
+                 classes: list[str] | None = None, input_size: int | None = None) -> Holdout:
+    """Load a holdout from an ``.npz`` (``x``/``y`` or ``x_<split>``/``y_<split>``) or an ImageFolder directory.
+
+    Minimal version: ``.npz`` only. (Issue 2 completes ImageFolder, resizing and validation.)
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"holdout not found: {path}")
+    with np.load(path, allow_pickle=False) as data:
+        x_key, y_key = ("x", "y") if split is None else (f"x_{split}", f"y_{split}")
+        x, y = data[x_key], data[y_key]
+        names = [str(c) for c in data["classes"]] if "classes" in data.files else None
+    return holdout_from_arrays(x, y, classes or names, device, str(path))

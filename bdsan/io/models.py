@@ -77,3 +77,29 @@ def load_state_dict_into(arch: str, num_classes: int, state_dict: dict[str, torc
                            hint="check --arch and --num-classes (`bdsan archs` lists architectures)")
     module.load_state_dict(state_dict, strict=True)
     return module.eval()
+
+
+def load_model(path: str | Path, arch: str | None = None, num_classes: int | None = None,
+               preprocessing: Preprocessing | None = None, trust_code: bool = False) -> LoadedModel:
+    """Load a model file safely (SPEC §2.1). ``preprocessing`` overrides what the file's metadata says.
+
+    Minimal version: safetensors with bdsan metadata or ``arch``. (Issue 2 completes the formats.)
+    """
+    from safetensors import safe_open
+
+    from .metadata import ARCH, NUM_CLASSES, read_classes, read_preprocessing
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelRefused(f"model file not found: {path}")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        state_dict = {k: handle.get_tensor(k) for k in handle.keys()}
+    arch = arch or metadata.get(ARCH)
+    if not arch:
+        raise ModelRefused(f"{path}: no architecture known", hint="pass --arch NAME")
+    num_classes = num_classes or int(metadata.get(NUM_CLASSES, 0))
+    module = load_state_dict_into(arch, num_classes, state_dict)
+    preprocessing = preprocessing or read_preprocessing(metadata) or Preprocessing()
+    return LoadedModel(module, arch, num_classes, preprocessing, "safetensors", str(path), sha256_file(path),
+                       read_classes(metadata))
