@@ -11,6 +11,8 @@ CLASSES = "bdsan.classes"
 PREPROCESSING = "bdsan.preprocessing"
 SOURCE_SHA256 = "bdsan.source_sha256"
 VERSION = "bdsan.version"
+# ONNX only: "true" when (x - mean) / std is inside the graph, so the model takes [0,1] pixels.
+PREPROCESSING_BAKED = "bdsan.preprocessing_baked"
 
 
 def build_metadata(arch: str, num_classes: int, preprocessing: Preprocessing, classes: list[str] | None = None,
