@@ -1,0 +1,1 @@
+"""Detectors: the trigger suite, audit metrics, the audit itself and the trigger scan."""
