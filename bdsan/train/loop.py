@@ -1,6 +1,7 @@
 """A fast training loop over device-resident uint8 data (bf16 autocast + channels_last on CUDA)."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -38,13 +39,34 @@ def evaluate_accuracy(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, 
     return (predict(model, x_uint8, batch_size) == y.to(x_uint8.device)).float().mean().item()
 
 
+def _training_autocast(device: torch.device, precision: str):
+    if precision == "auto":
+        return autocast(device)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    raise ValueError(f"precision {precision!r} is not one of auto, bf16, fp32")
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU runs bf16 convolutions natively (oneDNN with AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def train_classifier(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, *, epochs: int = 10,
                      lr: float = 0.1, batch_size: int = 128, weight_decay: float = 5e-4,
                      momentum: float = 0.9, schedule: str = "onecycle", augment: bool = True, seed: int = 0,
-                     label_smoothing: float = 0.0, progress: Progress | None = None) -> nn.Module:
+                     label_smoothing: float = 0.0, progress: Progress | None = None,
+                     precision: str = "auto") -> nn.Module:
     """Train a [0,1]-input model with SGD (nesterov) on uint8 images already on the model's device.
 
     ``schedule``: ``onecycle`` (fast from-scratch training) or ``cosine`` (fine-tuning).
+    ``precision``: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``bf16`` (bf16 autocast on any device;
+    about 4× faster on CPUs with AVX512-BF16/AMX, slower on others) or ``fp32``.
     """
     device = next(model.parameters()).device
     x_uint8, y = x_uint8.to(device), y.to(device)
@@ -68,7 +90,7 @@ def train_classifier(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, *
                 batch = augment_batch(batch, generator)
             if device.type == "cuda":
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            with autocast(device):
+            with _training_autocast(device, precision):
                 loss = F.cross_entropy(model(batch), y[index], label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
