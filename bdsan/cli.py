@@ -175,6 +175,74 @@ def archs_command(device, seed, batch_size, output_format, report_path, quiet, d
     return 0
 
 
+@cli.command("export")
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="FILE.onnx or FILE.safetensors (format from the suffix); written atomically, only when verified.")
+@model_options
+@click.option("--holdout", default=None, type=click.Path(),
+              help="Clean images for the parity check (default: 64 seeded random images).")
+@click.option("--split", "data_split", type=click.Choice(["train", "test"]), default=None,
+              help="For .npz files with x_train/x_test keys.")
+@click.option("--classes", default=None, help="Comma-separated class folder names, in label order.")
+@click.option("--bake-preprocessing", is_flag=True,
+              help="ONNX: put (x - mean) / std into the graph, so it takes [0,1] pixels.")
+@click.option("--atol", type=click.FloatRange(0), default=1e-3, show_default=True,
+              help="Max |Δlogit| per image, divided by max(1, the image's largest |logit|).")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.999, show_default=True,
+              help="Min fraction of images whose argmax matches PyTorch's.")
+@click.option("--opset", type=click.IntRange(18), default=18, show_default=True, help="ONNX opset.")
+@click.option("--slim", is_flag=True, help="ONNX: physically remove dead (all-zero) channels first.")
+@click.option("--force", is_flag=True, help="Replace an existing --out file.")
+@common_options
+def export_command(model_path, out, arch, num_classes, trust_code, preset, mean, std, input_size, holdout,
+                   data_split, classes, bake_preprocessing, atol, min_agreement, opset, slim, force,
+                   device, seed, batch_size, output_format, report_path, quiet, debug):
+    """Verified export to ONNX or safetensors; exit 1 when parity fails (and no file is left)."""
+    import time
+
+    from .device import describe_device, resolve_device
+    from .errors import GateFailed, OutputError
+    from .exporters import export_format, export_model
+
+    export_format(out)
+    if Path(out).exists() and not force:
+        raise OutputError(f"--out {out} already exists", hint="use --force to replace it")
+    if Path(out).exists() and Path(out).resolve() == Path(model_path).resolve():
+        raise OutputError(f"--out {out} is the input model; inputs are never overwritten")
+    torch_device = resolve_device(device)
+    report = Report("export", seed=seed, device=describe_device(torch_device))
+    start = time.perf_counter()
+    model = load_model_from_options(model_path, arch, num_classes, trust_code, preset, mean, std, input_size)
+    report.model = model.info()
+    data = load_holdout_from_options(holdout, data_split, classes, "cpu", input_size) if holdout else None
+    if data is not None:
+        report.holdout = {"path": str(holdout), "n": len(data), "classes": list(data.classes)}
+    report.timings_s["load"] = round(time.perf_counter() - start, 3)
+    try:
+        artifact = export_model(model, out, holdout=data, bake_preprocessing=bake_preprocessing, atol=atol,
+                                min_agreement=min_agreement, slim=slim, opset=opset, input_size=input_size,
+                                device=torch_device, batch_size=batch_size, seed=seed)
+    except GateFailed as exc:  # parity failed: the report still carries the numbers; no file was written
+        parity = getattr(exc, "details", {}).get("parity")
+        if parity is None:
+            raise
+        click.echo(f"error: {exc.message}", err=True)
+        artifact = {"parity": parity, "written": False}
+        report.exit_code = exc.exit_code
+    parity = artifact["parity"]
+    report.add_gate("export_parity_max_scaled_diff", atol, parity["max_scaled_diff"], parity["max_scaled_diff"] <= atol)
+    report.add_gate("export_parity_agreement", min_agreement, parity["agreement"], parity["agreement"] >= min_agreement)
+    if report.exit_code:
+        report.details["export"] = artifact
+        return emit(report, output_format, report_path)
+    report.timings_s.update(artifact.pop("timings_s", {}))
+    artifact.pop("metadata", None)
+    report.artifacts.append({k: artifact[k] for k in ("path", "sha256", "bytes", "format")})
+    report.details["export"] = artifact
+    return emit(report, output_format, report_path)
+
+
 def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("BDSAN_DEBUG", "").lower() in ("1", "true", "yes")
 

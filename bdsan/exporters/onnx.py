@@ -229,11 +229,13 @@ def export_onnx(model: LoadedModel, out: str | Path, *, holdout: Holdout | None 
         del session
         timings["verify"] = time.perf_counter() - start
         if not parity["passed"]:
-            raise GateFailed(
+            error = GateFailed(
                 f"ONNX parity failed: max |Δlogit| {parity['max_abs_diff']:.3g} (scaled {parity['max_scaled_diff']:.3g}"
                 f", atol {atol:g}), argmax agreement {parity['agreement']:.4f} (min {min_agreement:g}) on "
                 f"{parity['n']} images; no file written" + (f" — {parity['reason']}" if "reason" in parity else ""),
                 hint="--atol / --min-agreement set the thresholds")
+            error.details = {"parity": parity}
+            raise error
         leftovers = [p for p in tmp.parent.glob(tmp.name + "*") if p != tmp] + list(tmp.parent.glob(out.name + ".data"))
         if leftovers:
             raise RunFailed(f"the exporter left external-data files: {', '.join(map(str, leftovers))}")
