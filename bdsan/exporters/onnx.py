@@ -128,7 +128,7 @@ def _onnx_program(module: nn.Module, example: torch.Tensor, opset: int):
 
 
 def build_onnx_model(model: LoadedModel, input_hw: tuple[int, int], *, bake_preprocessing: bool = False,
-                     opset: int = MIN_OPSET):
+                     opset: int = MIN_OPSET, extra_metadata: dict[str, str] | None = None):
     """The checked ``onnx.ModelProto`` with bdsan metadata (not yet written anywhere)."""
     import onnx
 
@@ -143,7 +143,8 @@ def build_onnx_model(model: LoadedModel, input_hw: tuple[int, int], *, bake_prep
     example = torch.rand(2, channels, *input_hw, generator=torch.Generator().manual_seed(0))
     program = _onnx_program(module, example, opset)
     proto = program.model_proto
-    metadata = build_metadata(model.arch, model.num_classes, model.preprocessing, model.classes, model.sha256)
+    metadata = build_metadata(model.arch, model.num_classes, model.preprocessing, model.classes, model.sha256,
+                              extra_metadata)
     metadata[PREPROCESSING_BAKED] = "true" if bake_preprocessing else "false"
     metadata["bdsan.input_shape"] = json.dumps(["batch", channels, *input_hw])
     metadata["bdsan.input_range"] = "[0,1] pixels" if bake_preprocessing else "(x - mean) / std of [0,1] pixels"
@@ -198,7 +199,8 @@ def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, atol: float
 def export_onnx(model: LoadedModel, out: str | Path, *, holdout: Holdout | None = None,
                 bake_preprocessing: bool = False, atol: float = 1e-3, min_agreement: float = 0.999,
                 opset: int = MIN_OPSET, input_size: int | None = None, device: str | torch.device | None = None,
-                batch_size: int = 256, seed: int = 0, reference: nn.Module | None = None) -> dict:
+                batch_size: int = 256, seed: int = 0, reference: nn.Module | None = None,
+                extra_metadata: dict[str, str] | None = None) -> dict:
     """Export ``model`` to a single-file ONNX at ``out``, verified against PyTorch; returns the artifact dict.
 
     ``reference`` is the [0,1]-input module parity is measured against (default ``model.normalized()``; the slim
@@ -212,7 +214,8 @@ def export_onnx(model: LoadedModel, out: str | Path, *, holdout: Holdout | None 
     timings: dict[str, float] = {}
     start = time.perf_counter()
     input_hw = export_input_size(model, holdout, input_size)
-    proto = build_onnx_model(model, input_hw, bake_preprocessing=bake_preprocessing, opset=opset)
+    proto = build_onnx_model(model, input_hw, bake_preprocessing=bake_preprocessing, opset=opset,
+                             extra_metadata=extra_metadata)
     timings["export"] = time.perf_counter() - start
     import onnx
 
