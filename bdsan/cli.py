@@ -1,6 +1,7 @@
 """The ``bdsan`` command line: parses options, calls the Python API, renders reports, maps exit codes."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -12,7 +13,7 @@ import click
 
 from . import __version__
 from .atomic import write_text_atomic
-from .config import find_config_arg, load_config_file
+from .config import default_map_for, env_var_name, find_config_arg, load_config_file
 from .errors import EXIT_INTERRUPTED, EXIT_RUN, EXIT_USAGE, BdsanError
 from .progress import set_quiet
 from .report import Report, render_json, render_text
@@ -27,7 +28,7 @@ class BdsanCommand(click.Command):
         super().__init__(*args, **kwargs)
         for param in self.params:
             if isinstance(param, click.Option) and param.envvar is None and param.name:
-                param.envvar = f"BDSAN_{param.name.upper()}"
+                param.envvar = env_var_name(param)
 
 
 class BdsanGroup(click.Group):
@@ -60,7 +61,18 @@ def common_options(func):
                             force=True)
         logging.getLogger("bdsan").setLevel(logging.DEBUG if kwargs.get("debug") else
                                             logging.WARNING if quiet else logging.INFO)
-        return func(*args, **kwargs)
+        if kwargs.get("report_path"):
+            check_report_path(kwargs["report_path"])
+        if kwargs.get("output_format") != "json":
+            return func(*args, **kwargs)
+        # JSON mode: anything a library prints goes to stderr; only emit() writes the report to stdout.
+        global _REPORT_STREAM
+        _REPORT_STREAM = sys.stdout
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                return func(*args, **kwargs)
+        finally:
+            _REPORT_STREAM = None
 
     return wrapper
 
@@ -107,40 +119,73 @@ def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
 
 
 def preprocessing_from_options(preset, mean, std, input_size):
-    """A Preprocessing when the command line says one, else None (the file's metadata decides)."""
+    """A Preprocessing when the command line sets the normalisation, else None (the file's metadata decides).
+
+    ``--input-size`` alone keeps the file's mean/std (``load_model_from_options`` applies it afterwards).
+    """
     from .io.preprocess import Preprocessing
 
     mean_values, std_values = parse_floats(mean, "--mean"), parse_floats(std, "--std")
-    if preset is None and mean_values is None and std_values is None and input_size is None:
+    if preset is None and mean_values is None and std_values is None:
         return None
+    if (mean_values is None) != (std_values is None) and preset is None:
+        raise click.UsageError("--mean and --std go together (or use --preset)")
     base = Preprocessing.preset(preset or "none")
-    return Preprocessing(mean_values or base.mean, std_values or base.std, input_size)
+    mean_values, std_values = mean_values or base.mean, std_values or base.std
+    if len(mean_values) != len(std_values) or any(v <= 0 for v in std_values):
+        raise click.UsageError("--mean and --std need the same number of values, and every std must be > 0")
+    return Preprocessing(mean_values, std_values, input_size)
 
 
 def load_model_from_options(model_path, arch, num_classes, trust_code, preset, mean, std, input_size):
     """The one place the CLI turns model options into ``bdsan.load_model``."""
+    import dataclasses
+
     from .io.models import load_model
 
     preprocessing = preprocessing_from_options(preset, mean, std, input_size)
-    return load_model(model_path, arch=arch, num_classes=num_classes, preprocessing=preprocessing,
-                      trust_code=trust_code)
+    model = load_model(model_path, arch=arch, num_classes=num_classes, preprocessing=preprocessing,
+                       trust_code=trust_code)
+    if input_size is not None and model.preprocessing.input_size != input_size:
+        model.preprocessing = dataclasses.replace(model.preprocessing, input_size=input_size)
+    return model
 
 
-def load_holdout_from_options(holdout, data_split, classes, device, input_size=None):
-    from .io.data import load_holdout
+def load_holdout_from_options(holdout, data_split, classes, device, input_size=None, model=None):
+    """``bdsan.load_holdout``; with ``model``, also refuse a holdout that does not fit it (classes, size)."""
+    from .io.data import check_holdout_matches, load_holdout
 
-    class_names = [c.strip() for c in classes.split(",")] if classes else None
-    return load_holdout(holdout, device=device, split=data_split, classes=class_names, input_size=input_size)
+    class_names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    data = load_holdout(holdout, device=device, split=data_split, classes=class_names, input_size=input_size)
+    return check_holdout_matches(model, data) if model is not None else data
 
 
-def emit(report: Report, output_format: str, report_path: str | None, renderers: dict | None = None) -> int:
+def check_report_path(report_path: str) -> None:
+    """Refuse an unwritable ``-o`` before any work is done (exit 3, nothing written)."""
+    from .atomic import check_writable_dir
+    from .errors import OutputError
+
+    target = Path(report_path)
+    if target.is_dir():
+        raise OutputError(f"-o {report_path} is a directory")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise OutputError(f"-o {report_path} is not writable")
+    check_writable_dir(target.parent.resolve())
+
+
+_REPORT_STREAM = None  # the real stdout while a --format json command runs
+
+
+def emit(report: Report, output_format: str, report_path: str | None, renderers: dict | None = None,
+         text_renderer=None) -> int:
     """Print the report (text or JSON), write ``-o`` atomically, and return the report's exit code."""
     renderers = {".json": render_json, **(renderers or {})}
     if report_path:
         suffix = Path(report_path).suffix.lower()
         render = renderers.get(suffix, render_json)
         write_text_atomic(report_path, render(report))
-    click.echo(render_json(report) if output_format == "json" else render_text(report), nl=False)
+    click.echo(render_json(report) if output_format == "json" else (text_renderer or render_text)(report), nl=False,
+               file=_REPORT_STREAM)
     return report.exit_code
 
 
@@ -243,6 +288,88 @@ def export_command(model_path, out, arch, num_classes, trust_code, preset, mean,
     return emit(report, output_format, report_path)
 
 
+@cli.command("inspect")
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@model_options
+@common_options
+def inspect_command(model_path, arch, num_classes, trust_code, preset, mean, std, input_size,
+                    device, seed, batch_size, output_format, report_path, quiet, debug):
+    """What is this model file, and is it safe to load? Exit 3 when it is refused.
+
+    \b
+    Format (by content), architecture, classes, parameter count, sha256, preprocessing found in the metadata,
+    and, for pickles, the globals loading would import (scanned, never executed).
+    """
+    import dataclasses
+
+    from .errors import OutputError
+    from .io.models import inspect_model
+
+    if report_path and Path(report_path).resolve() == Path(model_path).resolve():
+        raise OutputError(f"-o {report_path} is the model file; inputs are never overwritten")
+    preprocessing = preprocessing_from_options(preset, mean, std, input_size)
+    info, loaded = inspect_model(model_path, arch=arch, num_classes=num_classes, preprocessing=preprocessing,
+                                 trust_code=trust_code)
+    if input_size is not None and loaded is not None and loaded.preprocessing.input_size != input_size:
+        loaded.preprocessing = dataclasses.replace(loaded.preprocessing, input_size=input_size)
+        info["preprocessing"] = loaded.preprocessing.to_dict()
+    report = Report("inspect", seed=seed)
+    report.model = loaded.info() if loaded is not None else None
+    report.details["inspect"] = info
+    report.warnings.extend(info["warnings"])
+    if not info["safe"] and not info["loaded"]:
+        report.exit_code = 3
+        click.echo(f"error: {info['problem']}", err=True)
+        click.echo("hint: nothing was loaded; rerun with --trust-code only if you trust the file's origin "
+                   "(it runs code from the file)", err=True)
+    return emit(report, output_format, report_path, text_renderer=render_inspect_text)
+
+
+def render_inspect_text(report: Report) -> str:
+    """``bdsan inspect`` for people."""
+    info = report.details["inspect"]
+    sources = info.get("sources", {})
+
+    def source(key: str) -> str:
+        return f"  ({sources[key]})" if sources.get(key) else ""
+
+    lines = [f"{'file':14s}{info['path']}", f"{'format':14s}{info['format']}"]
+    if info["safe"]:
+        safety = "safe: tensors and metadata only, no code" if not info["globals"] else \
+            "safe: the pickle only rebuilds tensors (loaded with torch.load(weights_only=True))"
+    elif info["loaded"]:
+        safety = "UNSAFE, loaded with --trust-code: code from the file ran"
+    else:
+        safety = "REFUSED: loading would run code from the file"
+    lines.append(f"{'safety':14s}{safety}")
+    if info["unsafe_globals"]:
+        lines.append(f"{'imports':14s}{', '.join(info['unsafe_globals'][:12])}"
+                     + (f" … (+{len(info['unsafe_globals']) - 12})" if len(info["unsafe_globals"]) > 12 else ""))
+    lines += [f"{'sha256':14s}{info['sha256']}", f"{'size':14s}{info['bytes']:,} bytes"]
+    if info["safe"] or info["loaded"]:
+        lines.append(f"{'architecture':14s}{info['arch'] or 'unknown'}{source('arch')}")
+        classes = info["num_classes"] if info["num_classes"] is not None else "unknown"
+        names = f" [{', '.join(info['classes'][:10])}{' …' if len(info['classes']) > 10 else ''}]" \
+            if info["classes"] else ""
+        lines.append(f"{'classes':14s}{classes}{names}{source('num_classes')}")
+        if info["params"] is not None:
+            lines.append(f"{'parameters':14s}{info['params']:,}")
+        prep = info["preprocessing"]
+        if prep:
+            size = prep["input_size"] or "as given"
+            lines.append(f"{'preprocessing':14s}mean {', '.join(f'{v:g}' for v in prep['mean'])}; "
+                         f"std {', '.join(f'{v:g}' for v in prep['std'])}; input size {size}{source('preprocessing')}")
+        for key, value in info["metadata"].items():
+            shown = value if len(value) <= 80 else value[:77] + "..."
+            lines.append(f"{'metadata':14s}{key} = {shown}")
+    if info["loaded"]:
+        lines.append(f"{'status':14s}loads OK")
+    elif info["problem"]:
+        lines.append(f"{'status':14s}{info['problem']}")
+    lines += [f"warning: {w}" for w in info["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
 def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("BDSAN_DEBUG", "").lower() in ("1", "true", "yes")
 
@@ -255,8 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         default_map = None
         config_path = find_config_arg(argv)
         if config_path:
-            values = load_config_file(config_path)
-            default_map = {name: dict(values) for name in cli.commands}
+            default_map = default_map_for(cli, load_config_file(config_path), f"--config {config_path}")
         code = cli.main(args=argv, prog_name="bdsan", standalone_mode=False, default_map=default_map)
     except click.exceptions.Exit as exc:
         code = exc.exit_code

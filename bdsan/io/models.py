@@ -486,7 +486,7 @@ def resolve(file: ModelFile, arch: str | None = None, num_classes: int | None = 
     if prep is None:
         size = chosen.get("input_size")
         prep = Preprocessing(input_size=size)
-        sources["preprocessing"] = "default (mean 0, std 1)"
+        sources["preprocessing"] = "default"
         notes.append("no preprocessing in the file's metadata: assuming mean 0 / std 1 "
                      "(pass --preset or --mean/--std if the model was trained on normalised inputs)")
     elif sources.get("preprocessing") == "command line" and prep.input_size is None:
