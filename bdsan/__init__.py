@@ -1,6 +1,45 @@
 """bdsan — a backdoor sanitizer for image classifiers.
 
-The CLI is a thin layer over this API: ``load_model``, ``load_holdout``, ``audit``, ``sanitize``,
-``export_onnx``, ``export_safetensors``.
+The CLI is a thin layer over this API: ``load_model``, ``load_holdout``, ``audit``, ``scan``, ``sanitize``,
+``export_onnx``, ``export_safetensors``. Heavy modules load on first use, so ``import bdsan`` stays cheap.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_API = {
+    "load_model": "bdsan.io.models",
+    "load_holdout": "bdsan.io.data",
+    "check_holdout_matches": "bdsan.io.data",
+    "split_holdout": "bdsan.io.data",
+    "inspect_model": "bdsan.io.models",
+    "LoadedModel": "bdsan.io.models",
+    "Holdout": "bdsan.io.data",
+    "Preprocessing": "bdsan.io.preprocess",
+    "audit": "bdsan.detectors.audit",
+    "scan": "bdsan.detectors.scan",
+    "sanitize": "bdsan.sanitize.pipeline",
+    "export_onnx": "bdsan.exporters.onnx",
+    "export_safetensors": "bdsan.exporters.safetensors",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bdsan' has no attribute {name!r}")
+    try:
+        value = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise AttributeError(f"bdsan.{name} is not available ({module}: {exc})") from exc
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
