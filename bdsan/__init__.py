@@ -21,7 +21,7 @@ _API = {
     "Preprocessing": "bdsan.io.preprocess",
     "audit": "bdsan.detectors.audit",
     "scan": "bdsan.detectors.scan",
-    "sanitize": "bdsan.sanitize.pipeline",
+    "sanitize": "bdsan.sanitize",
     "export_onnx": "bdsan.exporters.onnx",
     "export_safetensors": "bdsan.exporters.safetensors",
 }
@@ -34,7 +34,8 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'bdsan' has no attribute {name!r}")
     try:
-        value = getattr(importlib.import_module(module), name)
+        # bdsan.sanitize is both a package and the API function: the package forwards calls to the pipeline.
+        value = importlib.import_module(module) if name == "sanitize" else getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
         raise AttributeError(f"bdsan.{name} is not available ({module}: {exc})") from exc
     globals()[name] = value
