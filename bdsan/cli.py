@@ -220,6 +220,108 @@ def archs_command(device, seed, batch_size, output_format, report_path, quiet, d
     return 0
 
 
+def _parse_names(text: str | None, option: str) -> list[str] | None:
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise click.BadParameter("expected comma-separated names", param_hint=option)
+    return names
+
+
+@cli.command("audit")
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@model_options
+@holdout_options
+@click.option("--max-asr", type=click.FloatRange(0, 1), default=0.2, show_default=True,
+              help="Gate: exit 1 when any trigger's attack success rate is above this.")
+@click.option("--target", type=click.IntRange(0), default=None,
+              help="Known target class: ASR is measured toward it only (default: every class, the max counts).")
+@click.option("--triggers", "trigger_names", default=None,
+              help="Comma-separated suite triggers to run (default: the whole suite; `bdsan triggers` lists it).")
+@click.option("--trigger-image", type=click.Path(dir_okay=False), default=None,
+              help="Also test your own trigger: a PNG resized (nearest) to the images; pixels > 0 are pasted.")
+@click.option("--trigger-mask", type=click.Path(dir_okay=False), default=None,
+              help="PNG mask for --trigger-image: paste (or blend) only where the mask is > 0.")
+@click.option("--trigger-alpha", type=click.FloatRange(0, 1), default=None,
+              help="Blend --trigger-image with this opacity instead of pasting it.")
+@common_options
+def audit_command(model_path, arch, num_classes, trust_code, preset, mean, std, input_size, holdout, data_split,
+                  classes, max_asr, target, trigger_names, trigger_image, trigger_mask, trigger_alpha,
+                  device, seed, batch_size, output_format, report_path, quiet, debug):
+    """Measure clean accuracy and, per trigger, attack success rate (every target), net ASR and robust accuracy
+    on the whole holdout; exit 1 when a trigger is above --max-asr.
+
+    \b
+    -o report.json | report.sarif (SARIF 2.1.0, GitHub code scanning) | report.xml (JUnit) picks the format.
+    """
+    import time
+
+    from .detectors.audit import audit, gate_max_asr
+    from .detectors.triggers import DEFAULT_SUITE, user_trigger
+    from .device import describe_device, resolve_device
+    from .report import AUDIT_RENDERERS
+
+    if (trigger_mask or trigger_alpha is not None) and not trigger_image:
+        raise click.UsageError("--trigger-mask/--trigger-alpha need --trigger-image")
+    torch_device = resolve_device(device)
+    report = Report("audit", seed=seed, device=describe_device(torch_device))
+    started = time.perf_counter()
+    triggers: list = list(_parse_names(trigger_names, "--triggers") or ([] if trigger_image else DEFAULT_SUITE))
+    if trigger_image:
+        triggers.append(user_trigger(trigger_image, trigger_mask, trigger_alpha))
+    model = load_model_from_options(model_path, arch, num_classes, trust_code, preset, mean, std, input_size)
+    report.model = model.info()
+    data = load_holdout_from_options(holdout, data_split, classes, torch_device, input_size)
+    report.holdout = {"path": str(holdout), "n": len(data), "verify": len(data), "classes": list(data.classes)}
+    report.timings_s["load"] = round(time.perf_counter() - started, 3)
+    started = time.perf_counter()
+    report.audit_before = audit(model, data, triggers=triggers, target=target, batch_size=batch_size,
+                                device=torch_device)
+    report.timings_s["audit"] = round(time.perf_counter() - started, 3)
+    passed, failing, highest = gate_max_asr(report.audit_before, max_asr)
+    report.add_gate("max_asr", max_asr, highest, passed, failing=failing)
+    if not passed:
+        report.exit_code = 1
+        click.echo(f"gate max_asr failed: {', '.join(failing)} above {max_asr:g}", err=True)
+    return emit(report, output_format, report_path, AUDIT_RENDERERS)
+
+
+@cli.command("triggers")
+@click.option("--preview", "preview_dir", type=click.Path(file_okay=False), default=None,
+              help="Write one PNG per trigger applied to sample images, plus contact_sheet.png, into this new "
+                   "directory.")
+@click.option("--holdout", default=None, type=click.Path(), help="Sample images from here (default: generated).")
+@click.option("--split", "data_split", type=click.Choice(["train", "test"]), default=None,
+              help="For .npz files with x_train/x_test keys.")
+@click.option("--classes", default=None, help="Comma-separated class folder names, in label order.")
+@click.option("--samples", type=click.IntRange(1, 64), default=8, show_default=True, help="Images per preview.")
+@click.option("--force", is_flag=True, help="Replace an existing --preview directory.")
+@common_options
+def triggers_command(preview_dir, holdout, data_split, classes, samples, force, device, seed, batch_size,
+                     output_format, report_path, quiet, debug):
+    """List the trigger suite; with --preview, draw every trigger on sample images."""
+    from .detectors.preview import write_previews
+    from .detectors.triggers import get_trigger, list_triggers
+
+    report = Report("triggers", seed=seed)
+    listing = list_triggers()
+    report.details["triggers"] = {name: {"description": text, "params": get_trigger(name).params}
+                                  for name, text in listing.items()}
+    if preview_dir:
+        data = load_holdout_from_options(holdout, data_split, classes, "cpu") if holdout else None
+        written = write_previews(preview_dir, data, samples=samples, seed=seed, force=force)
+        report.artifacts.extend({"path": str(path), "bytes": Path(path).stat().st_size} for path in written)
+    if output_format == "json" or report_path:
+        return emit(report, output_format, report_path)
+    for name, text in listing.items():
+        click.echo(f"{name:18s} {text}")
+    if preview_dir:
+        click.echo(f"wrote {len(report.artifacts)} PNGs to {preview_dir} (contact sheet: "
+                   f"{Path(preview_dir) / 'contact_sheet.png'})")
+    return 0
+
+
 @cli.command("export")
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.option("--out", required=True, type=click.Path(dir_okay=False),

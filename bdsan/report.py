@@ -76,6 +76,9 @@ def render_text(report: Report) -> str:
                      f"{m.get('params'):,} params]")
     for key, value in data["details"].items():
         lines.append(f"{key}: {value}")
+    for key, title in AUDIT_SECTIONS:
+        if data.get(key):
+            lines.extend(render_audit_table(data[key], title, _max_asr_limit(data), _class_names(data)))
     for gate in data["gates"]:
         status = "PASS" if gate["passed"] else "FAIL"
         lines.append(f"gate {gate['name']}: {status} (value {gate['value']}, limit {gate['limit']})")
@@ -84,3 +87,161 @@ def render_text(report: Report) -> str:
     for warning in data["warnings"]:
         lines.append(f"warning: {warning}")
     return "\n".join(lines) + "\n"
+
+
+# --- audit sections: text table, SARIF 2.1.0, JUnit XML ----------------------------------------------------------
+
+AUDIT_SECTIONS = (("audit_before", "audit"), ("audit_after", "audit after the defense"),
+                  ("audit_export", "audit of the exported file"))
+
+
+def _max_asr_limit(data: dict) -> float | None:
+    return next((g["limit"] for g in data.get("gates", []) if g["name"] == "max_asr"), None)
+
+
+def _class_names(data: dict) -> list[str] | None:
+    return (data.get("holdout") or {}).get("classes") or None
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def _class_label(index: int | None, names: list[str] | None) -> str:
+    if index is None:
+        return "—"
+    return f"{index} ({names[index]})" if names and index < len(names) and names[index] != str(index) else str(index)
+
+
+def render_audit_table(audit: dict, title: str = "audit", max_asr: float | None = None,
+                       class_names: list[str] | None = None) -> list[str]:
+    """Lines for one audit section: clean accuracy, then one row per trigger."""
+    lines = [f"{title}: clean accuracy {_pct(audit.get('ca'))} on {audit.get('n', 0)} images"
+             + (f", known target {_class_label(audit['target'], class_names)}" if audit.get("target") is not None
+                else "")]
+    per_class = audit.get("per_class_ca") or []
+    if per_class:
+        lines.append("  per class: " + ", ".join(f"{_class_label(i, class_names)} {_pct(v)}"
+                                                 for i, v in enumerate(per_class) if v is not None))
+    if audit.get("classes_skipped"):
+        lines.append("  classes without images (skipped): " + ", ".join(map(str, audit["classes_skipped"])))
+    triggers = audit.get("triggers") or []
+    if triggers:
+        lines.append(f"  {'trigger':18s} {'ASR':>7s}  {'target':12s} {'net ASR':>7s} {'RA':>7s}  result")
+        for t in triggers:
+            asr = t.get("asr_max")
+            result = "" if max_asr is None or asr is None else ("FAIL" if asr > max_asr else "PASS")
+            lines.append(f"  {t['name']:18s} {_pct(asr):>7s}  {_class_label(t.get('suspected_target'), class_names):12s}"
+                         f" {_pct(t.get('asr_net')):>7s} {_pct(t.get('ra')):>7s}  {result}")
+    for family in audit.get("sweep") or []:
+        best = family.get("best") or {}
+        lines.append(f"  sweep {family['family']:12s} strongest {best.get('name', '—')} "
+                     f"ASR {_pct(best.get('asr_max'))} → {_class_label(best.get('suspected_target'), class_names)}"
+                     f" ({family.get('variants', 0)} variants)")
+    return lines
+
+
+def _final_audit(data: dict) -> dict | None:
+    """The audit that decides: of the shipped file, else after the defense, else the only one."""
+    return data.get("audit_export") or data.get("audit_after") or data.get("audit_before")
+
+
+def _artifact_uri(path: str | None) -> str:
+    """Repository-relative URI for code scanning when the model sits under the working directory."""
+    import os
+    from pathlib import Path
+
+    if not path:
+        return "model"
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(Path(os.getcwd()).resolve()).as_posix()
+    except ValueError:
+        return resolved.as_posix()
+
+
+def render_sarif(report: Report) -> str:
+    """SARIF 2.1.0 for GitHub code scanning: one rule per trigger audited, one result per trigger above
+    ``--max-asr``, located at the model file."""
+    import hashlib
+
+    data = report.to_dict()
+    audit = _final_audit(data) or {}
+    limit = _max_asr_limit(data)
+    model = data.get("model") or {}
+    uri = _artifact_uri(model.get("path"))
+    triggers = audit.get("triggers") or []
+    names = _class_names(data)
+    rules, results = [], []
+    for index, t in enumerate(triggers):
+        rule_id = f"bdsan/backdoor/{t['name']}"
+        params = ", ".join(f"{k}={v}" for k, v in t.get("params", {}).items())
+        rules.append({"id": rule_id, "name": f"BackdoorTrigger_{t['name']}",
+                      "shortDescription": {"text": f"Backdoor trigger '{t['name']}' flips predictions"},
+                      "fullDescription": {"text": f"Attack success rate of the '{t['name']}' trigger ({params}) "
+                                                  "on the clean holdout is above the --max-asr gate."},
+                      "help": {"text": "A high attack success rate means the model maps inputs carrying this "
+                                       "trigger to one class: a likely backdoor. Sanitize it with `bdsan sanitize` "
+                                       "or do not ship it."},
+                      "defaultConfiguration": {"level": "error"},
+                      "properties": {"tags": ["security", "backdoor", "ml-model"], "precision": "medium",
+                                     "security-severity": "8.0"}})
+        asr = t.get("asr_max")
+        if limit is None or asr is None or asr <= limit:
+            continue
+        target = _class_label(t.get("suspected_target"), names)
+        fingerprint = hashlib.sha256(f"{model.get('sha256', '')}:{t['name']}".encode()).hexdigest()
+        results.append({
+            "ruleId": rule_id, "ruleIndex": index, "level": "error",
+            "message": {"text": f"Trigger {t['name']} sends {_pct(asr)} of non-target holdout images to class "
+                                f"{target} (limit {_pct(limit)}; net of the no-trigger rate {_pct(t.get('asr_net'))};"
+                                f" robust accuracy {_pct(t.get('ra'))}; clean accuracy {_pct(audit.get('ca'))})."},
+            "locations": [{"physicalLocation": {"artifactLocation": {"uri": uri},
+                                                "region": {"startLine": 1}}}],
+            "partialFingerprints": {"bdsanModelTrigger/v1": fingerprint},
+            "properties": {"asr_max": asr, "suspected_target": t.get("suspected_target"),
+                           "asr_net": t.get("asr_net"), "ra": t.get("ra"), "params": t.get("params", {})}})
+    sarif = {"version": "2.1.0", "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+             "runs": [{"tool": {"driver": {"name": "bdsan", "version": data["bdsan_version"],
+                                           "semanticVersion": data["bdsan_version"],
+                                           "informationUri": "https://github.com/bdsan/bdsan", "rules": rules}},
+                       "results": results,
+                       "invocations": [{"executionSuccessful": True, "exitCode": data["exit_code"]}],
+                       "properties": {"command": data["command"], "clean_accuracy": audit.get("ca"),
+                                      "max_asr": limit, "model_sha256": model.get("sha256")}}]}
+    return json.dumps(_clean(sarif), indent=2) + "\n"
+
+
+def render_junit(report: Report) -> str:
+    """JUnit XML: one test case per trigger (failure when its ASR is above ``--max-asr``)."""
+    import xml.etree.ElementTree as ET
+
+    data = report.to_dict()
+    audit = _final_audit(data) or {}
+    limit = _max_asr_limit(data)
+    names = _class_names(data)
+    triggers = audit.get("triggers") or []
+    failing = [t for t in triggers if limit is not None and t.get("asr_max") is not None and t["asr_max"] > limit]
+    suites = ET.Element("testsuites", name="bdsan", tests=str(len(triggers)), failures=str(len(failing)))
+    suite = ET.SubElement(suites, "testsuite", name=f"bdsan {data['command']}", tests=str(len(triggers)),
+                          failures=str(len(failing)), errors="0", skipped="0",
+                          time=f"{audit.get('seconds', 0.0) or 0.0:.3f}", timestamp=data["created"])
+    properties = ET.SubElement(suite, "properties")
+    for key, value in (("model", (data.get("model") or {}).get("path")), ("clean_accuracy", audit.get("ca")),
+                       ("max_asr", limit), ("images", audit.get("n"))):
+        ET.SubElement(properties, "property", name=key, value=str(value))
+    for t in triggers:
+        case = ET.SubElement(suite, "testcase", classname=f"bdsan.{data['command']}", name=t["name"], time="0")
+        summary = (f"ASR {_pct(t.get('asr_max'))} to class {_class_label(t.get('suspected_target'), names)}, "
+                   f"net {_pct(t.get('asr_net'))}, RA {_pct(t.get('ra'))}")
+        if t in failing:
+            failure = ET.SubElement(case, "failure", type="BackdoorTrigger",
+                                    message=f"{summary} (limit {_pct(limit)})")
+            failure.text = json.dumps({"params": t.get("params"), "asr": t.get("asr")})
+        else:
+            ET.SubElement(case, "system-out").text = summary
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+AUDIT_RENDERERS = {".sarif": render_sarif, ".xml": render_junit}
