@@ -390,6 +390,85 @@ def export_command(model_path, out, arch, num_classes, trust_code, preset, mean,
     return emit(report, output_format, report_path)
 
 
+@cli.command("sanitize")
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@model_options
+@holdout_options
+@click.option("--method", default="fmp", show_default=True, help="Defense to run (`--list-methods` shows them).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="New directory for model.onnx, model.safetensors and report.json (refused if it exists, unless "
+                   "--force).")
+@click.option("--param", "param_pairs", multiple=True, metavar="KEY=VALUE",
+              help="Method hyper-parameter, repeatable (e.g. --param prune_ratio=1/32); the report lists all.")
+@click.option("--max-asr", type=click.FloatRange(0, 1), default=0.2, show_default=True,
+              help="Gate: exit 1 when any trigger's ASR on the exported model is above this.")
+@click.option("--max-acc-drop", type=click.FloatRange(0), default=3.0, show_default=True,
+              help="Gate and guard, in points: a larger clean-accuracy drop on verify rolls the defense back "
+                   "(exit 1).")
+@click.option("--fit-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+              show_default=True, help="Share of the holdout the defense may use; the rest only verifies.")
+@click.option("--target", type=click.IntRange(0), default=None, help="Known target class for the audits.")
+@click.option("--triggers", "trigger_names", default=None,
+              help="Comma-separated suite triggers for the audits (default: the whole suite).")
+@click.option("--hard-prune/--regrow", "hard_prune", default=None,
+              help="Pruning methods: keep pruned channels at zero and export them removed (default), or let "
+                   "fine-tuning regrow them as the paper does.")
+@click.option("--slim/--no-slim", default=None,
+              help="Export hard-pruned channels physically removed (default: when the method hard-pruned).")
+@click.option("--bake-preprocessing", is_flag=True, help="ONNX: put (x - mean) / std into the graph.")
+@click.option("--force", is_flag=True, help="Replace an existing --out directory (after success only).")
+@click.option("--list-methods", is_flag=True, is_eager=True, expose_value=False, callback=lambda ctx, _, value:
+              _list_methods(ctx) if value else None, help="List the defenses and their parameters, then exit.")
+@common_options
+def sanitize_command(model_path, arch, num_classes, trust_code, preset, mean, std, input_size, holdout, data_split,
+                     classes, method, out_dir, param_pairs, max_asr, max_acc_drop, fit_fraction, target,
+                     trigger_names, hard_prune, slim, bake_preprocessing, force,
+                     device, seed, batch_size, output_format, report_path, quiet, debug):
+    """Audit → defend (fit split) → audit (verify split) → export ONNX + safetensors → audit the export; exit 1
+    when a gate fails (ASR above --max-asr on the exported file, or clean accuracy down more than
+    --max-acc-drop points, which also rolls the defense back)."""
+    import time
+
+    from .device import resolve_device
+    from .report import render_sanitize_text
+    from .sanitize.pipeline import check_output
+    from .sanitize.registry import method_fields, parse_params
+
+    params = parse_params(param_pairs)
+    if hard_prune is not None:
+        if "hard_prune" not in method_fields(method):
+            raise click.UsageError(f"--hard-prune/--regrow: method {method!r} does not prune")
+        params.setdefault("hard_prune", hard_prune)
+    if report_path:
+        check_report_path(report_path)
+    check_output(Path(out_dir), force)
+    torch_device = resolve_device(device)
+    started = time.perf_counter()
+    model = load_model_from_options(model_path, arch, num_classes, trust_code, preset, mean, std, input_size)
+    data = load_holdout_from_options(holdout, data_split, classes, torch_device, input_size, model=model)
+    load_seconds = time.perf_counter() - started
+    from .sanitize.pipeline import sanitize
+
+    report = sanitize(model, data, method, params, out_dir, max_asr=max_asr, max_acc_drop=max_acc_drop, seed=seed,
+                      device=torch_device, force=force, fit_fraction=fit_fraction, batch_size=batch_size,
+                      triggers=_parse_names(trigger_names, "--triggers"), target=target, slim=slim,
+                      bake_preprocessing=bake_preprocessing, timings={"load": load_seconds})
+    for gate in report.gates:
+        if not gate["passed"]:
+            click.echo(f"gate {gate['name']} failed: {gate['value']} (limit {gate['limit']})", err=True)
+    return emit(report, output_format, report_path, text_renderer=render_sanitize_text)
+
+
+def _list_methods(ctx: click.Context) -> None:
+    from .sanitize.registry import list_methods, method_fields
+
+    for name, description in list_methods().items():
+        click.echo(f"{name:16s} {description}")
+        for field_name, (_, default) in method_fields(name).items():
+            click.echo(f"    {field_name}={default!r}")
+    ctx.exit(0)
+
+
 @cli.command("inspect")
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @model_options

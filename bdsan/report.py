@@ -245,3 +245,76 @@ def render_junit(report: Report) -> str:
 
 
 AUDIT_RENDERERS = {".sarif": render_sarif, ".xml": render_junit}
+
+
+# --- sanitize: before / after / export side by side ------------------------------------------------------------
+
+def render_sanitize_text(report: Report) -> str:
+    """The sanitize report for people: audits side by side, the defense, gates, artifacts, timings."""
+    data = report.to_dict()
+    lines = [f"bdsan sanitize — bdsan {data['bdsan_version']} on {data['device']}"]
+    if data["model"]:
+        m = data["model"]
+        lines.append(f"model: {m.get('path') or '(in memory)'} [{m.get('format')}, {m.get('arch')}, "
+                     f"{m.get('num_classes')} classes, {m.get('params') or 0:,} params]")
+    if data["holdout"]:
+        h = data["holdout"]
+        lines.append(f"holdout: {h.get('path') or '(in memory)'} — {h.get('n')} images: {h.get('fit')} fit "
+                     f"(defense), {h.get('verify')} verify (audits)")
+    names = _class_names(data)
+    audits = [(title, data.get(key)) for key, title in (("audit_before", "before"), ("audit_after", "after"),
+                                                        ("audit_export", "export"))]
+    audits = [(title, a) for title, a in audits if a]
+    if audits:
+        limit = _max_asr_limit(data)
+        lines.append("")
+        lines.append(f"  {'(verify split)':24s}" + "".join(f"{title:>9s}" for title, _ in audits))
+        lines.append(f"  {'clean accuracy':24s}" + "".join(f"{_pct(a.get('ca')):>9s}" for _, a in audits))
+        for index, trigger in enumerate(audits[0][1].get("triggers") or []):
+            row = [a["triggers"][index] if index < len(a.get("triggers") or []) else {} for _, a in audits]
+            last = row[-1].get("asr_max")
+            verdict = "" if limit is None or last is None else ("  FAIL" if last > limit else "")
+            target = _class_label(trigger.get("suspected_target"), names)
+            lines.append(f"  {('ASR ' + trigger['name'])[:24]:24s}" + "".join(f"{_pct(t.get('asr_max')):>9s}"
+                                                                               for t in row)
+                         + f"  (target {target}, RA {_pct(row[-1].get('ra'))}){verdict}")
+    defense = data.get("defense")
+    if defense:
+        lines.append("")
+        lines.append(f"defense: {defense['method']} — " + ", ".join(f"{k}={v}" for k, v in defense["params"].items()))
+        details = defense.get("details") or {}
+        if "n_pruned" in details:
+            layers = details.get("layers") or []
+            touched = sum(1 for layer in layers if layer.get("n_pruned"))
+            lines.append(f"  pruned {details['n_pruned']} of {details.get('n_channels')} channels in {touched}/"
+                         f"{len(layers)} conv layers (ranking on {details.get('rank_images')} fit images)")
+        finetune = details.get("finetune") or {}
+        if finetune.get("note"):
+            lines.append(f"  fine-tune: {finetune['note']}")
+        known = (defense.get("fit_audit") or {}).get("known_triggers") or []
+        if known:
+            lines.append("  triggers flagged on the fit split: " + ", ".join(
+                f"{k['name']} → {_class_label(k.get('suspected_target'), names)}" for k in known))
+        guard = defense.get("guard") or {}
+        if guard:
+            lines.append(f"  guard: clean accuracy on verify {_pct(guard.get('ca_verify_before'))} → "
+                         f"{_pct(guard.get('ca_verify_after'))} ({guard.get('drop_points', 0):+.1f} points drop, "
+                         f"limit {guard.get('max_acc_drop')})" + (" — ROLLED BACK to the input weights"
+                                                                  if guard.get("rolled_back") else ""))
+    lines.append("")
+    for gate in data["gates"]:
+        status = "PASS" if gate["passed"] else "FAIL"
+        value = gate["value"]
+        value_text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        on = f" on {gate['judged_on']}" if gate.get("judged_on") else ""
+        lines.append(f"gate {gate['name']}: {status} (value {value_text}, limit {gate['limit']}{on})")
+    out_dir = data["details"].get("out_dir", "")
+    for artifact in data["artifacts"]:
+        lines.append(f"wrote {out_dir}/{artifact['path']} ({artifact.get('bytes', 0):,} bytes, sha256 "
+                     f"{artifact.get('sha256', '')[:16]}…)")
+    if data["timings_s"]:
+        lines.append("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in data["timings_s"].items()))
+    for warning in data["warnings"]:
+        lines.append(f"warning: {warning}")
+    lines.append(f"exit code {data['exit_code']}")
+    return "\n".join(lines) + "\n"

@@ -58,3 +58,4 @@ class DefenseResult:
 
     model: nn.Module
     details: dict[str, Any] = field(default_factory=dict)
+    guard: dict[str, Any] | None = None  # the method's fit-val guard summary; ``rolled_back`` = returned the input

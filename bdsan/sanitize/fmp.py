@@ -1,0 +1,453 @@
+"""FMP — Adversarial Feature Map Pruning (ALGORITHMS §1; ``retsuh-bqw/FMP, defense/fgsm-feature.py``).
+
+Rank every conv output channel by how much clean accuracy collapses when an FGSM step maximally disturbs that
+channel's activation map; zero the worst ``prune_ratio`` per layer; fine-tune on the fit split.
+The per-channel FGSM runs for many channels in one backward pass: the ranking batch is replicated once per
+channel, each replica's loss only reads its own channel, and in eval mode the replicas do not interact, so the
+gradient of the summed loss w.r.t. replica j is exactly channel j's gradient.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..device import autocast
+from ..io.data import Holdout, stratified_split, to_float
+from ..train.augment import augment_batch
+from .context import Context, DefenseResult
+from .guard import FitValGuard
+from .registry import register_method
+
+log = logging.getLogger("bdsan.sanitize")
+
+RECIPES = ("bdsan", "paper")
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once the layer of interest has produced its output."""
+
+
+def activation(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Output of ``layer`` for input ``x``; the forward stops right after ``layer`` (no wasted compute)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(module, inputs, output):
+        captured["out"] = output
+        raise _StopForward
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        model(x)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "out" not in captured:
+        raise RuntimeError("layer was not reached in the forward pass")
+    return captured["out"]
+
+
+def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> tuple[list[str], dict[str, str | None]]:
+    """Conv layers in execution order, and for each the BatchNorm that normalises exactly its output.
+
+    Found by tensor identity during one traced forward (not by module order): a BN is paired with a conv only
+    when the BN's input *is* that conv's output. Pre-activation blocks add conv2 to the shortcut before the next
+    BN, so their conv2 has no partner (None): its slice is zeroed and no BN is touched.
+    """
+    names = {module: name for name, module in model.named_modules()}
+    order: list[str] = []
+    produced: dict[int, str] = {}
+    keep_alive: list[torch.Tensor] = []  # ids stay unique while the tensors live
+    pairs: dict[str, str | None] = {}
+
+    def conv_hook(module, inputs, output):
+        name = names[module]
+        if name not in pairs:
+            order.append(name)
+            pairs[name] = None
+        produced[id(output)] = name
+        keep_alive.append(output)
+
+    def bn_hook(module, inputs):
+        source = produced.get(id(inputs[0]))
+        if source is not None and pairs.get(source) is None:
+            pairs[source] = names[module]
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            handles.append(module.register_forward_pre_hook(bn_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return order, pairs
+
+
+def _noisy_start(x: torch.Tensor, alpha: float, generator: torch.Generator) -> torch.Tensor:
+    """``clip(x + α·sign(u), 0, 1)``, ``u ~ U(−α, α)``: every pixel moves by ±α (ALGORITHMS §1 step 3)."""
+    u = torch.rand(x.shape, generator=generator).to(x.device) * 2 - 1
+    return (x + alpha * torch.sign(u)).clamp_(0, 1)
+
+
+def _score(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, replicas: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per replica: accuracy and mean logit margin (true logit − best other) on its adversarial batch."""
+    with torch.no_grad(), autocast(x_adv.device):
+        logits = model(x_adv).float()
+    logits = logits.view(replicas, len(y), -1)
+    labels = y.view(1, -1).expand(replicas, -1)
+    accuracy = (logits.argmax(-1) == labels).float().mean(1)
+    true_logit = logits.gather(2, labels.unsqueeze(-1)).squeeze(-1)
+    other = logits.scatter(2, labels.unsqueeze(-1), float("-inf")).amax(-1)
+    return accuracy, (true_logit - other).mean(1)
+
+
+def rank_channels(model: nn.Module, layers: list[tuple[str, nn.Module]], x: torch.Tensor, y: torch.Tensor, *,
+                  alpha: float, epsilon: float, generator: torch.Generator, chunk_images: int = 2048,
+                  progress=None) -> dict[str, dict[str, torch.Tensor]]:
+    """Batched per-channel FGSM scores: {layer: {"accuracy": C, "margin": C}} (lower = more harmful)."""
+    model.eval()
+    x0 = _noisy_start(x, alpha, generator)
+    n = len(x)
+    per_chunk = max(1, chunk_images // max(1, n))
+    scores = {}
+    total = len(layers)
+    for index, (name, layer) in enumerate(layers):
+        with torch.no_grad(), autocast(x.device):
+            clean = activation(model, layer, x).float()
+        channels_total = clean.shape[1]
+        accuracy = torch.empty(channels_total, device=x.device)
+        margin = torch.empty(channels_total, device=x.device)
+        for start in range(0, channels_total, per_chunk):
+            channels = torch.arange(start, min(channels_total, start + per_chunk), device=x.device)
+            replicas = len(channels)
+            x_rep = x0.repeat(replicas, 1, 1, 1).requires_grad_(True)
+            with autocast(x.device):
+                out = activation(model, layer, x_rep)
+            out = out.float().view(replicas, n, *out.shape[1:])
+            own = out[torch.arange(replicas, device=x.device), :, channels]  # replicas × n × h × w
+            target = clean[:, channels].transpose(0, 1)
+            loss = (own - target).pow(2).mean(dim=(1, 2, 3)).sum()
+            (grad,) = torch.autograd.grad(loss, x_rep)
+            x_adv = (x_rep.detach() + epsilon * grad.sign()).clamp_(0, 1)
+            del out, own, grad, x_rep
+            accuracy[channels], margin[channels] = _score(model, x_adv, y, replicas)
+        scores[name] = {"accuracy": accuracy.cpu(), "margin": margin.cpu()}
+        if progress:
+            progress("fmp ranking", index + 1, total)
+    return scores
+
+
+def reference_ranking(model: nn.Module, layers: list[tuple[str, nn.Module]], x: torch.Tensor, y: torch.Tensor, *,
+                      alpha: float, epsilon: float, generator: torch.Generator) -> dict[str, dict[str, torch.Tensor]]:
+    """One channel at a time, full forward per channel, as the release does: the baseline for tests and speed."""
+    model.eval()
+    x0 = _noisy_start(x, alpha, generator)
+    scores = {}
+    for name, layer in layers:
+        captured = {}
+        handle = layer.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
+        try:
+            with torch.no_grad():
+                model(x)
+                clean = captured["out"].float()
+            accuracy, margin = [], []
+            for channel in range(clean.shape[1]):
+                x_start = x0.clone().requires_grad_(True)
+                model(x_start)
+                loss = F.mse_loss(captured["out"][:, channel].float(), clean[:, channel])
+                (grad,) = torch.autograd.grad(loss, x_start)
+                x_adv = (x0 + epsilon * grad.sign()).clamp(0, 1)
+                acc, mar = _score(model, x_adv, y, 1)
+                accuracy.append(acc[0])
+                margin.append(mar[0])
+        finally:
+            handle.remove()
+        scores[name] = {"accuracy": torch.stack(accuracy).cpu(), "margin": torch.stack(margin).cpu()}
+    return scores
+
+
+def select_channels(scores: dict[str, dict[str, torch.Tensor]], prune_ratio: float, min_per_layer: int
+                    ) -> dict[str, list[int]]:
+    """Per layer: the ``max(min_per_layer, floor(C·ratio))`` lowest-scoring channels (ties: lower margin, index).
+
+    At least one channel per layer always survives.
+    """
+    selection = {}
+    for name, score in scores.items():
+        channels = len(score["accuracy"])
+        count = min(channels - 1, max(int(min_per_layer), math.floor(channels * prune_ratio + 1e-9)))
+        if count <= 0:
+            selection[name] = []
+            continue
+        accuracy, margin = score["accuracy"].tolist(), score["margin"].tolist()
+        order = sorted(range(channels), key=lambda c: (accuracy[c], margin[c], c))
+        selection[name] = sorted(order[:count])
+    return selection
+
+
+def class_balanced_batch(data: Holdout, count: int, generator_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``count`` images with classes as balanced as the data allows (stratified, seeded)."""
+    if count >= len(data):
+        return to_float(data.x), data.y
+    chosen, _ = stratified_split(data.y, count / len(data), generator_seed, data.num_classes)
+    chosen = chosen[:count].to(data.x.device)
+    return to_float(data.x[chosen]), data.y[chosen]
+
+
+class ChannelMask:
+    """Zeroes pruned channels (conv weight slice, conv bias, paired BN γ and β) and can re-apply it after steps."""
+
+    def __init__(self, model: nn.Module, selection: dict[str, list[int]], pairs: dict[str, str | None],
+                 zero_biases: bool):
+        modules = dict(model.named_modules())
+        self.entries: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for name, channels in selection.items():
+            if not channels:
+                continue
+            conv = modules[name]
+            index = torch.tensor(channels, device=conv.weight.device)
+            self.entries.append((conv.weight, index))
+            if conv.bias is not None and zero_biases:
+                self.entries.append((conv.bias, index))
+            bn_name = pairs.get(name)
+            if bn_name is not None:
+                bn = modules[bn_name]
+                if bn.weight is not None:
+                    self.entries.append((bn.weight, index))
+                if bn.bias is not None and zero_biases:
+                    self.entries.append((bn.bias, index))
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for parameter, index in self.entries:
+            parameter.index_fill_(0, index, 0.0)
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, data: Holdout, batch_size: int) -> None:
+    """Recompute BN running statistics with one no-grad pass over unaugmented data (ALGORITHMS §0.5)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or len(data) == 0:
+        return
+    momenta = [bn.momentum for bn in bns]
+    was_training = model.training
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the pass
+    model.train()
+    for x, _ in data.float_batches(batch_size):
+        with autocast(x.device):
+            model(x)
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+    model.train(was_training)
+
+
+def finetune_steps(n_train: int, batch_size: int, epochs: int, reference_images: int, max_passes: int
+                   ) -> tuple[int, int, str]:
+    """(steps, batch, note): the published epochs as optimiser steps for a small fit split (ALGORITHMS §0.6)."""
+    batch = max(1, min(batch_size, n_train))
+    per_epoch = math.ceil(n_train / batch)
+    own = epochs * per_epoch
+    published = epochs * math.ceil(reference_images / batch_size)
+    cap = max(own, max_passes * per_epoch)
+    steps = min(max(own, published), cap)
+    note = (f"{epochs} epochs at the published scale ({reference_images} images, batch {batch_size}) = {published} "
+            f"steps; fit-train has {n_train} images ({per_epoch} steps/epoch at batch {batch}); "
+            f"capped at {max_passes} passes = {cap} steps → {steps} steps ({steps / per_epoch:.1f} passes)")
+    return steps, batch, note
+
+
+@register_method("fmp", "Adversarial Feature Map Pruning (ICLR'24): FGSM per feature map, prune, fine-tune")
+@dataclass
+class FMP:
+    """Adversarial Feature Map Pruning (ICLR'24): FGSM per feature map, prune the weakest, fine-tune.
+
+    ``recipe="bdsan"`` (default): 256-image class-balanced ranking, pruned channels kept dead (mask re-applied
+    after every step, BN β and conv bias zeroed too), and — bdsan's addition, ALGORITHMS §7.9 — the triggers the
+    pipeline's fit-split audit flagged (``ctx.known_triggers``) stamped on ``known_trigger_fraction`` of every
+    fine-tuning batch with their true labels. ``recipe="paper"``: the release's 32-image ranking, a one-time
+    zeroing of conv slice and BN γ only (fine-tuning may regrow them), no trigger knowledge. Fields set to None
+    take the recipe's value.
+    """
+
+    recipe: str = "bdsan"
+    rank_images: int | None = None
+    alpha: float = 0.02
+    epsilon: float = 0.06
+    prune_ratio: float = 1 / 64
+    min_per_layer: int = 0
+    hard_prune: bool | None = None
+    epochs: int = 10
+    lr: float = 0.01
+    lr_min: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    reference_images: int = 2500
+    max_passes: int = 50
+    augment: bool = True
+    chunk_images: int = 0
+    fit_val_fraction: float = 0.1
+    known_trigger_fraction: float | None = None
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        paper = self.recipe == "paper"
+        if self.rank_images is None:
+            self.rank_images = 32 if paper else 256
+        if self.hard_prune is None:
+            self.hard_prune = not paper
+        if self.known_trigger_fraction is None:
+            self.known_trigger_fraction = 0.0 if paper else 0.5
+        if not 0.0 <= self.known_trigger_fraction <= 1.0:
+            raise ValueError(f"known_trigger_fraction must be in [0, 1], got {self.known_trigger_fraction}")
+        if not 0.0 <= self.prune_ratio < 1.0:
+            raise ValueError(f"prune_ratio must be in [0, 1), got {self.prune_ratio}")
+        if self.rank_images < 1 or self.epochs < 0 or self.batch_size < 1:
+            raise ValueError("rank_images and batch_size must be ≥ 1, epochs ≥ 0")
+
+    def run(self, model: nn.Module, fit: Holdout, ctx: Context) -> DefenseResult:
+        timings = {}
+        started = time.perf_counter()
+        device = ctx.device
+        model = model.to(device)
+        fit = fit.to(device)
+        train, fit_val = ctx.fit_val_split(fit, self.fit_val_fraction)
+        guard = FitValGuard(fit_val, ctx.max_acc_drop, ctx.batch_size)
+        model.eval()
+        guard.start(model)
+
+        x_rank, y_rank = class_balanced_batch(train, self.rank_images, ctx.seed + 17)
+        order, pairs = conv_bn_pairs(model, x_rank[:2])
+        modules = dict(model.named_modules())
+        layers = [(name, modules[name]) for name in order]
+        skipped_bn = [name for name in order if pairs[name] is None]
+        if skipped_bn:
+            log.info("fmp: %d conv(s) have no BN reading their output directly (pre-activation/residual sum); "
+                     "their slices are zeroed, no BN touched: %s", len(skipped_bn), ", ".join(skipped_bn))
+        chunk_images = self.chunk_images or (4096 if device.type == "cuda" else 1024)
+        timings["setup"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        scores = rank_channels(model, layers, x_rank, y_rank, alpha=self.alpha, epsilon=self.epsilon,
+                               generator=ctx.generator(1), chunk_images=chunk_images, progress=ctx.progress)
+        selection = select_channels(scores, self.prune_ratio, self.min_per_layer)
+        timings["ranking"] = time.perf_counter() - started
+
+        mask = ChannelMask(model, selection, pairs, zero_biases=bool(self.hard_prune))
+        mask.apply()
+        guard.check(model, "pruned")
+
+        started = time.perf_counter()
+        steps, batch, steps_note = finetune_steps(len(train), self.batch_size, self.epochs, self.reference_images,
+                                                  self.max_passes)
+        triggers = list(ctx.known_triggers) if self.known_trigger_fraction > 0 else []
+        losses = self._finetune(model, train, steps, batch, mask if self.hard_prune else None, guard, ctx, triggers)
+        selected = guard.restore_best(model)
+        model.eval()
+        timings["finetune"] = time.perf_counter() - started
+
+        pruned_now = _count_dead(model, selection)
+        details = {
+            "recipe": self.recipe,
+            "rank_images": len(y_rank), "rank_class_counts": torch.bincount(y_rank, minlength=fit.num_classes).tolist(),
+            "fit_train": len(train), "fit_val": len(fit_val),
+            "layers": [{"name": name, "channels": int(len(scores[name]["accuracy"])), "bn": pairs[name],
+                        "n_pruned": len(selection[name]), "pruned": selection[name],
+                        "scores": [round(float(scores[name]["accuracy"][c]), 4) for c in selection[name]]}
+                       for name in order],
+            "n_pruned": sum(len(v) for v in selection.values()),
+            "n_channels": sum(int(len(s["accuracy"])) for s in scores.values()),
+            "bn_skipped": skipped_bn,
+            "rank_accuracy_min_median": [float(torch.cat([s["accuracy"] for s in scores.values()]).min()),
+                                         float(torch.cat([s["accuracy"] for s in scores.values()]).median())],
+            "hard_prune": bool(self.hard_prune),
+            "pruned_channels_still_zero": pruned_now,
+            "finetune": {"steps": steps, "batch": batch, "note": steps_note, "loss_per_checkpoint": losses,
+                         "known_triggers": [t.name for t in triggers],
+                         "known_trigger_fraction": self.known_trigger_fraction if triggers else 0.0},
+            "guard": guard.details() | {"selected": selected},
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        }
+        if self.hard_prune:
+            details["hard_pruned"] = {name: chans for name, chans in selection.items() if chans}
+        return DefenseResult(model, details, guard=guard.summary())
+
+    def _finetune(self, model: nn.Module, train: Holdout, steps: int, batch: int, mask: ChannelMask | None,
+                  guard: FitValGuard, ctx: Context, triggers: list) -> list[float]:
+        """SGD + cosine to ``lr_min``, CE, crop+flip; guard check (after BN re-estimation) at every epoch mark.
+
+        With ``triggers``, ``known_trigger_fraction`` of each batch (after augmentation) carries one of them,
+        labels unchanged, so the network unlearns the trigger → target shortcut.
+        """
+        if steps == 0 or len(train) == 0:
+            return []
+        generator = ctx.generator(2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum,
+                                    weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=self.lr_min)
+        checkpoints = {max(1, round(steps * (i + 1) / max(1, self.epochs))) for i in range(max(1, self.epochs))}
+        device = train.device
+        order = torch.empty(0, dtype=torch.long)
+        cursor = 0
+        losses, running = [], []
+        model.train()
+        for step in range(1, steps + 1):
+            if cursor + batch > len(order):
+                order, cursor = torch.randperm(len(train), generator=generator), 0
+            index = order[cursor:cursor + batch].to(device)
+            cursor += batch
+            x = to_float(train.x[index])
+            if self.augment:
+                x = augment_batch(x, generator)
+            if triggers:
+                stamped = torch.randperm(len(x), generator=generator)[:round(len(x) * self.known_trigger_fraction)]
+                for offset, trigger in enumerate(triggers):
+                    rows = stamped[offset::len(triggers)].to(device)
+                    x[rows] = trigger.apply(x[rows])
+            with autocast(device):
+                loss = F.cross_entropy(model(x), train.y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if mask is not None:
+                mask.apply()
+            running.append(float(loss.detach()))
+            ctx.report("fmp fine-tune", step, steps)
+            if step in checkpoints:
+                reestimate_bn(model, train, ctx.batch_size)
+                model.eval()
+                guard.check(model, f"step {step}")
+                model.train()
+                losses.append(round(sum(running) / len(running), 4))
+                running = []
+        model.eval()
+        return losses
+
+
+def _count_dead(model: nn.Module, selection: dict[str, list[int]]) -> int:
+    """How many selected channels still have an all-zero conv slice (all of them under ``hard_prune``)."""
+    modules = dict(model.named_modules())
+    dead = 0
+    for name, channels in selection.items():
+        if channels:
+            weight = modules[name].weight.detach()
+            dead += int((weight[channels].flatten(1).abs().sum(1) == 0).sum())
+    return dead

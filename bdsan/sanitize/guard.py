@@ -1,0 +1,100 @@
+"""Clean-accuracy guard (ALGORITHMS §0.2): accept or reject states; it never tunes anything.
+
+Two parts: ``FitValGuard`` — a method calls it after every epoch/phase on its fit-val slice and gets back the best
+accepted state; ``verify_check`` — the pipeline's one read-only check on the verify split after the defense.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+
+from ..io.data import Holdout
+from ..train.loop import evaluate_accuracy
+
+log = logging.getLogger("bdsan.sanitize")
+
+
+class FitValGuard:
+    """Tracks fit-val clean accuracy; keeps the best state whose drop ≤ ``max_acc_drop`` points.
+
+    Among accepted states the one with the lowest ``objective`` wins (ties and ``None``: the latest), so a method
+    without an objective gets its latest acceptable checkpoint. The input state is the fallback.
+    """
+
+    def __init__(self, fit_val: Holdout, max_acc_drop: float, batch_size: int = 256):
+        self.fit_val = fit_val
+        self.max_acc_drop = float(max_acc_drop)
+        self.batch_size = batch_size
+        self.baseline: float | None = None
+        self.history: list[dict] = []
+        self._best_state: dict[str, torch.Tensor] | None = None
+        self._best_key: tuple[float, int] | None = None
+        self._best_label = "input"
+
+    def accuracy(self, model: nn.Module) -> float:
+        if len(self.fit_val) == 0:
+            return float("nan")
+        return evaluate_accuracy(model, self.fit_val.x, self.fit_val.y, self.batch_size)
+
+    def start(self, model: nn.Module) -> float:
+        """Record the input model's fit-val CA and keep its state as the fallback."""
+        self.baseline = self.accuracy(model)
+        self._best_state = _copy_state(model)
+        self.history.append({"label": "input", "ca_fit_val": self.baseline, "accepted": True})
+        return self.baseline
+
+    def check(self, model: nn.Module, label: str, objective: float | None = None) -> bool:
+        """Evaluate ``model`` now; remember its state if accepted and best so far. Returns accepted."""
+        ca = self.accuracy(model)
+        drop = 100.0 * (self.baseline - ca) if self.baseline == self.baseline and ca == ca else 0.0
+        accepted = drop <= self.max_acc_drop + 1e-9
+        entry = {"label": label, "ca_fit_val": ca, "drop_points": drop, "accepted": accepted}
+        if objective is not None:
+            entry["objective"] = float(objective)
+        self.history.append(entry)
+        if accepted:
+            key = (float(objective) if objective is not None else 0.0, -len(self.history))
+            if self._best_key is None or key <= self._best_key:
+                self._best_key, self._best_state, self._best_label = key, _copy_state(model), label
+        return accepted
+
+    def restore_best(self, model: nn.Module) -> str:
+        """Load the best accepted state (or the input state) into ``model``; returns its label."""
+        if self._best_state is not None:
+            model.load_state_dict(self._best_state)
+        if self._best_label == "input" and len(self.history) > 1:
+            log.warning("fit-val guard: no checkpoint kept CA within %.1f points; returning the input weights",
+                        self.max_acc_drop)
+        return self._best_label
+
+    def summary(self) -> dict:
+        """What the pipeline reports: baseline, the chosen checkpoint, and whether it fell back to the input."""
+        rejected = [h for h in self.history if not h["accepted"]]
+        return {"fit_val_n": len(self.fit_val), "ca_fit_val_before": self.baseline, "selected": self._best_label,
+                "rejected": [h["label"] for h in rejected],
+                "max_drop_points": max((h["drop_points"] for h in rejected), default=0.0),
+                "rolled_back": self._best_label == "input" and len(self.history) > 1}
+
+    def details(self) -> dict:
+        return {"fit_val_n": len(self.fit_val), "baseline_ca_fit_val": self.baseline,
+                "max_acc_drop": self.max_acc_drop, "selected": self._best_label, "history": self.history}
+
+
+def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def verify_check(ca_before: float, ca_after: float, max_acc_drop: float) -> dict:
+    """The pipeline's read-only check on verify: roll back when CA dropped more than ``max_acc_drop`` points."""
+    drop = 100.0 * (ca_before - ca_after)
+    rolled_back = bool(drop > max_acc_drop + 1e-9)
+    return {"ca_verify_before": ca_before, "ca_verify_after": ca_after, "drop_points": drop, "verify_drop_points": drop,
+            "max_acc_drop": float(max_acc_drop), "rolled_back": rolled_back}
+
+
+def snapshot(module: nn.Module) -> nn.Module:
+    """A deep copy kept untouched so the pipeline can roll back to the input weights."""
+    return copy.deepcopy(module)
