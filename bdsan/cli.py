@@ -551,6 +551,25 @@ def render_inspect_text(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+@cli.command("demo")
+@click.option("--out", "out_dir", default="bdsan-demo", show_default=True, type=click.Path(file_okay=False),
+              help="New directory for the tour's files (refused if it exists, unless --force).")
+@click.option("--force", is_flag=True, help="Replace an existing --out directory.")
+@click.option("--max-asr", type=click.FloatRange(0, 1), default=0.2, show_default=True,
+              help="Gate: highest acceptable attack success rate.")
+@common_options
+def demo_command(out_dir, force, max_asr, device, seed, batch_size, output_format, report_path, quiet, debug):
+    """Offline tour on generated data: train a tiny backdoored model, audit it (fails), sanitize it, audit again
+    (passes), export ONNX, and draw the trigger and the ASR before/after."""
+    from .demo import run_demo, render_demo_text
+
+    if report_path:
+        check_report_path(report_path)
+    echo = click.echo if output_format == "text" else (lambda line: None)
+    result = run_demo(out_dir, force=force, seed=seed, device=device, max_asr=max_asr, echo=echo)
+    return emit(result.report, output_format, report_path, text_renderer=lambda report: render_demo_text(result))
+
+
 def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("BDSAN_DEBUG", "").lower() in ("1", "true", "yes")
 

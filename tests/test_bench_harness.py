@@ -1,0 +1,66 @@
+"""benchmarks/run.py end to end at toy scale: generated data, tiny_cnn, one attack, none + ft (+ fmp)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from bdsan.sanitize.registry import list_methods
+
+RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bdsan_bench_run", RUN_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_harness_runs_end_to_end_at_toy_scale(bench, tmp_path):
+    pytest.importorskip("bdsan.sanitize.pipeline")
+    defenses = ["none", "ft"] + (["fmp"] if "fmp" in list_methods() else [])
+    out = tmp_path / "bench"
+    argv = ["--data", "synthetic", "--synthetic-n", "1200", "--recipe", "toy", "--attacks", "badnets_grid",
+            "--holdout-fraction", "0.25", "--defenses", *defenses, "--param", "ft.epochs=2",
+            "--param", "fmp.epochs=2", "--param", "fmp.rank_images=32", "--device", "cpu",
+            "--out", str(out), "--cache", str(tmp_path / "cache")]
+    results = bench.main(argv)
+
+    runs = {run["defense"]: run for run in results["runs"]}
+    assert set(runs) == set(defenses)
+    assert all("error" not in run for run in runs.values()), [r.get("error") for r in runs.values()]
+    none = runs["none"]
+    assert none["before"]["asr"] > 0.9 and none["before"]["ca"] > 0.8
+    assert none["after"] == none["before"]
+    assert none["holdout"] == 300 and none["poisoned"] == 90  # 10% of the 900 training images
+    for defense in defenses[1:]:
+        run = runs[defense]
+        assert run["before"] == none["before"]
+        assert 0.0 <= run["after"]["asr"] <= 1.0
+        assert run["defense_seconds"] > 0 and run["timings_s"]
+        assert run["suite_before"]["max_asr"] is not None
+
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["defense"] for r in saved["summary"]] == defenses
+    table = (out / "results.md").read_text()
+    assert "| badnets_grid | ft |" in table and "ASR before" in table
+    assert (out / "asr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = bench.main(argv[:-4] + ["--defenses", "none", "--out", str(tmp_path / "again"),
+                                    "--cache", str(tmp_path / "cache")])
+    assert again["runs"][0]["from_cache"] and again["runs"][0]["before"] == none["before"]
+
+
+def test_summary_mean_and_std_over_seeds(bench):
+    results = {"runs": [
+        {"seed": 0, "attack": "a", "defense": "ft", "train_seconds": 1.0, "from_cache": False, "defense_seconds": 2.0,
+         "before": {"ca": 0.9, "asr": 1.0, "ra": 0.0}, "after": {"ca": 0.8, "asr": 0.2, "ra": 0.7}},
+        {"seed": 1, "attack": "a", "defense": "ft", "train_seconds": 3.0, "from_cache": False, "defense_seconds": 4.0,
+         "before": {"ca": 0.7, "asr": 1.0, "ra": 0.0}, "after": {"ca": 0.6, "asr": 0.4, "ra": 0.5}},
+    ]}
+    (row,) = bench.summarize(results)
+    assert row["ca_before"] == pytest.approx((0.8, 0.1414213562))
+    assert row["asr_after"] == pytest.approx((0.3, 0.1414213562))
+    assert row["train_seconds"] == pytest.approx((2.0, 1.4142135623))
