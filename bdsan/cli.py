@@ -287,6 +287,67 @@ def audit_command(model_path, arch, num_classes, trust_code, preset, mean, std, 
     return emit(report, output_format, report_path, AUDIT_RENDERERS)
 
 
+@cli.command("scan")
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@model_options
+@holdout_options
+@click.option("--steps", type=click.IntRange(1), default=300, show_default=True,
+              help="Optimisation steps (early stopping usually ends sooner).")
+@click.option("--kinds", default="patch,blend", show_default=True,
+              help="Trigger kinds to reverse-engineer: patch (mask + pattern), blend (full-image additive).")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="Write PNGs of every reconstructed trigger and of it stamped on sample images (new directory).")
+@click.option("--force", is_flag=True, help="Replace an existing --out-dir.")
+@common_options
+def scan_command(model_path, arch, num_classes, trust_code, preset, mean, std, input_size, holdout, data_split,
+                 classes, steps, kinds, out_dir, force, device, seed, batch_size, output_format, report_path,
+                 quiet, debug):
+    """Reverse-engineer a trigger per class (no trigger knowledge needed) and flag a class whose trigger is
+    anomalously small; exit 1 when one is.
+
+    \b
+    -o report.json | report.sarif | report.xml (JUnit) picks the format.
+    """
+    import time
+
+    from .detectors.scan import scan, scan_section, write_scan_images
+    from .device import describe_device, resolve_device
+    from .report import AUDIT_RENDERERS
+
+    kind_names = tuple(_parse_names(kinds, "--kinds") or ())
+    if out_dir and Path(out_dir).exists() and not force:
+        raise click.UsageError(f"--out-dir {out_dir} already exists (use --force to replace it)")
+    torch_device = resolve_device(device)
+    report = Report("scan", seed=seed, device=describe_device(torch_device))
+    started = time.perf_counter()
+    model = load_model_from_options(model_path, arch, num_classes, trust_code, preset, mean, std, input_size)
+    report.model = model.info()
+    data = load_holdout_from_options(holdout, data_split, classes, torch_device, input_size)
+    report.holdout = {"path": str(holdout), "n": len(data), "classes": list(data.classes)}
+    report.timings_s["load"] = round(time.perf_counter() - started, 3)
+    result = scan(model, data, steps=steps, batch_size=batch_size, device=torch_device, seed=seed, kinds=kind_names)
+    report.scan = scan_section(result)
+    report.timings_s["scan"] = result["time_s"]
+    if out_dir:
+        for path in write_scan_images(result, out_dir, force=force):
+            report.artifacts.append({"path": str(path), "bytes": path.stat().st_size})
+    _add_scan_gate(report)
+    return emit(report, output_format, report_path, AUDIT_RENDERERS)
+
+
+def _add_scan_gate(report: Report) -> None:
+    """Gate ``scan``: fails (exit 1) when the scan flagged an anomalous class."""
+    section = report.scan or {}
+    flagged = section.get("anomalous_classes") or []
+    index = [v for v in (section.get("score") or []) if v is not None]
+    report.add_gate("scan", section.get("params", {}).get("anomaly_threshold", 2.0), max(index, default=0.0),
+                    not flagged, anomalous_classes=flagged)
+    if flagged:
+        report.exit_code = 1
+        click.echo(f"gate scan failed: anomalous class(es) {', '.join(map(str, flagged))} "
+                   f"(suspected target {section.get('suspected_target')})", err=True)
+
+
 @cli.command("triggers")
 @click.option("--preview", "preview_dir", type=click.Path(file_okay=False), default=None,
               help="Write one PNG per trigger applied to sample images, plus contact_sheet.png, into this new "
@@ -472,18 +533,24 @@ def _list_methods(ctx: click.Context) -> None:
 @cli.command("inspect")
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @model_options
+@click.option("--holdout", default=None, type=click.Path(),
+              help="Also check that this holdout (ImageFolder dir or .npz) fits the model: classes, image size.")
+@click.option("--split", "data_split", type=click.Choice(["train", "test"]), default=None,
+              help="For .npz files with x_train/x_test keys.")
+@click.option("--classes", default=None, help="Comma-separated class folder names, in label order.")
 @common_options
-def inspect_command(model_path, arch, num_classes, trust_code, preset, mean, std, input_size,
-                    device, seed, batch_size, output_format, report_path, quiet, debug):
+def inspect_command(model_path, arch, num_classes, trust_code, preset, mean, std, input_size, holdout, data_split,
+                    classes, device, seed, batch_size, output_format, report_path, quiet, debug):
     """What is this model file, and is it safe to load? Exit 3 when it is refused.
 
     \b
     Format (by content), architecture, classes, parameter count, sha256, preprocessing found in the metadata,
     and, for pickles, the globals loading would import (scanned, never executed).
+    With --holdout, also loads the holdout and checks it fits the model (exit 3 when it does not).
     """
     import dataclasses
 
-    from .errors import OutputError
+    from .errors import ModelRefused, OutputError
     from .io.models import inspect_model
 
     if report_path and Path(report_path).resolve() == Path(model_path).resolve():
@@ -498,6 +565,14 @@ def inspect_command(model_path, arch, num_classes, trust_code, preset, mean, std
     report.model = loaded.info() if loaded is not None else None
     report.details["inspect"] = info
     report.warnings.extend(info["warnings"])
+    if holdout and loaded is None and info["safe"]:
+        raise ModelRefused(info["problem"] or f"{model_path}: cannot be loaded", hint="--holdout needs a loadable model")
+    if holdout and loaded is not None:
+        data = load_holdout_from_options(holdout, data_split, classes, "cpu", input_size, model=loaded)
+        report.holdout = {"path": str(holdout), "n": len(data), "classes": list(data.classes),
+                          "class_counts": data.class_counts(), "image_size": list(data.image_size),
+                          "skipped": list(data.skipped)}
+        report.warnings.extend(f"skipped unreadable image {s}" for s in data.skipped)
     if not info["safe"] and not info["loaded"]:
         report.exit_code = 3
         click.echo(f"error: {info['problem']}", err=True)
@@ -547,6 +622,11 @@ def render_inspect_text(report: Report) -> str:
         lines.append(f"{'status':14s}loads OK")
     elif info["problem"]:
         lines.append(f"{'status':14s}{info['problem']}")
+    if report.holdout:
+        h = report.holdout
+        lines.append(f"{'holdout':14s}{h['path']}: {h['n']} images, {h['image_size'][0]}×{h['image_size'][1]}, "
+                     f"{len(h['classes'])} classes (per class: {', '.join(map(str, h['class_counts']))}) — fits the model")
+        lines += [f"warning: skipped unreadable image {s}" for s in h["skipped"]]
     lines += [f"warning: {w}" for w in info["warnings"]]
     return "\n".join(lines) + "\n"
 

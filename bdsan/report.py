@@ -79,6 +79,8 @@ def render_text(report: Report) -> str:
     for key, title in AUDIT_SECTIONS:
         if data.get(key):
             lines.extend(render_audit_table(data[key], title, _max_asr_limit(data), _class_names(data)))
+    if data.get("scan"):
+        lines.extend(render_scan_table(data["scan"], _class_names(data)))
     for gate in data["gates"]:
         status = "PASS" if gate["passed"] else "FAIL"
         lines.append(f"gate {gate['name']}: {status} (value {gate['value']}, limit {gate['limit']})")
@@ -141,6 +143,35 @@ def render_audit_table(audit: dict, title: str = "audit", max_asr: float | None 
     return lines
 
 
+def render_scan_table(scan: dict, class_names: list[str] | None = None) -> list[str]:
+    """Lines for the scan section: per class the reconstructed trigger sizes, held-out flip rates, anomaly index."""
+    verdict = ("ANOMALOUS: class(es) " + ", ".join(_class_label(c, class_names) for c in scan["anomalous_classes"])
+               if scan.get("anomalous") else "no anomalous class")
+    lines = [f"scan: {verdict}; suspected target {_class_label(scan.get('suspected_target'), class_names)} "
+             f"({scan.get('steps_run')} steps, {scan.get('time_s', 0):.1f} s, {scan.get('n_opt')} images optimised, "
+             f"{scan.get('n_eval')} held out)"]
+    blend = scan.get("blend") or {}
+    lines.append(f"  {'class':12s} {'mask px':>8s} {'flip':>7s} {'anomaly':>8s}" +
+                 (f"  {'blend |δ|':>9s} {'flip':>7s} {'anomaly':>8s}" if blend else ""))
+    for cls in range(len(scan.get("flip_rate") or [])):
+        row = f"  {_class_label(cls, class_names):12s} "
+        row += (f"{scan['mask_l1'][cls]:8.1f} {_pct(scan['flip_rate'][cls]):>7s} {scan['anomaly_index'][cls]:8.2f}"
+                if scan.get("mask_l1") else f"{'—':>8s} {'—':>7s} {'—':>8s}")
+        if blend:
+            row += (f"  {blend['mean_abs_delta'][cls]:9.4f} {_pct(blend['flip_rate'][cls]):>7s} "
+                    f"{blend['anomaly_index'][cls]:8.2f}")
+        lines.append(row + ("  ANOMALOUS" if cls in scan.get("anomalous_classes", []) else ""))
+    return lines
+
+
+def _scan_message(scan: dict, names: list[str] | None) -> str:
+    target = scan.get("suspected_target")
+    kinds = ", ".join((scan.get("anomalous_kinds") or {}).get(str(target), [])) or "patch/blend"
+    return (f"Trigger reverse-engineering found an anomalously small {kinds} trigger for class "
+            f"{_class_label(target, names)} (anomalous classes: {scan.get('anomalous_classes')}); "
+            f"the model likely has a backdoor with an unknown trigger.")
+
+
 def _final_audit(data: dict) -> dict | None:
     """The audit that decides: of the shipped file, else after the defense, else the only one."""
     return data.get("audit_export") or data.get("audit_after") or data.get("audit_before")
@@ -201,6 +232,28 @@ def render_sarif(report: Report) -> str:
             "partialFingerprints": {"bdsanModelTrigger/v1": fingerprint},
             "properties": {"asr_max": asr, "suspected_target": t.get("suspected_target"),
                            "asr_net": t.get("asr_net"), "ra": t.get("ra"), "params": t.get("params", {})}})
+    scan = data.get("scan")
+    if scan:
+        rules.append({"id": "bdsan/scan/anomalous-class", "name": "ScanAnomalousClass",
+                      "shortDescription": {"text": "A reverse-engineered trigger is anomalously small"},
+                      "fullDescription": {"text": "bdsan scan optimises the smallest trigger that sends held-out "
+                                                  "images to each class; one far smaller than the others (MAD "
+                                                  "anomaly index) that also fires on unseen images flags a backdoor."},
+                      "help": {"text": "Look at the scan PNGs (bdsan scan --out-dir), then sanitize the model "
+                                       "(bdsan sanitize --method unlearn) or do not ship it."},
+                      "defaultConfiguration": {"level": "error"},
+                      "properties": {"tags": ["security", "backdoor", "ml-model"], "precision": "medium",
+                                     "security-severity": "8.0"}})
+        if scan.get("anomalous"):
+            fingerprint = hashlib.sha256(f"{model.get('sha256', '')}:scan".encode()).hexdigest()
+            results.append({
+                "ruleId": "bdsan/scan/anomalous-class", "ruleIndex": len(rules) - 1, "level": "error",
+                "message": {"text": _scan_message(scan, names)},
+                "locations": [{"physicalLocation": {"artifactLocation": {"uri": uri}, "region": {"startLine": 1}}}],
+                "partialFingerprints": {"bdsanModelTrigger/v1": fingerprint},
+                "properties": {"suspected_target": scan.get("suspected_target"),
+                               "anomalous_classes": scan.get("anomalous_classes"),
+                               "anomaly_index": scan.get("anomaly_index"), "flip_rate": scan.get("flip_rate")}})
     sarif = {"version": "2.1.0", "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
              "runs": [{"tool": {"driver": {"name": "bdsan", "version": data["bdsan_version"],
                                            "semanticVersion": data["bdsan_version"],
@@ -222,9 +275,12 @@ def render_junit(report: Report) -> str:
     names = _class_names(data)
     triggers = audit.get("triggers") or []
     failing = [t for t in triggers if limit is not None and t.get("asr_max") is not None and t["asr_max"] > limit]
-    suites = ET.Element("testsuites", name="bdsan", tests=str(len(triggers)), failures=str(len(failing)))
-    suite = ET.SubElement(suites, "testsuite", name=f"bdsan {data['command']}", tests=str(len(triggers)),
-                          failures=str(len(failing)), errors="0", skipped="0",
+    scan = data.get("scan")
+    tests = len(triggers) + (1 if scan else 0)
+    failures = len(failing) + (1 if scan and scan.get("anomalous") else 0)
+    suites = ET.Element("testsuites", name="bdsan", tests=str(tests), failures=str(failures))
+    suite = ET.SubElement(suites, "testsuite", name=f"bdsan {data['command']}", tests=str(tests),
+                          failures=str(failures), errors="0", skipped="0",
                           time=f"{audit.get('seconds', 0.0) or 0.0:.3f}", timestamp=data["created"])
     properties = ET.SubElement(suite, "properties")
     for key, value in (("model", (data.get("model") or {}).get("path")), ("clean_accuracy", audit.get("ca")),
@@ -240,6 +296,15 @@ def render_junit(report: Report) -> str:
             failure.text = json.dumps({"params": t.get("params"), "asr": t.get("asr")})
         else:
             ET.SubElement(case, "system-out").text = summary
+    if scan:
+        case = ET.SubElement(suite, "testcase", classname=f"bdsan.{data['command']}", name="scan",
+                             time=f"{scan.get('time_s', 0.0) or 0.0:.3f}")
+        if scan.get("anomalous"):
+            failure = ET.SubElement(case, "failure", type="ScanAnomalousClass", message=_scan_message(scan, names))
+            failure.text = json.dumps({k: scan.get(k) for k in ("anomaly_index", "flip_rate", "mask_l1")})
+        else:
+            ET.SubElement(case, "system-out").text = (
+                f"no anomalous class (suspected target {_class_label(scan.get('suspected_target'), names)})")
     ET.indent(suites)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
 

@@ -255,7 +255,9 @@ def _load_trusted(file: ModelFile) -> Any:
     log.warning("warning: --trust-code: loading %s runs code from the file", file.path)
     try:
         if file.format == sniff.TORCHSCRIPT:
-            return torch.jit.load(str(file.path), map_location="cpu")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
+                return torch.jit.load(str(file.path), map_location="cpu")
         try:
             return torch.load(str(file.path), map_location="cpu", weights_only=False)
         except pickle.UnpicklingError as exc:
@@ -469,7 +471,9 @@ def resolve(file: ModelFile, arch: str | None = None, num_classes: int | None = 
                            "run code named by a model's own files",
                            hint=f"if you trust it, pass --arch {arch_spec} yourself")
     if file.module is not None and not arch_spec:
-        arch_spec, sources["arch"] = f"{file.format}:{type(file.module).__name__}", "module in the file"
+        name = getattr(file.module, "original_name", None) or type(file.module).__name__
+        kind = "torchscript" if file.format == sniff.TORCHSCRIPT else "pickled"
+        arch_spec, sources["arch"] = f"{kind}:{name}", "module in the file"
     if file.format == sniff.ONNX and not arch_spec:
         arch_spec, sources["arch"] = "onnx", "default"
     classes_count = chosen.get("num_classes")

@@ -38,6 +38,8 @@ def sniff_format(path: str | Path) -> str:
         return PICKLE
     if head[0] == 0x08 and _looks_like_onnx(path):  # ModelProto field 1 (ir_version) as a varint
         return ONNX
+    if _looks_like_pickle(path):  # protocol 0/1 pickles have no PROTO header
+        return PICKLE
     raise ModelRefused(f"{path}: not a recognised model format (first bytes {head[:8].hex(' ')})",
                        hint=f"supported: {SUPPORTED}")
 
@@ -77,6 +79,17 @@ def _check_safetensors_header(path: Path, head: bytes, size: int) -> str:
         raise ModelRefused(f"{path}: truncated safetensors file ({size:,} bytes, tensors need "
                            f"{8 + header_len + end:,})")
     return SAFETENSORS
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    """True when the file opens with one complete pickle (read opcode by opcode, nothing executed)."""
+    import pickletools
+
+    try:
+        with open(path, "rb") as handle:
+            return any(op.name == "STOP" for op, _, _ in pickletools.genops(handle))
+    except Exception:  # noqa: BLE001 — garbage fails to parse
+        return False
 
 
 def _looks_like_onnx(path: Path) -> bool:
