@@ -1,0 +1,416 @@
+"""Trigger reverse-engineering for unknown triggers (Neural-Cleanse-style, ALGORITHMS.md §5 "scan").
+
+For every candidate target class t two triggers are optimised, all classes and both kinds stacked into one
+batched problem (each step forwards (2K)×B stamped images, chunked by ``batch_size``):
+
+* ``patch``: x' = (1−m)·x + m·p with m = sigmoid(a) (1×H×W) and p = sigmoid(b) (C×H×W); loss = CE(f(x'), t)
+  + λ_t·mean(m). A real patch backdoor needs a far smaller mask for its target than any clean class needs.
+* ``blend``: x' = clip(x + δ), δ = ε·tanh(d) (C×H×W, full image); loss = CE + λ_t·mean(|δ|). Covers blended and
+  additive triggers (blend, SIG, low-frequency) that no small mask reproduces.
+
+λ_t adapts per trigger (raised ×1.5 after ``patience`` steps at ≥ ``success`` flip rate, lowered ÷1.5^1.5 after
+``patience`` steps below it); the smallest trigger that reached ``success`` on a batch is kept. Optimisation sees
+only the ``opt`` part of the holdout; flip rates are measured on the other part (images it never saw).
+
+Verdict [ours]: per kind, anomaly index a_t = (median(n) − n_t) / (1.4826·MAD(n)) of the trigger norms n (low
+side only: a suspiciously *small* trigger). Class t is anomalous for a kind when a_t > ``anomaly_threshold`` (2,
+as Neural Cleanse), its held-out flip rate ≥ ``flip_threshold`` (0.5), and n_t ≤ ``max_norm_ratio``·median(n)
+(0.5: at least twice smaller than a typical class, which keeps MAD from over-reacting with few classes).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..device import autocast, resolve_device
+from ..errors import DataError, ModelRefused
+from ..io.data import Holdout, stratified_split, to_float
+from ..io.models import LoadedModel
+
+log = logging.getLogger("bdsan.scan")
+
+KINDS = ("patch", "blend")
+MAD_TO_SIGMA = 1.4826
+
+
+@dataclass
+class ScanSettings:
+    """Hyper-parameters of the scan; every field is reported in the scan section."""
+
+    steps: int = 300
+    images_per_step: int = 32
+    lr: float = 0.1
+    mask_init: float = -1.0
+    init_cost: float = 1.0
+    success: float = 0.9
+    patience: int = 5
+    early_stop_patience: int = 40
+    blend_epsilon: float = 0.5
+    eval_fraction: float = 0.5
+    anomaly_threshold: float = 2.0
+    flip_threshold: float = 0.5
+    max_norm_ratio: float = 0.5
+    kinds: tuple[str, ...] = KINDS
+
+
+class _TriggerBank:
+    """K patch and K blend triggers as stacked tensors; ``stamp(kind_index, x)`` applies trigger rows to images."""
+
+    def __init__(self, kinds: tuple[str, ...], num_classes: int, shape: tuple[int, int, int], epsilon: float,
+                 mask_init: float, generator: torch.Generator, device: torch.device):
+        channels, height, width = shape
+        self.kinds, self.k, self.epsilon = kinds, num_classes, epsilon
+        self.params: dict[str, list[torch.Tensor]] = {}
+        if "patch" in kinds:
+            mask = torch.full((num_classes, 1, height, width), mask_init) + 0.1 * torch.randn(
+                num_classes, 1, height, width, generator=generator)
+            pattern = 2.0 * torch.randn(num_classes, channels, height, width, generator=generator)
+            self.params["patch"] = [mask.to(device).requires_grad_(), pattern.to(device).requires_grad_()]
+        if "blend" in kinds:
+            delta = 0.05 * torch.randn(num_classes, channels, height, width, generator=generator)
+            self.params["blend"] = [delta.to(device).requires_grad_()]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for kind in self.kinds for t in self.params[kind]]
+
+    def parts(self, kind: str) -> dict[str, torch.Tensor]:
+        """The trigger in pixel space: ``mask``/``pattern`` (patch) or ``delta`` (blend), K-stacked."""
+        if kind == "patch":
+            mask, pattern = self.params["patch"]
+            return {"mask": torch.sigmoid(mask), "pattern": torch.sigmoid(pattern)}
+        return {"delta": self.epsilon * torch.tanh(self.params["blend"][0])}
+
+    def norms(self, kind: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-class size: mean mask value (patch) or mean |δ| (blend)."""
+        if kind == "patch":
+            return parts["mask"].flatten(1).mean(1)
+        return parts["delta"].abs().flatten(1).mean(1)
+
+
+def _stamp(kind: str, parts: dict[str, torch.Tensor], rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Apply trigger rows ``rows`` (one per image) of one kind to images ``x`` in [0,1]."""
+    if kind == "patch":
+        mask, pattern = parts["mask"][rows], parts["pattern"][rows]
+        return (1 - mask) * x + mask * pattern
+    return (x + parts["delta"][rows]).clamp(0, 1)
+
+
+def _anomaly_index(norms: np.ndarray) -> np.ndarray:
+    """Low-side MAD anomaly index on log norms: how many robust standard deviations a trigger's size lies *below*
+    the median. Sizes are scale quantities (a backdoor's trigger is several times smaller, not a fixed amount), and
+    on the log scale one huge clean class no longer inflates the MAD; with 5–10 classes that matters."""
+    logs = np.log(np.maximum(norms, 1e-12))
+    median = float(np.median(logs))
+    mad = max(MAD_TO_SIGMA * float(np.median(np.abs(logs - median))), 0.05)
+    return (median - logs) / mad
+
+
+def _split_for_scan(holdout: Holdout, eval_fraction: float, seed: int) -> tuple[Holdout, Holdout]:
+    eval_index, opt_index = stratified_split(holdout.y, eval_fraction, seed + 7919, holdout.num_classes)
+    return holdout.subset(opt_index), holdout.subset(eval_index)
+
+
+def _torch_classifier(model: LoadedModel, device: torch.device) -> torch.nn.Module:
+    if model.module is None:
+        raise ModelRefused(f"{model.path}: scan needs gradients through the model; ONNX models cannot be scanned",
+                           hint="scan the PyTorch/safetensors weights the ONNX file was exported from")
+    net = model.normalized().to(device).eval()
+    return net
+
+
+def scan(model: LoadedModel, holdout: Holdout, *, steps: int = 300, batch_size: int = 256, device=None,
+         seed: int = 0, progress=None, sample_images: int = 8, **settings) -> dict:
+    """Reverse-engineer one patch and one blend trigger per class and flag classes whose trigger is anomalous.
+
+    Returns the SPEC §5 ``scan`` section (JSON-safe) plus two non-JSON keys that :func:`scan_section` drops:
+    ``reconstructed`` (list of :class:`bdsan.detectors.triggers.Trigger`, one per class and kind, anomalous
+    ones first) and ``images`` (file name → PNG bytes of each trigger and of it stamped on sample images).
+    """
+    cfg = ScanSettings(steps=steps, **settings)
+    unknown = set(cfg.kinds) - set(KINDS)
+    if unknown or not cfg.kinds:
+        raise DataError(f"scan kinds must be among {KINDS}, got {cfg.kinds}")
+    started = time.perf_counter()
+    device = resolve_device(device)
+    holdout = holdout.to(device)
+    num_classes = model.num_classes
+    if holdout.num_classes and holdout.num_classes != num_classes:
+        log.warning("holdout has %d classes, model %d", holdout.num_classes, num_classes)
+    if len(holdout) < 2 * num_classes:
+        raise DataError(f"scan needs at least 2 holdout images per class; got {len(holdout)} for {num_classes}")
+    opt, held = _split_for_scan(holdout, cfg.eval_fraction, seed)
+    net = _torch_classifier(model, device)
+    requires_grad = [p.requires_grad for p in net.parameters()]
+    for p in net.parameters():
+        p.requires_grad_(False)
+    try:
+        bank, trace = _optimise(net, opt, num_classes, cfg, batch_size, seed, device, progress)
+        flip = {kind: _flip_rates(net, bank[kind], kind, held, num_classes, batch_size, device) for kind in cfg.kinds}
+    finally:
+        for p, flag in zip(net.parameters(), requires_grad):
+            p.requires_grad_(flag)
+    result = _verdict(bank, flip, cfg, holdout, model, opt, held, trace)
+    result["reconstructed"] = _make_triggers(bank, result, cfg)
+    result["images"] = _render_pngs(bank, result, held, sample_images)
+    result["time_s"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def _optimise(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_size: int, seed: int,
+              device: torch.device, progress) -> tuple[dict, dict]:
+    """The batched Neural-Cleanse loop over all classes and kinds; returns the best trigger parts per kind."""
+    generator = torch.Generator().manual_seed(seed)
+    channels, height, width = opt.x.shape[1:]
+    bank = _TriggerBank(cfg.kinds, num_classes, (channels, height, width), cfg.blend_epsilon, cfg.mask_init,
+                        generator, device)
+    optimizer = torch.optim.Adam(bank.tensors(), lr=cfg.lr, betas=(0.5, 0.9))
+    kinds = cfg.kinds
+    n_kinds = len(kinds)
+    total = n_kinds * num_classes
+    cost = torch.full((total,), cfg.init_cost, device=device)
+    up = torch.zeros(total, dtype=torch.long, device=device)
+    down = torch.zeros(total, dtype=torch.long, device=device)
+    best_norm = torch.full((total,), math.inf, device=device)
+    with torch.no_grad():
+        best = {kind: {name: t.detach().clone() for name, t in bank.parts(kind).items()} for kind in kinds}
+    last_improved = 0
+    per_step = min(cfg.images_per_step, len(opt))
+    targets_all = torch.arange(total, device=device) % num_classes  # trigger row r targets class r % K
+    step = 0
+    for step in range(1, cfg.steps + 1):
+        index = torch.randint(len(opt), (per_step,), generator=generator).to(device)
+        x = to_float(opt.x[index])
+        y = opt.y[index]
+        # (trigger row, image) pairs, flattened; chunked forward/backward accumulates gradients.
+        rows = torch.arange(total, device=device).repeat_interleave(per_step)
+        images = torch.arange(per_step, device=device).repeat(total)
+        keep = y[images] != targets_all[rows]
+        rows, images = rows[keep], images[keep]
+        optimizer.zero_grad(set_to_none=True)
+        hits = torch.zeros(total, device=device)
+        counts = torch.bincount(rows, minlength=total).float().clamp_min(1)
+        for start in range(0, len(rows), batch_size):
+            chunk_rows, chunk_images = rows[start:start + batch_size], images[start:start + batch_size]
+            stamped, targets = [], []
+            order = []
+            for kind_index, kind in enumerate(kinds):
+                parts = bank.parts(kind)
+                sel = (chunk_rows // num_classes) == kind_index
+                if sel.any():
+                    stamped.append(_stamp(kind, parts, chunk_rows[sel] % num_classes, x[chunk_images[sel]]))
+                    targets.append(targets_all[chunk_rows[sel]])
+                    order.append(chunk_rows[sel])
+            batch, target, row_of = torch.cat(stamped), torch.cat(targets), torch.cat(order)
+            with autocast(device):
+                logits = net(batch)
+            losses = F.cross_entropy(logits.float(), target, reduction="none")
+            (losses / counts[row_of]).sum().backward()
+            with torch.no_grad():
+                hits.index_add_(0, row_of, (logits.argmax(1) == target).float())
+        # The size penalty: λ_r · norm_r, summed over rows (each row's CE is already a per-row mean).
+        norms = torch.cat([bank.norms(kind, bank.parts(kind)) for kind in kinds])
+        (cost * norms).sum().backward()
+        optimizer.step()
+        with torch.no_grad():
+            success = hits / counts
+            norms = torch.cat([bank.norms(kind, bank.parts(kind)) for kind in kinds])
+            improved = (success >= cfg.success) & (norms < best_norm * 0.99)
+            if improved.any():
+                last_improved = step
+                for kind_index, kind in enumerate(kinds):
+                    rows_k = torch.nonzero(improved[kind_index * num_classes:(kind_index + 1) * num_classes]).flatten()
+                    if len(rows_k):
+                        for name, tensor in bank.parts(kind).items():
+                            best[kind][name][rows_k] = tensor[rows_k].detach()
+                best_norm = torch.where(improved, norms, best_norm)
+            reached = success >= cfg.success
+            up = torch.where(reached, up + 1, torch.zeros_like(up))
+            down = torch.where(reached, torch.zeros_like(down), down + 1)
+            raise_cost, lower_cost = up >= cfg.patience, down >= cfg.patience
+            cost = torch.where(raise_cost, cost * 1.5, torch.where(lower_cost, cost / 1.5 ** 1.5, cost))
+            up = torch.where(raise_cost, torch.zeros_like(up), up)
+            down = torch.where(lower_cost, torch.zeros_like(down), down)
+        if progress:
+            progress(step, cfg.steps)
+        if step - last_improved >= cfg.early_stop_patience and bool(torch.isfinite(best_norm).all()):
+            break
+    with torch.no_grad():
+        # A class that never reached the success rate keeps its final trigger (its flip rate will say so).
+        final = {kind: bank.parts(kind) for kind in kinds}
+        for kind_index, kind in enumerate(kinds):
+            never = ~torch.isfinite(best_norm[kind_index * num_classes:(kind_index + 1) * num_classes])
+            for name in best[kind]:
+                best[kind][name][never] = final[kind][name][never].detach()
+    trace = {"steps_run": step, "final_cost": cost.tolist(),
+             "reached_success": torch.isfinite(best_norm).tolist()}
+    return best, trace
+
+
+@torch.no_grad()
+def _flip_rates(net, parts: dict[str, torch.Tensor], kind: str, held: Holdout, num_classes: int, batch_size: int,
+                device: torch.device) -> list[float]:
+    """Per class t: fraction of held-out images with label ≠ t predicted t once trigger t is stamped."""
+    rows = torch.arange(num_classes, device=device).repeat_interleave(len(held))
+    images = torch.arange(len(held), device=device).repeat(num_classes)
+    keep = held.y[images] != rows
+    rows, images = rows[keep], images[keep]
+    hits = torch.zeros(num_classes, device=device)
+    for start in range(0, len(rows), batch_size):
+        r, i = rows[start:start + batch_size], images[start:start + batch_size]
+        with autocast(device):
+            predicted = net(_stamp(kind, parts, r, to_float(held.x[i]))).argmax(1)
+        hits.index_add_(0, r, (predicted == r).float())
+    counts = torch.bincount(rows, minlength=num_classes).float()
+    return torch.where(counts > 0, hits / counts.clamp_min(1), torch.zeros_like(hits)).tolist()
+
+
+def _verdict(bank: dict, flip: dict, cfg: ScanSettings, holdout: Holdout, model: LoadedModel, opt: Holdout,
+             held: Holdout, trace: dict) -> dict:
+    num_classes = model.num_classes
+    height, width = holdout.image_size
+    section: dict = {"kinds": list(cfg.kinds), "n": len(holdout), "n_opt": len(opt), "n_eval": len(held),
+                     "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
+                     "steps_run": trace["steps_run"], "reached_success": {}}
+    scores = np.full(num_classes, -np.inf)
+    anomalous_classes: set[int] = set()
+    flagged_kinds: dict[int, list[str]] = {}
+    for kind_index, kind in enumerate(cfg.kinds):
+        parts = bank[kind]
+        if kind == "patch":
+            norms = parts["mask"].flatten(1).sum(1).cpu().numpy()  # mask L1 in pixels
+        else:
+            norms = parts["delta"].abs().flatten(1).mean(1).cpu().numpy()  # mean |δ| per pixel and channel
+        index = _anomaly_index(norms)
+        flips = np.asarray(flip[kind])
+        median = float(np.median(norms))
+        flagged = (index > cfg.anomaly_threshold) & (flips >= cfg.flip_threshold) & (norms <= cfg.max_norm_ratio * median)
+        for cls in np.nonzero(flagged)[0]:
+            anomalous_classes.add(int(cls))
+            flagged_kinds.setdefault(int(cls), []).append(kind)
+        # Ranking score: the anomaly index where the trigger generalises, else nothing.
+        scores = np.maximum(scores, np.where(flips >= cfg.flip_threshold, index, -np.inf))
+        reached = trace["reached_success"][kind_index * num_classes:(kind_index + 1) * num_classes]
+        section["reached_success"][kind] = [bool(v) for v in reached]
+        if kind == "patch":
+            section["mask_l1"] = [float(v) for v in norms]
+            section["mask_fraction"] = [float(v) / (height * width) for v in norms]
+            section["flip_rate"] = [float(v) for v in flips]
+            section["anomaly_index"] = [float(v) for v in index]
+        else:
+            section["blend"] = {"mean_abs_delta": [float(v) for v in norms], "flip_rate": [float(v) for v in flips],
+                                "anomaly_index": [float(v) for v in index]}
+    if "patch" not in cfg.kinds:  # the SPEC names stay meaningful with --kinds blend
+        section["mask_l1"], section["flip_rate"] = None, section["blend"]["flip_rate"]
+        section["anomaly_index"] = section["blend"]["anomaly_index"]
+    suspected = int(np.argmax(scores)) if np.isfinite(scores).any() else None
+    section["score"] = [float(v) if np.isfinite(v) else None for v in scores]
+    section["suspected_target"] = suspected
+    section["anomalous_classes"] = sorted(anomalous_classes)
+    section["anomalous_kinds"] = {str(k): v for k, v in sorted(flagged_kinds.items())}
+    section["anomalous"] = bool(anomalous_classes)
+    section["classes"] = list(holdout.classes)
+    return section
+
+
+def _make_triggers(bank: dict, section: dict, cfg: ScanSettings) -> list:
+    """One bdsan Trigger per class and kind (anomalous ones first) applying the reconstructed trigger."""
+    from .triggers import Trigger
+
+    anomalous = {int(k): v for k, v in section["anomalous_kinds"].items()}
+    triggers = []
+    for kind in cfg.kinds:
+        parts = {name: tensor.detach().clone() for name, tensor in bank[kind].items()}
+        for cls in range(len(next(iter(parts.values())))):
+            trigger_parts = {name: tensor[cls:cls + 1] for name, tensor in parts.items()}
+            params = {"source": "scan", "kind": kind, "target": cls, "anomalous": kind in anomalous.get(cls, [])}
+            triggers.append(Trigger(f"scan_{kind}_class{cls}", params, _ReconstructedTrigger(kind, trigger_parts)))
+    triggers.sort(key=lambda t: not t.params["anomalous"])
+    return triggers
+
+
+class _ReconstructedTrigger:
+    """Callable ``fn(x)`` for a Trigger: stamps a reconstructed trigger on [0,1] NCHW images of any size/device."""
+
+    def __init__(self, kind: str, parts: dict[str, torch.Tensor]):
+        self.kind, self.parts = kind, {name: tensor.cpu() for name, tensor in parts.items()}
+
+    def __call__(self, x: torch.Tensor, **_params) -> torch.Tensor:
+        size = x.shape[-2:]
+        parts = {}
+        for name, tensor in self.parts.items():
+            tensor = tensor.to(x.device, x.dtype)
+            if tuple(tensor.shape[-2:]) != tuple(size):
+                tensor = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)
+            parts[name] = tensor
+        rows = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        return _stamp(self.kind, parts, rows, x).clamp(0, 1)
+
+
+def _png(array: np.ndarray, scale: int) -> bytes:
+    """H×W×3 float [0,1] → PNG bytes, upscaled (nearest) so 32-px triggers are visible."""
+    from PIL import Image
+
+    image = Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@torch.no_grad()
+def _render_pngs(bank: dict, section: dict, held: Holdout, sample_images: int) -> dict[str, bytes]:
+    """Per class and kind: ``<kind>_class<t>_trigger.png`` (patch: pattern·mask | mask; blend: 0.5+δ) and
+    ``<kind>_class<t>_stamped.png`` (a row of sample held-out images with the trigger stamped)."""
+    height, width = held.image_size
+    scale = max(1, 128 // max(height, width))
+    samples = to_float(held.x[:sample_images])
+    pngs: dict[str, bytes] = {}
+    for kind in section["kinds"]:
+        parts = bank[kind]
+        num_classes = len(next(iter(parts.values())))
+        for cls in range(num_classes):
+            if kind == "patch":
+                mask, pattern = parts["mask"][cls], parts["pattern"][cls]
+                view = torch.cat([pattern * mask, mask.expand_as(pattern)], dim=2)
+            else:
+                delta = parts["delta"][cls]
+                view = 0.5 + delta / (2 * max(float(delta.abs().max()), 1e-6))
+            pngs[f"{kind}_class{cls}_trigger.png"] = _png(view.permute(1, 2, 0).float().cpu().numpy(), scale)
+            if len(samples):
+                rows = torch.full((len(samples),), cls, dtype=torch.long, device=samples.device)
+                stamped = _stamp(kind, parts, rows, samples)
+                strip = torch.cat(list(stamped), dim=2)
+                pngs[f"{kind}_class{cls}_stamped.png"] = _png(strip.permute(1, 2, 0).float().cpu().numpy(), scale)
+    return pngs
+
+
+def scan_section(result: dict) -> dict:
+    """The JSON-safe scan section: ``result`` without the Trigger objects and PNG bytes."""
+    return {k: v for k, v in result.items() if k not in ("reconstructed", "images")}
+
+
+def anomalous_triggers(result: dict) -> list:
+    """The reconstructed triggers of anomalous classes (the kinds that flagged them)."""
+    return [t for t in result.get("reconstructed", []) if t.params.get("anomalous")]
+
+
+def write_scan_images(result: dict, out_dir, force: bool = False) -> list:
+    """Write the scan's PNGs into a new directory atomically; returns the written paths (final locations)."""
+    from pathlib import Path
+
+    from ..atomic import atomic_dir
+
+    out_dir = Path(out_dir)
+    names = sorted(result.get("images", {}))
+    with atomic_dir(out_dir, force=force) as tmp:
+        for name in names:
+            (tmp / name).write_bytes(result["images"][name])
+    return [out_dir / name for name in names]
