@@ -14,6 +14,8 @@ from .errors import OutputError
 def check_writable_dir(directory: Path) -> None:
     if not directory.exists():
         raise OutputError(f"output directory does not exist: {directory}")
+    if not directory.is_dir():
+        raise OutputError(f"output directory is not a directory: {directory}")
     if not os.access(directory, os.W_OK):
         raise OutputError(f"output directory is not writable: {directory}")
 
