@@ -245,10 +245,13 @@ def _parse_names(text: str | None, option: str) -> list[str] | None:
               help="PNG mask for --trigger-image: paste (or blend) only where the mask is > 0.")
 @click.option("--trigger-alpha", type=click.FloatRange(0, 1), default=None,
               help="Blend --trigger-image with this opacity instead of pasting it.")
+@click.option("--scan", "run_scan", is_flag=True,
+              help="Also reverse-engineer unknown triggers (`bdsan scan`); the gate fails on an anomalous class too.")
+@click.option("--scan-steps", type=click.IntRange(1), default=200, show_default=True, help="Scan optimisation steps.")
 @common_options
 def audit_command(model_path, arch, num_classes, trust_code, preset, mean, std, input_size, holdout, data_split,
-                  classes, max_asr, target, trigger_names, trigger_image, trigger_mask, trigger_alpha,
-                  device, seed, batch_size, output_format, report_path, quiet, debug):
+                  classes, max_asr, target, trigger_names, trigger_image, trigger_mask, trigger_alpha, run_scan,
+                  scan_steps, device, seed, batch_size, output_format, report_path, quiet, debug):
     """Measure clean accuracy and, per trigger, attack success rate (every target), net ASR and robust accuracy
     on the whole holdout; exit 1 when a trigger is above --max-asr.
 
@@ -284,6 +287,13 @@ def audit_command(model_path, arch, num_classes, trust_code, preset, mean, std, 
     if not passed:
         report.exit_code = 1
         click.echo(f"gate max_asr failed: {', '.join(failing)} above {max_asr:g}", err=True)
+    if run_scan:
+        from .detectors.scan import scan, scan_section
+
+        result = scan(model, data, steps=scan_steps, batch_size=batch_size, device=torch_device, seed=seed)
+        report.scan = scan_section(result)
+        report.timings_s["scan"] = result["time_s"]
+        _add_scan_gate(report)
     return emit(report, output_format, report_path, AUDIT_RENDERERS)
 
 
@@ -291,7 +301,7 @@ def audit_command(model_path, arch, num_classes, trust_code, preset, mean, std, 
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @model_options
 @holdout_options
-@click.option("--steps", type=click.IntRange(1), default=300, show_default=True,
+@click.option("--steps", type=click.IntRange(1), default=200, show_default=True,
               help="Optimisation steps (early stopping usually ends sooner).")
 @click.option("--kinds", default="patch,blend", show_default=True,
               help="Trigger kinds to reverse-engineer: patch (mask + pattern), blend (full-image additive).")

@@ -44,8 +44,8 @@ MAD_TO_SIGMA = 1.4826
 class ScanSettings:
     """Hyper-parameters of the scan; every field is reported in the scan section."""
 
-    steps: int = 300
-    images_per_step: int = 32
+    steps: int = 200
+    images_per_step: int = 16
     lr: float = 0.1
     mask_init: float = -1.0
     init_cost: float = 1.0
@@ -125,7 +125,7 @@ def _torch_classifier(model: LoadedModel, device: torch.device) -> torch.nn.Modu
     return net
 
 
-def scan(model: LoadedModel, holdout: Holdout, *, steps: int = 300, batch_size: int = 256, device=None,
+def scan(model: LoadedModel, holdout: Holdout, *, steps: int = 200, batch_size: int = 256, device=None,
          seed: int = 0, progress=None, sample_images: int = 8, **settings) -> dict:
     """Reverse-engineer one patch and one blend trigger per class and flag classes whose trigger is anomalous.
 

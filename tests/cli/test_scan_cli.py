@@ -1,0 +1,52 @@
+"""``bdsan scan``: exit 1 on an anomalous class, PNGs into a new --out-dir, reports without pixels or objects."""
+from __future__ import annotations
+
+import json
+
+SCAN_STEPS = 80
+
+
+def test_cli_scan_flags_poisoned_model_and_writes_pngs(run_cli, tmp_path, poisoned_safetensors, holdout_npz):
+    out_dir = tmp_path / "scan"
+    report = tmp_path / "scan.json"
+    result = run_cli("scan", poisoned_safetensors, "--holdout", holdout_npz, "--steps", SCAN_STEPS, "--device", "cpu",
+                     "--out-dir", out_dir, "-o", report, "--quiet")
+    assert result.code == 1, result.output
+    assert "gate scan failed" in result.stderr
+    data = json.loads(report.read_text())
+    assert data["command"] == "scan" and data["scan"]["anomalous"] is True
+    assert data["scan"]["suspected_target"] == 0  # the conftest backdoor targets class 0
+    assert [g for g in data["gates"] if g["name"] == "scan"][0]["passed"] is False
+    assert (out_dir / "patch_class0_trigger.png").is_file()
+    assert "reconstructed" not in data["scan"] and "images" not in data["scan"]
+
+
+def test_cli_scan_refuses_existing_out_dir(run_cli, tmp_path, clean_safetensors, holdout_npz):
+    (tmp_path / "exists").mkdir()
+    result = run_cli("scan", clean_safetensors, "--holdout", holdout_npz, "--out-dir", tmp_path / "exists",
+                     "--device", "cpu")
+    assert result.code == 2 and "already exists" in result.stderr
+    assert list((tmp_path / "exists").iterdir()) == []
+
+
+def test_cli_audit_scan_fails_the_gate_and_carries_the_scan_into_sarif(run_cli, tmp_path, poisoned_safetensors,
+                                                                      holdout_npz):
+    sarif = tmp_path / "r.sarif"
+    result = run_cli("audit", poisoned_safetensors, "--holdout", holdout_npz, "--triggers", "blend_strip", "--scan",
+                     "--scan-steps", SCAN_STEPS, "--device", "cpu", "-o", sarif, "--quiet")
+    assert result.code == 1, result.output  # blend_strip does not fire on the corner-square backdoor; the scan does
+    assert "gate scan failed" in result.stderr and "gate max_asr failed" not in result.stderr
+    rules = [r["ruleId"] for r in json.loads(sarif.read_text())["runs"][0]["results"]]
+    assert rules == ["bdsan/scan/anomalous-class"]
+
+
+def test_junit_and_text_render_the_scan():
+    from bdsan.report import Report, render_junit, render_text
+
+    report = Report("scan")
+    report.scan = {"anomalous": True, "anomalous_classes": [1], "anomalous_kinds": {"1": ["patch"]},
+                   "suspected_target": 1, "mask_l1": [100.0, 9.0], "flip_rate": [0.9, 1.0],
+                   "anomaly_index": [0.0, 3.1], "steps_run": 50, "time_s": 1.0, "n_opt": 10, "n_eval": 10}
+    junit = render_junit(report)
+    assert 'name="scan"' in junit and "ScanAnomalousClass" in junit and 'failures="1"' in junit
+    assert "ANOMALOUS" in render_text(report)
