@@ -75,7 +75,10 @@ def render_text(report: Report) -> str:
         lines.append(f"model: {m.get('path')} [{m.get('format')}, {m.get('arch')}, {m.get('num_classes')} classes, "
                      f"{m.get('params'):,} params]")
     for key, value in data["details"].items():
-        lines.append(f"{key}: {value}")
+        if key == "export" and isinstance(value, dict) and "parity" in value:
+            lines.extend(render_export_lines(value))
+        else:
+            lines.append(f"{key}: {value}")
     for key, title in AUDIT_SECTIONS:
         if data.get(key):
             lines.extend(render_audit_table(data[key], title, _max_asr_limit(data), _class_names(data)))
@@ -89,6 +92,27 @@ def render_text(report: Report) -> str:
     for warning in data["warnings"]:
         lines.append(f"warning: {warning}")
     return "\n".join(lines) + "\n"
+
+
+def render_export_lines(export: dict) -> list[str]:
+    """``bdsan export``'s parity check (and slim summary) in a few lines."""
+    parity = export["parity"]
+    lines = [f"export: {export.get('format', 'onnx')}"
+             + (f", opset {export['opset']}, input {export.get('input_shape')}" if "opset" in export else "")
+             + (", preprocessing baked into the graph" if export.get("preprocessing_baked") else ""),
+             f"parity vs PyTorch on {parity.get('inputs', '')} (n={parity['n']}"
+             + (f", {parity['provider']}" if parity.get("provider") else "") + "): "
+             f"max |Δlogit| {parity['max_abs_diff']:.3g} (scaled {parity['max_scaled_diff']:.3g}, atol {parity['atol']:g}), "
+             f"argmax agreement {parity['agreement']:.4f} (min {parity['min_agreement']:g})"]
+    slim = export.get("slim")
+    if slim:
+        before, after = slim["before"], slim["after"]
+        lines.append(f"slim: {slim['channels_removed_total']} dead channels removed; params {before['params']:,} → "
+                     f"{after['params']:,}, FLOPs {before['flops']:,} → {after['flops']:,}, ONNX bytes "
+                     f"{before.get('onnx_bytes', 0):,} → {after.get('onnx_bytes', 0):,}")
+    if export.get("written") is False:
+        lines.append("no file written")
+    return lines
 
 
 # --- audit sections: text table, SARIF 2.1.0, JUnit XML ----------------------------------------------------------

@@ -156,7 +156,8 @@ def slim_model(module: nn.Module, example_input: torch.Tensor) -> tuple[nn.Modul
     return module, info
 
 
-def export_slim_onnx(model: LoadedModel, out: str | Path, *, holdout: Holdout | None = None, **kwargs) -> dict:
+def export_slim_onnx(model: LoadedModel, out: str | Path, *, holdout: Holdout | None = None,
+                     extra_metadata: dict[str, str] | None = None, **kwargs) -> dict:
     """Slim ``model`` and export it to ONNX, with parity measured against the **unpruned** model."""
     from ..io.preprocess import Normalized
     from .onnx import build_onnx_model, export_input_size, export_onnx
@@ -173,7 +174,8 @@ def export_slim_onnx(model: LoadedModel, out: str | Path, *, holdout: Holdout | 
     slim.module = slim_module
     reference = Normalized(copy.deepcopy(model.module).float().cpu().eval(), model.preprocessing)
     artifact = export_onnx(slim, out, holdout=holdout, reference=reference, **kwargs,
-                           extra_metadata={"bdsan.slim": json.dumps({"channels_removed": info["channels_removed"]})})
+                           extra_metadata={**(extra_metadata or {}),
+                                           "bdsan.slim": json.dumps({"channels_removed": info["channels_removed"]})})
     info["after"]["onnx_bytes"] = artifact["bytes"]
     artifact["slim"] = info
     log.info("slim: %d channels removed; params %d → %d, FLOPs %d → %d, ONNX %d → %d bytes",
