@@ -209,3 +209,32 @@ def test_user_factory_model_exports(tmp_path):
     artifact = export_onnx(model, out)
     assert artifact["parity"]["passed"]
     assert OnnxClassifier(out).metadata["bdsan.arch"] == spec
+
+
+def test_missing_onnxruntime_names_the_extra(toy_onnx, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
+    with pytest.raises(ModelRefused, match="onnxruntime is not installed") as info:
+        OnnxClassifier(toy_onnx[0])
+    assert "bdsan[cpu]" in info.value.hint and "bdsan[gpu]" in info.value.hint
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA build installed")
+def test_cuda_request_without_cuda_build_runs_on_cpu(toy_onnx, caplog):
+    classifier = OnnxClassifier(toy_onnx[0], torch.device("cuda"))
+    assert classifier.provider == "CPUExecutionProvider"
+    assert "CUDAExecutionProvider" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="needs a GPU and onnxruntime-gpu")
+def test_cuda_provider_is_used_on_gpu(toy_onnx, toy_poisoned):
+    classifier = OnnxClassifier(toy_onnx[0], "cuda")
+    assert classifier.provider == "CUDAExecutionProvider"
+    pixels = (toy_poisoned.holdout.x[:64].float() / 255).cuda()
+    logits = classifier(pixels)
+    assert logits.device.type == "cuda"
+    with torch.no_grad():
+        expected = toy_poisoned.model.normalized().cuda()(pixels)
+    assert (logits.argmax(1) == expected.argmax(1)).all()

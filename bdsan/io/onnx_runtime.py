@@ -37,7 +37,7 @@ def _providers(ort, device: torch.device) -> list:
         if "CUDAExecutionProvider" in ort.get_available_providers():
             index = device.index if device.index is not None else torch.cuda.current_device()
             # TF32 off: exported logits are compared with PyTorch's float32 ones.
-            providers.append(("CUDAExecutionProvider", {"device_id": index, "use_tf32": 0}))
+            providers.append(("CUDAExecutionProvider", {"device_id": str(index), "use_tf32": "0"}))
         else:
             log.warning("onnxruntime has no CUDAExecutionProvider (is the CPU build installed?); "
                         "running the ONNX model on CPU — install 'bdsan[gpu]' for CUDA")
