@@ -433,7 +433,9 @@ def export_command(model_path, out, arch, num_classes, trust_code, preset, mean,
     start = time.perf_counter()
     model = load_model_from_options(model_path, arch, num_classes, trust_code, preset, mean, std, input_size)
     report.model = model.info()
-    data = load_holdout_from_options(holdout, data_split, classes, "cpu", input_size) if holdout else None
+    data = None
+    if holdout:
+        data = load_holdout_from_options(holdout, data_split, classes, "cpu", input_size, model=model)
     if data is not None:
         report.holdout = {"path": str(holdout), "n": len(data), "classes": list(data.classes)}
     report.timings_s["load"] = round(time.perf_counter() - start, 3)

@@ -39,7 +39,7 @@ def test_verified_export_reports_parity(tmp_path, toy_poisoned):
 
 
 def test_reload_mismatch_leaves_no_file(tmp_path, toy_poisoned, monkeypatch):
-    import bdsan.io.models as models
+    from bdsan.io import models
 
     real = models.load_model
 

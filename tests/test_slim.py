@@ -104,5 +104,5 @@ def test_slim_resnets_keep_outputs(arch):
         if isinstance(layer, nn.BatchNorm2d):  # non-trivial running statistics
             layer.running_mean.uniform_(-0.5, 0.5)
             layer.running_var.uniform_(0.5, 2.0)
-    slim, info = slim_model(module, example())
+    _slim, info = slim_model(module, example())
     assert info["channels_removed_total"] > 0 and info["max_scaled_diff"] <= 1e-4

@@ -184,7 +184,7 @@ def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, atol: float
     """The parity numbers (module docstring): max |Δ|, max scaled |Δ|, argmax agreement, passed."""
     reference, candidate = reference.double(), candidate.double()
     if reference.shape != candidate.shape:
-        return {"n": int(len(reference)), "max_abs_diff": float("inf"), "max_scaled_diff": float("inf"),
+        return {"n": len(reference), "max_abs_diff": float("inf"), "max_scaled_diff": float("inf"),
                 "agreement": 0.0, "atol": atol, "min_agreement": min_agreement, "passed": False,
                 "reason": f"output shape {tuple(candidate.shape)} != PyTorch's {tuple(reference.shape)}"}
     diff = (reference - candidate).abs()
@@ -199,7 +199,7 @@ def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, atol: float
     agreement = float((same | tie).double().mean()) if len(reference) else 1.0
     finite = bool(torch.isfinite(candidate).all())
     passed = finite and max_scaled <= atol and agreement >= min_agreement
-    return {"n": int(len(reference)), "max_abs_diff": max_abs, "max_scaled_diff": max_scaled,
+    return {"n": len(reference), "max_abs_diff": max_abs, "max_scaled_diff": max_scaled,
             "max_abs_logit": float(reference.abs().max()) if reference.numel() else 0.0,
             "agreement": agreement, "agreement_strict": float(same.double().mean()) if len(reference) else 1.0,
             "ties": int(tie.sum()), "atol": atol, "min_agreement": min_agreement, "passed": passed}
