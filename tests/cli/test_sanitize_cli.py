@@ -1,0 +1,57 @@
+"""``bdsan sanitize`` end to end through ``bdsan.cli.main`` (real exit codes, SPEC §3)."""
+from __future__ import annotations
+
+import json
+
+FAST = ["--param", "rank_images=10", "--param", "epochs=6", "--param", "reference_images=0", "--param",
+        "batch_size=64", "--triggers", "badnets_square,blend_noise"]
+
+
+def test_sanitize_fmp_passes_and_writes_the_report(run_cli, poisoned_safetensors, holdout_npz, tmp_path):
+    out = tmp_path / "clean"
+    result = run_cli("sanitize", poisoned_safetensors, "--holdout", holdout_npz, "--method", "fmp", "--out", out,
+                     *FAST, "-o", tmp_path / "r.json", "--quiet")
+    assert result.code == 0, result.output
+    assert "gate max_asr: PASS" in result.stdout and "ASR badnets_square" in result.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["command"] == "sanitize" and report["exit_code"] == 0
+    assert report["model"]["path"] == str(poisoned_safetensors)
+    assert report["audit_export"]["triggers"][0]["asr_max"] <= 0.2 < report["audit_before"]["triggers"][0]["asr_max"]
+    assert {a["path"] for a in report["artifacts"]} == {"model.onnx", "model.safetensors"}
+    assert json.loads((out / "report.json").read_text())["artifacts"] == report["artifacts"]
+    assert "load" in report["timings_s"]
+
+
+def test_destructive_pruning_is_rolled_back_with_exit_1(run_cli, poisoned_safetensors, holdout_npz, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("sanitize", poisoned_safetensors, "--holdout", holdout_npz, "--out", out, "--format", "json",
+                     "--param", "prune_ratio=0.9", "--param", "rank_images=5", "--param", "epochs=1",
+                     "--param", "reference_images=0", "--param", "known_trigger_fraction=0",
+                     "--triggers", "badnets_square")
+    assert result.code == 1, result.output
+    report = result.json
+    guard = report["defense"]["guard"]
+    assert guard["rolled_back"] is True and guard["drop_points"] > 3
+    assert report["artifacts"] == [] and sorted(p.name for p in out.iterdir()) == ["report.json"]
+    assert "gate max_acc_drop failed" in result.stderr
+
+
+def test_bad_inputs_exit_codes(run_cli, poisoned_safetensors, holdout_npz, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    result = run_cli("sanitize", poisoned_safetensors, "--holdout", holdout_npz, "--out", taken)
+    assert result.code == 3 and "already exists" in result.stderr
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+    result = run_cli("sanitize", poisoned_safetensors, "--holdout", holdout_npz, "--out", tmp_path / "x",
+                     "--param", "prune_rate=0.1")
+    assert result.code == 2 and "no parameter 'prune_rate'" in result.stderr
+    result = run_cli("sanitize", poisoned_safetensors, "--holdout", holdout_npz, "--out", tmp_path / "x",
+                     "--method", "nope")
+    assert result.code == 2 and "unknown method" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_list_methods(run_cli):
+    result = run_cli("sanitize", "--list-methods")
+    assert result.code == 0 and "fmp" in result.stdout and "prune_ratio=" in result.stdout
