@@ -263,10 +263,13 @@ def audit_command(model_path, arch, num_classes, trust_code, preset, mean, std, 
     from .detectors.audit import audit, gate_max_asr
     from .detectors.triggers import DEFAULT_SUITE, user_trigger
     from .device import describe_device, resolve_device
+    from .errors import OutputError
     from .report import AUDIT_RENDERERS
 
     if (trigger_mask or trigger_alpha is not None) and not trigger_image:
         raise click.UsageError("--trigger-mask/--trigger-alpha need --trigger-image")
+    if report_path and any(Path(report_path).resolve() == Path(p).resolve() for p in (model_path, holdout)):
+        raise OutputError(f"-o {report_path} is an input; inputs are never overwritten")
     torch_device = resolve_device(device)
     report = Report("audit", seed=seed, device=describe_device(torch_device))
     started = time.perf_counter()
@@ -275,7 +278,7 @@ def audit_command(model_path, arch, num_classes, trust_code, preset, mean, std, 
         triggers.append(user_trigger(trigger_image, trigger_mask, trigger_alpha))
     model = load_model_from_options(model_path, arch, num_classes, trust_code, preset, mean, std, input_size)
     report.model = model.info()
-    data = load_holdout_from_options(holdout, data_split, classes, torch_device, input_size)
+    data = load_holdout_from_options(holdout, data_split, classes, torch_device, input_size, model=model)
     report.holdout = {"path": str(holdout), "n": len(data), "verify": len(data), "classes": list(data.classes)}
     report.timings_s["load"] = round(time.perf_counter() - started, 3)
     started = time.perf_counter()

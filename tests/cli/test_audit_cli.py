@@ -153,6 +153,11 @@ def test_bad_usage_and_inputs(run_cli, tmp_path, poisoned_safetensors, holdout_n
                      "-o", tmp_path / "r.json")
     assert result.code == 3 and "bad.png" in result.stderr
     assert not (tmp_path / "r.json").exists()
+    copy = tmp_path / "holdout_copy.npz"
+    copy.write_bytes(holdout_npz.read_bytes())
+    result = run_cli("audit", poisoned_safetensors, "--holdout", copy, "-o", copy)
+    assert result.code == 3 and "never overwritten" in result.stderr
+    assert copy.read_bytes() == holdout_npz.read_bytes()
 
 
 def test_triggers_lists_the_suite(run_cli):
