@@ -451,11 +451,14 @@ def export_command(model_path, out, arch, num_classes, trust_code, preset, mean,
         if parity is None:
             raise
         click.echo(f"error: {exc.message}", err=True)
-        artifact = {"parity": parity, "written": False}
+        artifact = {"parity": parity, "written": False, "mismatches": exc.details.get("mismatches", [])}
         report.exit_code = exc.exit_code
     parity = artifact["parity"]
     report.add_gate("export_parity_max_scaled_diff", atol, parity["max_scaled_diff"], parity["max_scaled_diff"] <= atol)
     report.add_gate("export_parity_agreement", min_agreement, parity["agreement"], parity["agreement"] >= min_agreement)
+    if artifact.get("mismatches"):
+        report.add_gate("export_reload_metadata", 0, len(artifact["mismatches"]), False,
+                        mismatches=artifact["mismatches"])
     if report.exit_code:
         report.details["export"] = artifact
         return emit(report, output_format, report_path)
