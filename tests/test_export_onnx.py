@@ -238,3 +238,9 @@ def test_cuda_provider_is_used_on_gpu(toy_onnx, toy_poisoned):
     with torch.no_grad():
         expected = toy_poisoned.model.normalized().cuda()(pixels)
     assert (logits.argmax(1) == expected.argmax(1)).all()
+
+
+def test_export_leaves_the_model_as_it_was(tmp_path, poisoned_model):
+    poisoned_model.module.train()
+    export_onnx(poisoned_model, tmp_path / "m.onnx")
+    assert poisoned_model.module.training  # mode (and device) untouched

@@ -175,8 +175,8 @@ def parity_inputs(holdout: Holdout | None, channels: int, input_hw: tuple[int, i
 
 @torch.no_grad()
 def torch_logits(module: nn.Module, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """float32 CPU reference logits of a [0,1]-input module."""
-    module = module.float().cpu().eval()
+    """float32 CPU reference logits of a [0,1]-input module (a copy: the caller's module keeps its device/mode)."""
+    module = copy.deepcopy(module).float().cpu().eval()
     return torch.cat([module(pixels[i:i + batch_size]).float() for i in range(0, len(pixels), batch_size)])
 
 
