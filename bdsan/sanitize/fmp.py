@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..device import autocast
-from ..io.data import Holdout, stratified_split, to_float
+from ..io.data import Holdout, to_float
 from ..train.augment import augment_batch
 from .context import Context, DefenseResult
 from .guard import FitValGuard
@@ -199,12 +199,17 @@ def select_channels(scores: dict[str, dict[str, torch.Tensor]], prune_ratio: flo
     return selection
 
 
-def class_balanced_batch(data: Holdout, count: int, generator_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to ``count`` images with classes as balanced as the data allows (stratified, seeded)."""
-    if count >= len(data):
-        return to_float(data.x), data.y
-    chosen, _ = stratified_split(data.y, count / len(data), generator_seed, data.num_classes)
-    chosen = chosen[:count].to(data.x.device)
+def class_balanced_batch(data: Holdout, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly ``min(count, N)`` images, classes as balanced as the data allows: a seeded round-robin over classes."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = data.y.cpu()
+    shuffled = torch.randperm(len(labels), generator=generator)
+    rank_in_class = torch.empty(len(labels), dtype=torch.long)
+    for cls in labels.unique():
+        members = shuffled[labels[shuffled] == cls]
+        rank_in_class[members] = torch.arange(len(members))
+    order = sorted(range(len(labels)), key=lambda i: (int(rank_in_class[i]), int(labels[i])))
+    chosen = torch.tensor(order[:count], dtype=torch.long).to(data.x.device)
     return to_float(data.x[chosen]), data.y[chosen]
 
 

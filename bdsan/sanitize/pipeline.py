@@ -16,7 +16,7 @@ import torch
 
 from ..atomic import atomic_dir, write_text_atomic
 from ..device import describe_device, resolve_device
-from ..errors import EXIT_GATE, EXIT_OK, GateFailed, OutputError, RunFailed
+from ..errors import EXIT_GATE, EXIT_OK, GateFailed, ModelRefused, OutputError, RunFailed
 from ..io.data import Holdout, split_holdout
 from ..io.models import LoadedModel, sha256_file
 from ..io.preprocess import Normalized, Preprocessing
@@ -46,6 +46,9 @@ def sanitize(model: LoadedModel, holdout: Holdout, method: str, params: dict | N
     timings_s = dict(timings or {})
     total_start = time.perf_counter()
     method_obj = get_method(method, **(params or {}))  # usage errors before any work
+    if model.module is None:
+        raise ModelRefused(f"{model.path}: ONNX models can be audited and exported, not defended",
+                           hint="give the PyTorch weights (safetensors / .pt) to sanitize")
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:
         check_output(out_path, force, model, holdout)
@@ -72,7 +75,8 @@ def sanitize(model: LoadedModel, holdout: Holdout, method: str, params: dict | N
     evidence = [{"name": t["name"], "params": t["params"], "suspected_target": t["suspected_target"],
                  "asr_net": t["asr_net"], "asr_max": t["asr_max"]}
                 for t in fit_audit["triggers"] if (t.get("asr_net") or 0.0) >= KNOWN_TRIGGER_MIN_NET_ASR]
-    ctx = Context(device=device, seed=seed, batch_size=batch_size, max_acc_drop=max_acc_drop, progress=progress,
+    ctx = Context(device=device, seed=seed, batch_size=batch_size, max_acc_drop=max_acc_drop,
+                  progress=progress or _ProgressBars(),
                   known_triggers=[by_name[e["name"]] for e in evidence], trigger_evidence=evidence)
 
     input_module = model.module
@@ -241,3 +245,21 @@ class _phase:
     def __exit__(self, *exc):
         self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.start
         return False
+
+
+class _ProgressBars:
+    """Default ``Context.progress``: one tqdm bar per phase on stderr (off when quiet or not a terminal)."""
+
+    def __init__(self):
+        self.bars: dict = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        from ..progress import progress_bar
+
+        bar = self.bars.get(phase)
+        if bar is None:
+            bar = self.bars[phase] = progress_bar(total, phase)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            del self.bars[phase]
