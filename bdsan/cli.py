@@ -245,12 +245,18 @@ def _parse_names(text: str | None, option: str) -> list[str] | None:
               help="PNG mask for --trigger-image: paste (or blend) only where the mask is > 0.")
 @click.option("--trigger-alpha", type=click.FloatRange(0, 1), default=None,
               help="Blend --trigger-image with this opacity instead of pasting it.")
+@click.option("--sweep", "run_sweep", is_flag=True,
+              help="Also sweep trigger variants (patch position/size/content, blend alpha, SIG frequency) and gate on "
+                   "each family's strongest; several hundred extra passes over --sweep-images images.")
+@click.option("--sweep-images", type=click.IntRange(1), default=256, show_default=True,
+              help="Holdout images (stratified subsample) the sweep uses.")
 @click.option("--scan", "run_scan", is_flag=True,
               help="Also reverse-engineer unknown triggers (`bdsan scan`); the gate fails on an anomalous class too.")
 @click.option("--scan-steps", type=click.IntRange(1), default=200, show_default=True, help="Scan optimisation steps.")
 @common_options
 def audit_command(model_path, arch, num_classes, trust_code, preset, mean, std, input_size, holdout, data_split,
-                  classes, max_asr, target, trigger_names, trigger_image, trigger_mask, trigger_alpha, run_scan,
+                  classes, max_asr, target, trigger_names, trigger_image, trigger_mask, trigger_alpha, run_sweep,
+                  sweep_images, run_scan,
                   scan_steps, device, seed, batch_size, output_format, report_path, quiet, debug):
     """Measure clean accuracy and, per trigger, attack success rate (every target), net ASR and robust accuracy
     on the whole holdout; exit 1 when a trigger is above --max-asr.
@@ -283,7 +289,7 @@ def audit_command(model_path, arch, num_classes, trust_code, preset, mean, std, 
     report.timings_s["load"] = round(time.perf_counter() - started, 3)
     started = time.perf_counter()
     report.audit_before = audit(model, data, triggers=triggers, target=target, batch_size=batch_size,
-                                device=torch_device)
+                                device=torch_device, run_sweep=run_sweep, sweep_images=sweep_images)
     report.timings_s["audit"] = round(time.perf_counter() - started, 3)
     passed, failing, highest = gate_max_asr(report.audit_before, max_asr)
     report.add_gate("max_asr", max_asr, highest, passed, failing=failing)

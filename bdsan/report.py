@@ -159,12 +159,32 @@ def render_audit_table(audit: dict, title: str = "audit", max_asr: float | None 
             result = "" if max_asr is None or asr is None else ("FAIL" if asr > max_asr else "PASS")
             lines.append(f"  {t['name']:18s} {_pct(asr):>7s}  {_class_label(t.get('suspected_target'), class_names):12s}"
                          f" {_pct(t.get('asr_net')):>7s} {_pct(t.get('ra')):>7s}  {result}")
+    sweep = audit.get("sweep") or []
+    if sweep:
+        lines.append(f"  sweep (strongest of each family's variants, on {sweep[0].get('n', 0)} images):")
+    for row in _sweep_rows(audit):
+        asr = row.get("asr_max")
+        result = "" if max_asr is None or asr is None else ("FAIL" if asr > max_asr else "PASS")
+        params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items())
+        lines.append(f"  {row['name']:18s} {_pct(asr):>7s}  {_class_label(row.get('suspected_target'), class_names):12s}"
+                     f" {_pct(row.get('asr_net')):>7s} {_pct(row.get('ra')):>7s}  {result}  {row['variant']}({params})"
+                     f" best of {row['variants']}")
+    return lines
+
+
+def _sweep_rows(audit: dict) -> list[dict]:
+    """Each sweep family's strongest variant as a trigger-like row named ``sweep:<family>``."""
+    rows = []
     for family in audit.get("sweep") or []:
         best = family.get("best") or {}
-        lines.append(f"  sweep {family['family']:12s} strongest {best.get('name', '—')} "
-                     f"ASR {_pct(best.get('asr_max'))} → {_class_label(best.get('suspected_target'), class_names)}"
-                     f" ({family.get('variants', 0)} variants)")
-    return lines
+        rows.append({**best, "name": f"sweep:{family['family']}", "variant": best.get("name", ""),
+                     "variants": family.get("variants", 0), "params": best.get("params", {})})
+    return rows
+
+
+def _gated_rows(audit: dict) -> list[dict]:
+    """What the max_asr gate reads: every trigger, then every sweep family."""
+    return list(audit.get("triggers") or []) + _sweep_rows(audit)
 
 
 def render_scan_table(scan: dict, class_names: list[str] | None = None) -> list[str]:
@@ -225,13 +245,13 @@ def render_sarif(report: Report) -> str:
     limit = _max_asr_limit(data)
     model = data.get("model") or {}
     uri = _artifact_uri(model.get("path"))
-    triggers = audit.get("triggers") or []
+    triggers = _gated_rows(audit)
     names = _class_names(data)
     rules, results = [], []
     for index, t in enumerate(triggers):
-        rule_id = f"bdsan/backdoor/{t['name']}"
+        rule_id = f"bdsan/backdoor/{t['name'].replace(':', '/')}"
         params = ", ".join(f"{k}={v}" for k, v in t.get("params", {}).items())
-        rules.append({"id": rule_id, "name": f"BackdoorTrigger_{t['name']}",
+        rules.append({"id": rule_id, "name": f"BackdoorTrigger_{t['name'].replace(':', '_')}",
                       "shortDescription": {"text": f"Backdoor trigger '{t['name']}' flips predictions"},
                       "fullDescription": {"text": f"Attack success rate of the '{t['name']}' trigger ({params}) "
                                                   "on the clean holdout is above the --max-asr gate."},
@@ -297,7 +317,7 @@ def render_junit(report: Report) -> str:
     audit = _final_audit(data) or {}
     limit = _max_asr_limit(data)
     names = _class_names(data)
-    triggers = audit.get("triggers") or []
+    triggers = _gated_rows(audit)
     failing = [t for t in triggers if limit is not None and t.get("asr_max") is not None and t["asr_max"] > limit]
     scan = data.get("scan")
     tests = len(triggers) + (1 if scan else 0)

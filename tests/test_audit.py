@@ -149,3 +149,18 @@ def test_onnx_export_audits_to_the_same_numbers(tmp_path, toy_poisoned, poisoned
     by_hand = LoadedModel(None, "onnx", 5, poisoned_model.preprocessing, "onnx", str(out), onnx_path=str(out))
     assert audit(by_hand, holdout, triggers=["badnets_square"])["triggers"][0]["asr_max"] == \
         by_name(exported)["badnets_square"]["asr_max"]
+
+
+def test_sweep_reports_the_strongest_variant_per_family(toy_poisoned):
+    result = audit(toy_poisoned.model, toy_poisoned.holdout, triggers=[], run_sweep=True, sweep_images=20)
+    families = {f["family"]: f for f in result["sweep"]}
+    assert set(families) == {"patch", "blend", "sig"}
+    patch = families["patch"]
+    assert patch["canonical"] == "badnets_square" and patch["variants"] == 272 and patch["n"] == 20
+    best = patch["best"]
+    assert best["asr_max"] > 0.9 and best["suspected_target"] == 0
+    # the planted trigger is a white square in the bottom-right corner at distance 0
+    assert (best["params"]["position"], best["params"]["content"], best["params"]["margin"]) == \
+        ("bottom_right", "white", 0)
+    passed, failing, _ = gate_max_asr(result, 0.2)
+    assert not passed and "sweep:patch" in failing

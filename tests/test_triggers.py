@@ -179,3 +179,20 @@ def test_user_trigger_bad_inputs(tmp_path):
         user_trigger(_png(tmp_path / "black.png", np.zeros((8, 8, 3), np.uint8)))
     with pytest.raises(UsageError):
         user_trigger(_png(tmp_path / "w.png", np.full((8, 8, 3), 255, np.uint8)), alpha=1.5)
+
+
+def test_patch_positions_and_sweep_families():
+    x = torch.full((1, 1, 32, 32), 0.5)
+    corners = {"bottom_right": ([26, 26], [29, 29]), "top_left": ([2, 2], [5, 5]), "centre": ([14, 14], [17, 17])}
+    for position, (low, high) in corners.items():
+        out = get_trigger("patch", side=4, margin=2, position=position, content="black").apply(x)[0, 0]
+        changed = torch.nonzero(out != 0.5)
+        assert changed.min(0).values.tolist() == low and changed.max(0).values.tolist() == high
+        assert int(len(changed)) == 16
+    from bdsan.detectors.triggers import sweep_families
+
+    families = sweep_families(64, 64)
+    assert {name: len(variants) for name, (_, variants) in families.items()} == {"patch": 272, "blend": 6, "sig": 3}
+    assert families["patch"][1][0].params_at(64, 64)["side"] == 6  # 3u at u = 2
+    with pytest.raises(UsageError):
+        get_trigger("patch", position="middle").apply(x)

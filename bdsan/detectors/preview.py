@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from ..atomic import atomic_dir
 from ..io.data import Holdout, to_float
-from .triggers import Trigger, get_trigger, list_triggers
+from .triggers import DEFAULT_SUITE, Trigger, get_trigger
 
 MIN_TILE = 96  # pixels: small images are enlarged (nearest) so single-pixel cells stay visible
 LABEL_WIDTH = 130
@@ -61,7 +61,7 @@ def write_previews(out_dir: str | Path, holdout: Holdout | None = None, triggers
                    samples: int = 8, seed: int = 0, force: bool = False) -> list[Path]:
     """One ``<trigger>.png`` per trigger (a row of stamped samples) and ``contact_sheet.png`` (clean row first,
     then one labelled row per trigger), written atomically into the new directory ``out_dir``."""
-    triggers = triggers or [get_trigger(name) for name in list_triggers()]
+    triggers = triggers or [get_trigger(name) for name in DEFAULT_SUITE]
     x = sample_images(holdout, samples, seed)
     rows = [("clean", _tiles(x))] + [(t.name, _tiles(t.apply(x.clone()))) for t in triggers]
     out_dir = Path(out_dir)

@@ -309,6 +309,62 @@ def low_frequency(x: torch.Tensor, epsilon: float = 0.1, seed: int = 99) -> torc
     return x + epsilon * pattern.to(x.dtype)
 
 
+# --- the sweep (ALGORITHMS.md §5 "Sweep [ours]") -------------------------------------------------------------------
+
+POSITIONS = ("bottom_right", "bottom_left", "top_right", "top_left", "centre")
+CONTENTS = ("white", "black", "checkerboard", "random")
+
+
+def _patch_params(height: int, width: int, side: int | None = None, margin: int | None = None,
+                  position: str = "bottom_right", content: str = "white", seed: int = 7) -> dict:
+    u = unit(height, width)
+    return {"side": side or 3 * u, "margin": u if margin is None else margin, "u": u}
+
+
+@functools.lru_cache(maxsize=64)
+def _patch_content(content: str, channels: int, side: int, u: int, seed: int) -> torch.Tensor:
+    cells = -(-side // u)
+    if content == "white":
+        return torch.ones(channels, side, side)
+    if content == "black":
+        return torch.zeros(channels, side, side)
+    if content == "checkerboard":
+        board = (torch.arange(cells).view(-1, 1) + torch.arange(cells).view(1, -1)) % 2 == 0
+        pattern = board.float().repeat_interleave(u, 0).repeat_interleave(u, 1)
+    elif content == "random":
+        pattern = torch.randint(0, 256, (channels, cells, cells), generator=_generator(seed)).float() / 255
+        pattern = pattern.repeat_interleave(u, 1).repeat_interleave(u, 2)
+    else:
+        raise UsageError(f"patch content {content!r} is not one of {', '.join(CONTENTS)}")
+    return pattern[..., :side, :side].expand(channels, side, side).contiguous()
+
+
+@register_trigger("patch", "Generic square patch: side, margin, position (corners/centre) and content (white, "
+                  "black, checkerboard, random colours) — the sweep's building block", resolve=_patch_params)
+def patch(x: torch.Tensor, side: int | None = None, margin: int | None = None, position: str = "bottom_right",
+          content: str = "white", seed: int = 7) -> torch.Tensor:
+    height, width = x.shape[-2:]
+    p = _patch_params(height, width, side, margin)
+    s, m = p["side"], p["margin"]
+    if position not in POSITIONS:
+        raise UsageError(f"patch position {position!r} is not one of {', '.join(POSITIONS)}")
+    top = {"bottom": height - m - s, "top": m, "centre": (height - s) // 2}[position.split("_")[0]]
+    left = {"right": width - m - s, "left": m, "centre": (width - s) // 2}[position.split("_")[-1]]
+    return _paste(x, _patch_content(content, x.shape[1], s, p["u"], seed), top, left)
+
+
+def sweep_families(height: int, width: int) -> dict[str, tuple[str, list[Trigger]]]:
+    """Per family: (canonical suite trigger, its variants). Patches over the four corners at margins 0–3u and the
+    centre, sides 3u–6u, four contents; blends over alpha 0.1/0.2/0.3; SIG over 4/6/8 periods."""
+    u = unit(height, width)
+    patches = [get_trigger("patch", side=k * u, margin=m * u, position=position, content=content)
+               for position in POSITIONS for m in (range(4) if position != "centre" else (0,))
+               for k in (3, 4, 5, 6) for content in CONTENTS]
+    blends = [get_trigger(name, alpha=alpha) for name in ("blend_noise", "blend_strip") for alpha in (0.1, 0.2, 0.3)]
+    sigs = [get_trigger("sig", frequency=f) for f in (4.0, 6.0, 8.0)]
+    return {"patch": ("badnets_square", patches), "blend": ("blend_noise", blends), "sig": ("sig", sigs)}
+
+
 # --- user triggers -----------------------------------------------------------------------------------------------
 
 def _read_png(path: str | Path, mode: str) -> torch.Tensor:
