@@ -7,8 +7,15 @@ import torch
 from PIL import Image
 
 import bdsan.detectors.triggers as triggers_module
-from bdsan.detectors.triggers import (DEFAULT_SUITE, Trigger, get_trigger, list_triggers, register_trigger, unit,
-                                      user_trigger)
+from bdsan.detectors.triggers import (
+    DEFAULT_SUITE,
+    Trigger,
+    get_trigger,
+    list_triggers,
+    register_trigger,
+    unit,
+    user_trigger,
+)
 from bdsan.errors import DataError, UsageError
 
 
@@ -188,7 +195,7 @@ def test_patch_positions_and_sweep_families():
         out = get_trigger("patch", side=4, margin=2, position=position, content="black").apply(x)[0, 0]
         changed = torch.nonzero(out != 0.5)
         assert changed.min(0).values.tolist() == low and changed.max(0).values.tolist() == high
-        assert int(len(changed)) == 16
+        assert len(changed) == 16
     from bdsan.detectors.triggers import sweep_families
 
     families = sweep_families(64, 64)

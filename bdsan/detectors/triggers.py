@@ -122,7 +122,7 @@ def get_trigger(name: str, **param_overrides: Any) -> Trigger:
 
 def unit(height: int, width: int) -> int:
     """Scale unit u = max(1, round(min(H, W) / 32)), rounding halves up."""
-    return max(1, int(math.floor(min(height, width) / 32 + 0.5)))
+    return max(1, math.floor(min(height, width) / 32 + 0.5))
 
 
 # --- building blocks ---------------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def badnets_grid_dbr(x: torch.Tensor, u: int | None = None) -> torch.Tensor:
 
 def _square_params(height: int, width: int, side: int | None = None, margin: int | None = None,
                    value: float = 1.0) -> dict:
-    return {"side": side or max(3, int(math.floor(0.1 * min(height, width) + 0.5))),
+    return {"side": side or max(3, math.floor(0.1 * min(height, width) + 0.5)),
             "margin": unit(height, width) if margin is None else margin}
 
 
