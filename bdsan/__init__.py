@@ -26,7 +26,9 @@ _API = {
     "export_safetensors": "bdsan.exporters.safetensors",
 }
 
-__all__ = ["__version__", *_API]
+__all__ = ["Holdout", "LoadedModel", "Preprocessing", "__version__", "audit", "check_holdout_matches",
+           "export_onnx", "export_safetensors", "inspect_model", "load_holdout", "load_model", "sanitize", "scan",
+           "split_holdout"]
 
 
 def __getattr__(name: str) -> Any:

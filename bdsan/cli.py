@@ -341,7 +341,7 @@ def scan_command(model_path, arch, num_classes, trust_code, preset, mean, std, i
     started = time.perf_counter()
     model = load_model_from_options(model_path, arch, num_classes, trust_code, preset, mean, std, input_size)
     report.model = model.info()
-    data = load_holdout_from_options(holdout, data_split, classes, torch_device, input_size)
+    data = load_holdout_from_options(holdout, data_split, classes, torch_device, input_size, model=model)
     report.holdout = {"path": str(holdout), "n": len(data), "classes": list(data.classes)}
     report.timings_s["load"] = round(time.perf_counter() - started, 3)
     result = scan(model, data, steps=steps, batch_size=batch_size, device=torch_device, seed=seed, kinds=kind_names)

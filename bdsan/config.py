@@ -38,7 +38,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             import yaml
 
             data = yaml.safe_load(text) or {}
-    except Exception as exc:  # noqa: BLE001 — parse errors of two libraries
+    except Exception as exc:
         raise UsageError(f"--config {path}: cannot parse: {exc}") from exc
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected a mapping of option names to values")

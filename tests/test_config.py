@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from cli_helpers import invoke_main as run
 
 
@@ -81,7 +80,7 @@ def test_bad_env_value_is_a_usage_error():
 
 
 def test_json_format_prints_only_json_even_when_libraries_print(monkeypatch):
-    import bdsan.io.archs as archs
+    from bdsan.io import archs
 
     original = archs.list_archs
 

@@ -57,10 +57,10 @@ class Holdout:
     def device(self) -> torch.device:
         return self.x.device
 
-    def to(self, device: torch.device) -> "Holdout":
+    def to(self, device: torch.device) -> Holdout:
         return replace(self, x=self.x.to(device), y=self.y.to(device))
 
-    def subset(self, index: torch.Tensor) -> "Holdout":
+    def subset(self, index: torch.Tensor) -> Holdout:
         index = index.to(self.x.device)
         return replace(self, x=self.x[index], y=self.y[index])
 
@@ -91,7 +91,7 @@ def stratified_split(y: torch.Tensor, fraction: float, seed: int, num_classes: i
     for cls in range(num_classes):
         members = torch.nonzero(labels == cls).flatten()
         members = members[torch.randperm(len(members), generator=generator)]
-        take = int(round(len(members) * fraction))
+        take = round(len(members) * fraction)
         if len(members) >= 2:
             take = min(max(take, 1), len(members) - 1)
         first.append(members[:take])
@@ -308,7 +308,7 @@ def _decode(file: Path, input_size: int | None) -> tuple[np.ndarray | None, str 
 
 # --- holdout vs model -----------------------------------------------------------------------------------------
 
-def check_holdout_matches(model: "LoadedModel", holdout: Holdout) -> Holdout:
+def check_holdout_matches(model: LoadedModel, holdout: Holdout) -> Holdout:
     """Refuse a holdout the model cannot be measured on; return it with labels in the model's class order.
 
     Class names from folders are mapped onto the model's class names when the model has them; numeric labels
@@ -345,7 +345,7 @@ def check_holdout_matches(model: "LoadedModel", holdout: Holdout) -> Holdout:
     return holdout
 
 
-def _input_channels(model: "LoadedModel") -> int | None:
+def _input_channels(model: LoadedModel) -> int | None:
     """Input channels of the first convolution, when there is one."""
     if model.module is None:
         return None

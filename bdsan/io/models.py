@@ -167,7 +167,7 @@ def _read_safetensors(file: ModelFile) -> None:
     try:
         with safe_open(str(file.path), framework="pt") as handle:
             file.metadata = dict(handle.metadata() or {})
-            file.state_dict = {k: handle.get_tensor(k) for k in handle.keys()}
+            file.state_dict = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 — not a dict
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelRefused(f"{file.path}: corrupt safetensors file ({exc})") from None
     file.facts, file.fact_source = _facts_from_metadata(file.metadata, file.path), "metadata"
@@ -264,7 +264,7 @@ def _load_trusted(file: ModelFile) -> Any:
             if "magic number" not in str(exc):
                 raise
             with open(file.path, "rb") as handle:  # a plain pickle, not a torch.save file
-                return pickle.load(handle)  # noqa: S301 — the user passed --trust-code
+                return pickle.load(handle)
     except Exception as exc:  # noqa: BLE001 — the file's code can raise anything
         raise ModelRefused(f"{file.path}: loading with --trust-code failed: {type(exc).__name__}: {exc}") from None
 
@@ -425,8 +425,8 @@ def infer_num_classes(state_dict: dict[str, torch.Tensor], arch: str | None = No
             sizes = {int(state_dict[k].shape[0]) for k in keys}
             if len(sizes) == 1:
                 return sizes.pop(), f"inferred from {keys[0]}"
-        except Exception:  # noqa: BLE001 — fall back to names
-            pass
+        except Exception as exc:  # noqa: BLE001 — the architecture failed to build: fall back to names
+            log.debug("num_classes probe of %s failed: %s", arch, exc)
     matrices = [k for k, v in state_dict.items() if k.endswith("weight") and v.ndim == 2 and v.is_floating_point()]
     if not matrices:
         return None, ""

@@ -22,7 +22,7 @@ def _torch_safe_globals() -> set[str]:
         from torch._weights_only_unpickler import _get_allowed_globals
 
         return set(_get_allowed_globals()) | _FALLBACK_SAFE
-    except Exception:  # private torch API: fall back to the short list
+    except Exception:  # noqa: BLE001 — private torch API: fall back to the short list
         return set(_FALLBACK_SAFE)
 
 

@@ -30,7 +30,7 @@ def sniff_format(path: str | Path) -> str:
         raise ModelRefused(f"{path}: empty file")
     with open(path, "rb") as handle:
         head = handle.read(16)
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return _sniff_zip(path)
     if len(head) >= 9 and head[8:9] == b"{":
         return _check_safetensors_header(path, head, size)
