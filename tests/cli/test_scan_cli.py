@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import json
 
-SCAN_STEPS = 80
+SCAN_STEPS = 150
 
 
 def test_cli_scan_flags_poisoned_model_and_writes_pngs(run_cli, tmp_path, poisoned_safetensors, holdout_npz):
     out_dir = tmp_path / "scan"
     report = tmp_path / "scan.json"
-    result = run_cli("scan", poisoned_safetensors, "--holdout", holdout_npz, "--steps", SCAN_STEPS, "--device", "cpu",
-                     "--out-dir", out_dir, "-o", report, "--quiet")
+    result = run_cli("scan", poisoned_safetensors, "--holdout", holdout_npz, "--steps", SCAN_STEPS, "--kinds", "patch",
+                     "--device", "cpu", "--out-dir", out_dir, "-o", report, "--quiet")
     assert result.code == 1, result.output
     assert "gate scan failed" in result.stderr
     data = json.loads(report.read_text())

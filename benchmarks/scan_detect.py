@@ -1,0 +1,193 @@
+"""Scan benchmark: does ``bdsan scan`` tell backdoored models from clean twins, without labelled references?
+
+Toy/CPU scale: tiny_cnn on generated gratings (``bdsan.train.fixtures.train_toy_model``, 5 classes, 1000 training
+images, 10% poison), several seeds × attacks — including triggers outside the suite (a random-colour patch in the
+top-left corner, a random patch at a random position, a blend of unseen noise) — plus clean twins trained the same
+way. Per model: the implanted trigger's real ASR on the clean holdout (models whose implant failed, ASR < 0.5, are
+reported but left out of the positives), the scan verdict, its ranking score (max anomaly index over classes whose
+reconstructed trigger flips ≥ 50% of held-out images) and its time. Detection: ROC-AUC of the score and TPR at
+≤ 5% FPR, plus the verdict's own TPR/FPR.
+
+``--defend`` also runs ``unlearn``, ``ft`` and ``fmp`` on each backdoored model's fit split (via the method registry,
+as the pipeline does) and measures CA and real-trigger ASR on a fresh generated test set.
+
+    python benchmarks/scan_detect.py --seeds 0 1 --out bench_out/scan --threads 2 [--defend]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from bdsan.detectors.scan import scan, scan_section
+from bdsan.io.data import Holdout, split_holdout
+from bdsan.train.fixtures import corner_square, train_toy_model
+from bdsan.train.loop import predict
+from bdsan.train.synthetic import make_synthetic
+
+NUM_CLASSES = 5
+
+
+def top_left_patch(x: torch.Tensor) -> torch.Tensor:
+    """4×4 random saturated colours at the top-left corner (not in the suite)."""
+    colours = (torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(5)) > 0.5).float().to(x)
+    x = x.clone()
+    x[:, :, :4, :4] = colours
+    return x
+
+
+def random_patch(seed: int):
+    """A 4×4 random-colour patch at a seeded random position (not in the suite)."""
+    generator = torch.Generator().manual_seed(1000 + seed)
+    colours = (torch.rand(3, 4, 4, generator=generator) > 0.5).float()
+    top, left = (int(v) for v in torch.randint(0, 28, (2,), generator=generator))
+
+    def stamp(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[:, :, top:top + 4, left:left + 4] = colours.to(x)
+        return x
+    return stamp, {"top": top, "left": left}
+
+
+def unseen_blend(x: torch.Tensor, alpha: float = 0.2) -> torch.Tensor:
+    """Blend with uniform noise from a seed the suite does not use (4242)."""
+    noise = torch.rand(1, 1, *x.shape[-2:], generator=torch.Generator().manual_seed(4242)).to(x)
+    return (1 - alpha) * x + alpha * noise
+
+
+def attacks(seed: int) -> list[tuple[str, object, int, dict]]:
+    patch, where = random_patch(seed)
+    return [("corner_square", corner_square, 0, {}), ("top_left_patch", top_left_patch, 2, {}),
+            ("random_patch", patch, (seed + 1) % NUM_CLASSES, where), ("unseen_blend", unseen_blend, 1, {})]
+
+
+def real_asr(model, holdout: Holdout, trigger, target: int) -> float:
+    keep = holdout.y != target
+    predicted = predict(model, holdout.x[keep], transform=trigger)
+    return float((predicted == target).float().mean())
+
+
+def roc_auc(positives: list[float], negatives: list[float]) -> float:
+    """Probability a positive outranks a negative (ties count half)."""
+    if not positives or not negatives:
+        return float("nan")
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
+
+
+def tpr_at_fpr(positives: list[float], negatives: list[float], max_fpr: float = 0.05) -> float:
+    """Best TPR over thresholds whose FPR ≤ ``max_fpr`` (score > threshold is flagged)."""
+    best = 0.0
+    for threshold in sorted(set(positives + negatives + [float("-inf")])):
+        fpr = sum(n > threshold for n in negatives) / max(1, len(negatives))
+        if fpr <= max_fpr:
+            best = max(best, sum(p > threshold for p in positives) / max(1, len(positives)))
+    return best
+
+
+def defend(toy, trigger, target: int, seed: int, methods: list[str]) -> dict:
+    """Run each method on the fit split (as the pipeline would) and measure CA / real-trigger ASR on fresh data."""
+    import copy
+
+    from bdsan.sanitize.context import Context
+    from bdsan.sanitize.registry import get_method
+
+    test_x, test_y = make_synthetic(1000, NUM_CLASSES, 32, seed=seed + 2000)
+    fit, _ = split_holdout(toy.holdout, 0.5, seed)
+    rows = {}
+    for name in ["none", *methods]:
+        model = copy.deepcopy(toy.model).normalized()
+        started = time.perf_counter()
+        if name != "none":
+            ctx = Context(device=torch.device("cpu"), seed=seed, batch_size=256, max_acc_drop=3.0)
+            model = get_method(name).run(model, fit, ctx).model
+        keep = test_y != target
+        rows[name] = {"ca": float((predict(model, test_x) == test_y).float().mean()),
+                      "asr": float((predict(model, test_x[keep], transform=trigger) == target).float().mean()),
+                      "time_s": round(time.perf_counter() - started, 2)}
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--clean-per-seed", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("bench_out/scan"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--defend", action="store_true")
+    parser.add_argument("--methods", nargs="+", default=["unlearn", "ft", "fmp"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for seed in args.seeds:
+        jobs = [(name, trigger, target, where, 0.1) for name, trigger, target, where in attacks(seed)]
+        jobs += [(f"clean{i}", None, None, {}, 0.0) for i in range(args.clean_per_seed)]
+        for index, (name, trigger, target, where, rate) in enumerate(jobs):
+            model_seed = seed * 100 + index
+            started = time.perf_counter()
+            kwargs = {"trigger": trigger, "target": target} if trigger is not None else {}
+            toy = train_toy_model(poison_rate=rate, seed=model_seed, **kwargs)
+            train_s = time.perf_counter() - started
+            asr = real_asr(toy.model.normalized(), toy.holdout, trigger, target) if trigger is not None else None
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            section = scan_section(scan(toy.model, toy.holdout, seed=seed, device="cpu"))
+            scan_wall, scan_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+            scores = [s for s in section["score"] if s is not None]
+            run = {"seed": seed, "model_seed": model_seed, "attack": name, "target": target, "where": where,
+                   "backdoored": trigger is not None, "implant_asr": asr, "train_s": round(train_s, 1),
+                   "scan_wall_s": round(scan_wall, 1), "scan_cpu_s": round(scan_cpu, 1),
+                   "score": max(scores) if scores else -10.0, "anomalous": section["anomalous"],
+                   "suspected_target": section["suspected_target"], "anomalous_classes": section["anomalous_classes"],
+                   "anomalous_kinds": section["anomalous_kinds"], "steps_run": section["steps_run"],
+                   "mask_l1": section.get("mask_l1"), "blend_abs": section.get("blend", {}).get("mean_abs_delta")}
+            if args.defend and trigger is not None and asr is not None and asr >= 0.5:
+                run["defenses"] = defend(toy, trigger, target, seed, args.methods)
+            runs.append(run)
+            print(json.dumps({k: run[k] for k in ("attack", "seed", "implant_asr", "score", "anomalous",
+                                                  "suspected_target", "scan_wall_s", "scan_cpu_s")}
+                             | ({"defenses": run["defenses"]} if "defenses" in run else {})), flush=True)
+            (args.out / "results.json").write_text(json.dumps(runs, indent=1))
+    summarise(runs, args)
+
+
+def summarise(runs: list[dict], args) -> None:
+    positives = [r for r in runs if r["backdoored"] and (r["implant_asr"] or 0) >= 0.5]
+    failed = [r for r in runs if r["backdoored"] and (r["implant_asr"] or 0) < 0.5]
+    negatives = [r for r in runs if not r["backdoored"]]
+    pos, neg = [r["score"] for r in positives], [r["score"] for r in negatives]
+    lines = [f"date {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}, {platform.processor() or platform.machine()}, "
+             f"torch {torch.__version__}, {args.threads} threads",
+             "", "| attack | seed | implant ASR | score | anomalous | suspected (target) | scan wall s | scan CPU s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        asr = "—" if r["implant_asr"] is None else f"{r['implant_asr']:.2f}"
+        lines.append(f"| {r['attack']} | {r['seed']} | {asr} "
+                     f"| {r['score']:.2f} | {r['anomalous']} | {r['suspected_target']} ({r['target']}) "
+                     f"| {r['scan_wall_s']} | {r['scan_cpu_s']} |")
+    correct = sum(r["anomalous"] and r["suspected_target"] == r["target"] for r in positives)
+    lines += ["", f"backdoored (implant ASR ≥ 0.5): {len(positives)}, failed implants: {len(failed)}, clean: {len(negatives)}",
+              f"ROC-AUC (score): {roc_auc(pos, neg):.3f}; TPR at ≤5% FPR: {tpr_at_fpr(pos, neg):.2f}",
+              f"verdict: flagged {sum(r['anomalous'] for r in positives)}/{len(positives)} backdoored "
+              f"({correct} with the right target), {sum(r['anomalous'] for r in negatives)}/{len(negatives)} clean",
+              f"scan time per model: median wall {sorted(r['scan_wall_s'] for r in runs)[len(runs) // 2]} s, "
+              f"median CPU {sorted(r['scan_cpu_s'] for r in runs)[len(runs) // 2]} s"]
+    defended = [r for r in runs if "defenses" in r]
+    if defended:
+        lines += ["", "| attack | seed | " + " | ".join(f"{m} CA / ASR" for m in defended[0]["defenses"]) + " |",
+                  "|---|---|" + "---|" * len(defended[0]["defenses"])]
+        for r in defended:
+            lines.append(f"| {r['attack']} | {r['seed']} | " + " | ".join(
+                f"{v['ca']:.3f} / {v['asr']:.3f}" for v in r["defenses"].values()) + " |")
+    text = "\n".join(lines) + "\n"
+    (args.out / "results.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

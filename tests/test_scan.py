@@ -1,0 +1,79 @@
+"""bdsan scan: reverse-engineers a trigger the suite does not know, and leaves a clean model alone."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import scan_helpers
+import torch
+from scan_helpers import UNKNOWN_TARGET
+
+from bdsan.detectors.scan import anomalous_triggers, scan, scan_section
+from bdsan.detectors.triggers import Trigger
+
+SCAN_STEPS = 150  # early stopping usually ends sooner; toy scale
+TARGET = UNKNOWN_TARGET
+
+
+@pytest.fixture(scope="module")
+def unknown_patch_toy():
+    return scan_helpers.unknown_patch_toy()
+
+
+@pytest.fixture(scope="module")
+def unknown_patch_scan(unknown_patch_toy):
+    return scan(unknown_patch_toy.model, unknown_patch_toy.holdout, steps=SCAN_STEPS, seed=0, device="cpu",
+                kinds=("patch",))
+
+
+def test_scan_flags_the_unknown_patch_target(unknown_patch_toy, unknown_patch_scan):
+    section = scan_section(unknown_patch_scan)
+    assert section["anomalous"] is True
+    assert section["suspected_target"] == TARGET
+    assert TARGET in section["anomalous_classes"]
+    assert section["flip_rate"][TARGET] >= 0.5
+    assert section["mask_l1"][TARGET] < min(v for c, v in enumerate(section["mask_l1"]) if c != TARGET)
+    json.dumps(section)  # JSON-safe without the Trigger objects and PNGs
+
+
+def test_reconstructed_mask_overlaps_the_real_trigger(unknown_patch_scan):
+    patch = [t for t in unknown_patch_scan["reconstructed"] if t.params == {**t.params, "kind": "patch",
+                                                                             "target": TARGET}][0]
+    mask = patch.fn.parts["mask"][0, 0]
+    # The real trigger covers rows/cols 0–3 (a 2-px margin allows for the receptive field). The optimised mask keeps
+    # a faint tail everywhere (sigmoid never reaches 0), so look at where its strong pixels (≥ half the max) are.
+    rows, cols = torch.nonzero(mask >= 0.5 * mask.max(), as_tuple=True)
+    assert float(((rows < 6) & (cols < 6)).float().mean()) >= 0.75, (rows.tolist(), cols.tolist())
+
+
+def test_reconstructed_triggers_are_usable_bdsan_triggers(unknown_patch_toy, unknown_patch_scan):
+    found = anomalous_triggers(unknown_patch_scan)
+    assert found and all(isinstance(t, Trigger) for t in found)
+    assert found[0].params["target"] == TARGET
+    holdout = unknown_patch_toy.holdout
+    x = holdout.x[holdout.y != TARGET].float().div(255)
+    with torch.no_grad():
+        predicted = unknown_patch_toy.model.normalized()(found[0].apply(x)).argmax(1)
+    assert float((predicted == TARGET).float().mean()) >= 0.5
+    # Any resolution: the trigger is resized with the images.
+    assert found[0].apply(torch.rand(2, 3, 64, 64)).shape == (2, 3, 64, 64)
+
+
+def test_scan_pngs(unknown_patch_scan):
+    images = unknown_patch_scan["images"]
+    assert f"patch_class{TARGET}_trigger.png" in images and f"patch_class{TARGET}_stamped.png" in images
+    assert all(data[:8] == b"\x89PNG\r\n\x1a\n" for data in images.values())
+
+
+def test_clean_model_is_not_flagged(toy_clean):
+    section = scan_section(scan(toy_clean.model, toy_clean.holdout, steps=SCAN_STEPS, seed=0, device="cpu",
+                                kinds=("patch",)))
+    assert section["anomalous"] is False
+    assert section["anomalous_classes"] == []
+
+
+def test_scan_is_seeded(unknown_patch_toy):
+    toy = unknown_patch_toy
+    first = scan(toy.model, toy.holdout, steps=5, seed=3, device="cpu", kinds=("patch",))
+    second = scan(toy.model, toy.holdout, steps=5, seed=3, device="cpu", kinds=("patch",))
+    assert first["mask_l1"] == second["mask_l1"]
