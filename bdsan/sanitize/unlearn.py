@@ -1,0 +1,205 @@
+"""Unlearn — trigger-informed purification (ALGORITHMS.md §7.9 [ours]).
+
+Fine-tune with the triggers we *found* stamped on half of each batch of fit images, keeping their TRUE labels,
+so the model learns that the trigger means nothing. Triggers come from the pipeline's fit-split audit
+(``ctx.known_triggers``) and from ``bdsan scan`` run here on the fit split (``scan=auto``: only when the audit found
+none) — its reconstructed triggers of anomalous classes, or, when it flags none, the most suspicious class's.
+Never the real trigger.
+
+Clean accuracy is kept by a regulariser on the clean half: ``distill`` (KL to the input model's softened outputs on
+the same clean images), ``l2`` (L2-SP: ``l2_weight``·‖θ − θ₀‖²) or ``none``; the choice was measured on toy/CPU runs
+(BENCHMARKS.md "Unlearn"). The fit-val guard keeps the epoch with the lowest triggered error among those within
+``--max-acc-drop``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..device import autocast
+from ..io.data import Holdout, to_float
+from ..io.models import from_module
+from ..io.preprocess import Preprocessing
+from ..train.augment import augment_batch
+from ..train.loop import predict
+from .context import Context, DefenseResult
+from .fmp import reestimate_bn
+from .guard import FitValGuard
+from .registry import register_method
+
+
+@register_method("unlearn", "Fine-tune with found triggers (suite + scan) stamped on clean images, true labels")
+@dataclass
+class Unlearn:
+    """Fine-tune with found triggers (suite + scan) stamped on clean images, true labels."""
+
+    epochs: int = 10
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    min_steps_per_epoch: int = 10
+    stamp_fraction: float = 0.5
+    jitter: int = 1
+    regularizer: str = "distill"
+    distill_weight: float = 1.0
+    temperature: float = 2.0
+    l2_weight: float = 0.01
+    scan: bool | str = "auto"
+    scan_steps: int = 300
+    scan_all_classes: bool = False
+    augment: bool = True
+    fit_val_fraction: float = 0.1
+
+    def __post_init__(self):
+        if isinstance(self.scan, bool):  # scan=true/false: always/never
+            self.scan = "always" if self.scan else "never"
+        if self.scan not in ("auto", "always", "never"):
+            raise ValueError("scan must be auto (when the audit found no trigger), always or never")
+        if self.regularizer not in ("distill", "l2", "none"):
+            raise ValueError("regularizer must be distill, l2 or none")
+        if not 0 < self.stamp_fraction < 1 or self.epochs < 0 or self.lr <= 0 or self.batch_size < 2:
+            raise ValueError("need 0 < stamp_fraction < 1, epochs ≥ 0, lr > 0, batch_size ≥ 2")
+
+    def run(self, model: nn.Module, fit: Holdout, ctx: Context) -> DefenseResult:
+        started = time.perf_counter()
+        model = model.to(ctx.device).eval()
+        train, fit_val = ctx.fit_val_split(fit.to(ctx.device), self.fit_val_fraction)
+        timings: dict[str, float] = {}
+        triggers, sources = list(ctx.known_triggers), [{"name": t.name, "source": "audit"} for t in ctx.known_triggers]
+        scan_summary = None
+        if self.scan == "always" or (self.scan == "auto" and not triggers):
+            scan_started = time.perf_counter()
+            found, scan_summary = self._scan(model, train, ctx)
+            triggers += found
+            sources += [{"name": t.name, "source": "scan", "target": t.params["target"], "kind": t.params["kind"]}
+                        for t in found]
+            timings["scan"] = round(time.perf_counter() - scan_started, 3)
+        guard = FitValGuard(fit_val, ctx.max_acc_drop, ctx.batch_size)
+        guard.start(model)
+        details = {"fit_train": len(train), "fit_val": len(fit_val), "triggers": sources, "scan": scan_summary}
+        if not triggers:
+            details["note"] = "no trigger known or found: the model is returned unchanged"
+            details["guard"] = guard.details()
+            return DefenseResult(model, details)
+        guard.history[0]["objective"] = _triggered_error(model, fit_val, triggers, ctx.batch_size)
+        ft_started = time.perf_counter()
+        epochs_log = self._finetune(model, train, triggers, guard, fit_val, ctx)
+        timings["finetune"] = round(time.perf_counter() - ft_started, 3)
+        selected = guard.restore_best(model)
+        model.eval()
+        details.update({"epochs": epochs_log, "guard": guard.details() | {"selected": selected},
+                        "timings_s": timings | {"total": round(time.perf_counter() - started, 3)}})
+        return DefenseResult(model, details)
+
+    def _scan(self, model: nn.Module, train: Holdout, ctx: Context) -> tuple[list, dict]:
+        """Run the scan on the fit (train) images; return the reconstructed triggers to unlearn and a summary."""
+        from ..detectors.scan import anomalous_triggers, scan, scan_section
+
+        loaded = from_module(model, "module", train.num_classes, Preprocessing(), list(train.classes))
+        result = scan(loaded, train, steps=self.scan_steps, batch_size=ctx.batch_size, device=ctx.device,
+                      seed=ctx.seed)
+        model.eval()
+        if self.scan_all_classes:
+            found = list(result["reconstructed"])
+        else:
+            found = anomalous_triggers(result)
+            if not found and not ctx.known_triggers and result["suspected_target"] is not None:
+                found = [t for t in result["reconstructed"] if t.params["target"] == result["suspected_target"]]
+        section = scan_section(result)
+        summary = {k: section[k] for k in ("suspected_target", "anomalous", "anomalous_classes", "anomaly_index",
+                                           "flip_rate", "mask_l1", "steps_run", "time_s") if k in section}
+        return found, summary
+
+    def _finetune(self, model: nn.Module, train: Holdout, triggers: list, guard: FitValGuard, fit_val: Holdout,
+                  ctx: Context) -> list[dict]:
+        device = ctx.device
+        generator = ctx.generator(offset=31)
+        teacher = copy.deepcopy(model).eval() if self.regularizer == "distill" else None
+        if teacher is not None:
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        anchor = [p.detach().clone() for p in model.parameters()] if self.regularizer == "l2" else None
+        batch = min(self.batch_size, max(2, len(train)))
+        steps_per_epoch = max(self.min_steps_per_epoch, math.ceil(len(train) / batch))
+        total = self.epochs * steps_per_epoch
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum,
+                                    weight_decay=self.weight_decay if anchor is None else 0.0, nesterov=True)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total))
+        log = []
+        step = 0
+        for epoch in range(1, self.epochs + 1):
+            model.train()
+            sums = {"ce": 0.0, "reg": 0.0}
+            for _ in range(steps_per_epoch):
+                index = torch.randint(len(train), (batch,), generator=generator).to(device)
+                x, y = to_float(train.x[index]), train.y[index]
+                if self.augment:
+                    x = augment_batch(x, generator)
+                n_stamped = max(1, int(round(self.stamp_fraction * batch)))
+                stamped = _stamp_random(x[:n_stamped], triggers, self.jitter, generator)
+                inputs = torch.cat([stamped, x[n_stamped:]])
+                with autocast(device):
+                    logits = model(inputs).float()
+                ce = F.cross_entropy(logits, y)
+                reg = torch.zeros((), device=device)
+                if teacher is not None:
+                    clean_logits = logits[n_stamped:]
+                    with torch.no_grad(), autocast(device):
+                        teacher_logits = teacher(x[n_stamped:]).float()
+                    t = self.temperature
+                    reg = self.distill_weight * t * t * F.kl_div(F.log_softmax(clean_logits / t, 1),
+                                                                 F.softmax(teacher_logits / t, 1),
+                                                                 reduction="batchmean")
+                elif anchor is not None:
+                    reg = self.l2_weight * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                optimizer.zero_grad(set_to_none=True)
+                (ce + reg).backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                sums["ce"] += float(ce)
+                sums["reg"] += float(reg)
+                ctx.report("unlearn", step, total)
+            reestimate_bn(model, train, ctx.batch_size)
+            model.eval()
+            objective = _triggered_error(model, fit_val, triggers, ctx.batch_size)
+            guard.check(model, f"epoch {epoch}", objective=objective)
+            log.append({"epoch": epoch, "ce": sums["ce"] / steps_per_epoch, "reg": sums["reg"] / steps_per_epoch,
+                        "triggered_error_fit_val": objective})
+        return log
+
+
+def _stamp_random(x: torch.Tensor, triggers: list, jitter: int, generator: torch.Generator) -> torch.Tensor:
+    """Stamp each image with one randomly chosen trigger, shifted by up to ``jitter`` px (roll, stamp, roll back)."""
+    choice = torch.randint(len(triggers), (len(x),), generator=generator)
+    out = x.clone()
+    for index, trigger in enumerate(triggers):
+        rows = torch.nonzero(choice == index).flatten().to(x.device)
+        if not len(rows):
+            continue
+        if jitter > 0:
+            dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
+            shifted = torch.roll(x[rows], shifts=(-dy, -dx), dims=(2, 3))
+            out[rows] = torch.roll(trigger.apply(shifted), shifts=(dy, dx), dims=(2, 3))
+        else:
+            out[rows] = trigger.apply(x[rows])
+    return out
+
+
+@torch.no_grad()
+def _triggered_error(model: nn.Module, fit_val: Holdout, triggers: list, batch_size: int) -> float:
+    """Mean over triggers of the error on stamped fit-val images (true labels): the guard's objective."""
+    if not len(fit_val):
+        return float("nan")
+    errors = []
+    for trigger in triggers:
+        predicted = predict(model, fit_val.x, batch_size, transform=trigger.apply)
+        errors.append(float((predicted != fit_val.y).float().mean()))
+    return sum(errors) / len(errors)

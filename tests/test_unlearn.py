@@ -1,0 +1,52 @@
+"""sanitize --method unlearn: removes a backdoor whose trigger only the scan found, within the accuracy guard."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import scan_helpers
+import torch
+from scan_helpers import trigger_asr
+
+from bdsan.io.data import split_holdout
+from bdsan.sanitize.context import Context
+from bdsan.sanitize.registry import get_method, list_methods
+
+
+@pytest.fixture(scope="module")
+def unlearned():
+    toy = scan_helpers.unknown_patch_toy()
+    fit, verify = split_holdout(toy.holdout, 0.5, 0)
+    model = copy.deepcopy(toy.model).normalized()
+    asr_before = trigger_asr(model, verify.x, verify.y)
+    ctx = Context(device=torch.device("cpu"), seed=0, batch_size=256, max_acc_drop=3.0)  # no known triggers
+    result = get_method("unlearn", epochs=5, scan_steps=150).run(model, fit, ctx)
+    return toy, fit, verify, asr_before, result
+
+
+def test_unlearn_is_registered():
+    assert "unlearn" in list_methods()
+
+
+def test_unlearn_removes_a_trigger_only_the_scan_knows(unlearned):
+    _, _, verify, asr_before, result = unlearned
+    assert asr_before > 0.8
+    assert result.details["scan"]["anomalous"] is True
+    assert [t["source"] for t in result.details["triggers"]] and all(
+        t["source"] == "scan" for t in result.details["triggers"])
+    assert trigger_asr(result.model, verify.x, verify.y) <= 0.2  # the sanitize gate's default --max-asr
+
+
+def test_unlearn_keeps_fit_accuracy_within_the_guard(unlearned):
+    _, _, _, _, result = unlearned
+    guard = result.details["guard"]
+    selected = [h for h in guard["history"] if h["label"] == guard["selected"]][0]
+    assert selected["accepted"] and selected.get("drop_points", 0.0) <= guard["max_acc_drop"]
+    assert guard["selected"] != "input"
+
+
+def test_unlearn_rejects_bad_parameters():
+    from bdsan.errors import UsageError
+
+    with pytest.raises(UsageError):
+        get_method("unlearn", regularizer="magic")
