@@ -164,8 +164,8 @@ class Unlearn:
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                sums["ce"] += float(ce)
-                sums["reg"] += float(reg)
+                sums["ce"] += float(ce.detach())
+                sums["reg"] += float(reg.detach())
                 ctx.report("unlearn", step, total)
             reestimate_bn(model, train, ctx.batch_size)
             model.eval()
