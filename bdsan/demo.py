@@ -183,6 +183,10 @@ def render_demo_text(result: DemoResult) -> str:
         tried = ", ".join(a["method"] for a in result.attempts if a["method"] != method)
         lines.append(f"Removed by `{method}`; {tried} alone left the backdoor in place on this model (it prunes and "
                      "fine-tunes without knowing the trigger, see ALGORITHMS.md §7.9).")
+    elif method == "fmp":
+        lines.append("Removed by `fmp` in bdsan's recipe: its fine-tuning stamped the trigger the fit-split audit "
+                     "flagged on half of each batch with true labels (known_trigger_fraction); pruning and "
+                     "fine-tuning alone leave such a backdoor in place (ALGORITHMS.md §7.9; --param recipe=paper).")
     else:
         lines.append(f"Removed by `{method}`.")
     lines += [
