@@ -66,14 +66,20 @@ def render_json(report: Report) -> str:
     return json.dumps(report.to_dict(), indent=2, sort_keys=False) + "\n"
 
 
-def render_text(report: Report) -> str:
-    """Plain text for people: a header, then whatever sections the command filled."""
-    data = report.to_dict()
+def _header_lines(data: dict) -> list[str]:
+    """The first lines of every text rendering: command, version, device, and the model when there is one."""
     lines = [f"bdsan {data['command']} — bdsan {data['bdsan_version']} on {data['device']}"]
     if data["model"]:
         m = data["model"]
-        lines.append(f"model: {m.get('path')} [{m.get('format')}, {m.get('arch')}, {m.get('num_classes')} classes, "
-                     f"{m.get('params'):,} params]")
+        lines.append(f"model: {m.get('path') or '(in memory)'} [{m.get('format')}, {m.get('arch')}, "
+                     f"{m.get('num_classes')} classes, {m.get('params') or 0:,} params]")
+    return lines
+
+
+def render_text(report: Report) -> str:
+    """Plain text for people: a header, then whatever sections the command filled."""
+    data = report.to_dict()
+    lines = _header_lines(data)
     for key, value in data["details"].items():
         if key == "export" and isinstance(value, dict) and "parity" in value:
             lines.extend(render_export_lines(value))
@@ -361,11 +367,7 @@ AUDIT_RENDERERS = {".sarif": render_sarif, ".xml": render_junit}
 def render_sanitize_text(report: Report) -> str:
     """The sanitize report for people: audits side by side, the defense, gates, artifacts, timings."""
     data = report.to_dict()
-    lines = [f"bdsan sanitize — bdsan {data['bdsan_version']} on {data['device']}"]
-    if data["model"]:
-        m = data["model"]
-        lines.append(f"model: {m.get('path') or '(in memory)'} [{m.get('format')}, {m.get('arch')}, "
-                     f"{m.get('num_classes')} classes, {m.get('params') or 0:,} params]")
+    lines = _header_lines(data)
     if data["holdout"]:
         h = data["holdout"]
         lines.append(f"holdout: {h.get('path') or '(in memory)'} — {h.get('n')} images: {h.get('fit')} fit "

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,14 +27,7 @@ from bdsan.io.archs import build_arch
 from bdsan.io.models import from_module
 from bdsan.io.onnx_runtime import OnnxClassifier
 from bdsan.io.preprocess import Preprocessing
-
-
-def cpu_model() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
+from machine import cpu_model
 
 
 def images_per_second(run, pixels: torch.Tensor, batches: int, warmup: int, sync) -> float:
