@@ -33,6 +33,9 @@ class Report:
     details: dict[str, Any] = field(default_factory=dict)
     exit_code: int = 0
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    # In memory only, never serialised: the defended model before the guard's decision (benchmarks evaluate it to
+    # show what a rolled-back defense would have shipped).
+    defended: Any = field(default=None, repr=False, compare=False)
 
     def add_gate(self, name: str, limit: float, value: float, passed: bool, **extra: Any) -> None:
         self.gates.append({"name": name, "limit": limit, "value": value, "passed": bool(passed), **extra})

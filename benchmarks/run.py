@@ -65,6 +65,18 @@ def parse_params(pairs: list[str]) -> dict[str, dict[str, str]]:
     return params
 
 
+def split_defense(spec: str, params: dict[str, dict[str, str]]) -> tuple[str, dict[str, str]]:
+    """``fmp:recipe=paper`` → ``("fmp", {...--param fmp.* ..., "recipe": "paper"})``: one method, several rows."""
+    method, _, extra = spec.partition(":")
+    merged = dict(params.get(method, {}))
+    for pair in filter(None, extra.split(",")):
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--defenses {spec!r}: expected NAME[:key=value,...]")
+        merged[key.strip()] = value.strip()
+    return method, merged
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -74,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="suite triggers, each NAME[:all2all|clean_label][:key=value,...]")
     parser.add_argument("--rate", type=float, default=0.1, help="poison rate (fraction of the training subset)")
     parser.add_argument("--target", type=int, default=0)
-    parser.add_argument("--defenses", nargs="+", default=["none", "ft", "fmp"])
+    parser.add_argument("--defenses", nargs="+", default=["none", "ft", "fmp"],
+                        help="methods, each NAME[:key=value,...] (e.g. fmp:recipe=paper beside fmp)")
     parser.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help="defense hyper-parameter, e.g. fmp.rank_images=64")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="cpu")
@@ -122,7 +135,8 @@ def run_defense(backdoored, defense: str, params: dict, args, device: torch.devi
             sanitized = backdoored.model  # the guard rolled back: what the user keeps is the input model
         else:
             raise RuntimeError(f"{defense}: the pipeline wrote no .safetensors ({data['artifacts']})")
-    return {"model": sanitized, "seconds": seconds, "exit_code": data["exit_code"],
+    rolled_back = bool((defense_info.get("guard") or {}).get("rolled_back"))
+    return {"model": sanitized, "unguarded_model": report.defended if rolled_back else None, "seconds": seconds, "exit_code": data["exit_code"],
             "timings_s": data["timings_s"], "gates": data["gates"],
             "guard": defense_info.get("guard"), "params": defense_info.get("params"),
             "suite_before": _suite_summary(data.get("audit_before")),
@@ -196,13 +210,19 @@ def run(args) -> dict:
                 else:
                     log.info("[seed %d] %s: %s …", seed, attack.label, defense)
                     try:
-                        outcome = run_defense(backdoored, defense, params.get(defense, {}), args, device, seed)
+                        method, method_params = split_defense(defense, params)
+                        outcome = run_defense(backdoored, method, method_params, args, device, seed)
                     except Exception as exc:  # a failing defense is a result, not the end of the benchmark
                         log.exception("%s failed", defense)
                         results["runs"].append({**base, "defense": defense, "error": f"{type(exc).__name__}: {exc}"})
                         write_outputs(results, out)
                         continue
                     after = evaluate(outcome.pop("model"), data, attack, args.test_n)
+                    unguarded = outcome.pop("unguarded_model")
+                    if unguarded is not None:  # what the defense produced before the guard rejected it
+                        outcome["after_unguarded"] = evaluate(unguarded, data, attack, args.test_n)
+                        log.info("[seed %d] %s: %s (rolled back) had reached CA %.3f ASR %.3f", seed, attack.label,
+                                 defense, outcome["after_unguarded"]["ca"], outcome["after_unguarded"]["asr"])
                     log.info("[seed %d] %s: %s → CA %.3f ASR %.3f RA %.3f (%.0fs, exit %s)", seed, attack.label,
                              defense, after["ca"], after["asr"], after["ra"], outcome["seconds"],
                              outcome["exit_code"])
@@ -246,6 +266,9 @@ def summarize(results: dict) -> list[dict]:
         row["train_seconds"] = _mean_std([r["train_seconds"] for r in runs if not r["from_cache"]])
         row["defense_seconds"] = _mean_std([r["defense_seconds"] for r in ok])
         row["suite_max_asr_after"] = _mean_std([(r.get("suite_after") or {}).get("max_asr") for r in ok])
+        unguarded = [r["after_unguarded"] for r in ok if r.get("after_unguarded")]
+        row["unguarded_ca"] = _mean_std([u["ca"] for u in unguarded])
+        row["unguarded_asr"] = _mean_std([u["asr"] for u in unguarded])
         row["rolled_back"] = sum(bool((r.get("guard") or {}).get("rolled_back")) for r in ok)
         row["exit_codes"] = [r.get("exit_code", 0) for r in ok]
         rows.append(row)
@@ -276,7 +299,9 @@ def render_markdown(results: dict) -> str:
         if row["errors"]:
             notes.append("failed: " + "; ".join(row["errors"])[:120])
         if row["rolled_back"]:
-            notes.append(f"rolled back ×{row['rolled_back']}")
+            reached = (f" (had reached CA {cell('unguarded_ca')}, ASR {cell('unguarded_asr')})"
+                       if not math.isnan(row["unguarded_ca"][0]) else "")
+            notes.append(f"rolled back ×{row['rolled_back']}{reached}")
         if any(code not in (0, None) for code in row["exit_codes"]):
             notes.append("exit " + ",".join(str(c) for c in row["exit_codes"]))
         suite = "—" if row["defense"] == "none" else cell("suite_max_asr_after")

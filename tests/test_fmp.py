@@ -113,7 +113,8 @@ def test_registry_converts_cli_strings_and_recipes():
 
 def test_fmp_hard_prune_keeps_pruned_channels_dead(toy_poisoned):
     """A short run: pruned slices and their BN γ/β are exactly zero after fine-tuning (so slim export drops them)."""
-    fmp = get_method("fmp", rank_images=8, prune_ratio=0.1, epochs=2, reference_images=0, batch_size=64)
+    fmp = get_method("fmp", rank_images=8, prune_ratio=0.1, epochs=2, reference_images=0, batch_size=64,
+                     scan="never")
     net = copy.deepcopy(toy_poisoned.model).normalized()
     fit = toy_poisoned.holdout.subset(torch.arange(120))
     result = fmp.run(net, fit, Context(seed=0, batch_size=128))
@@ -128,3 +129,24 @@ def test_fmp_hard_prune_keeps_pruned_channels_dead(toy_poisoned):
         assert bn.weight[chans].abs().sum() == 0 and bn.bias[chans].abs().sum() == 0
     assert details["finetune"]["steps"] == 2 * 2  # 108 fit-train images at batch 64
     assert result.guard["selected"] in {"pruned", "step 2", "step 4", "input"}
+
+
+def test_fmp_fine_tunes_with_scan_triggers_when_the_audit_knows_none():
+    """No known trigger (the suite misses this patch): scan=auto reconstructs it on the fit split, and FMP's
+    fine-tuning with the reconstruction — never the real trigger — removes the backdoor."""
+    import scan_helpers
+    from scan_helpers import trigger_asr
+
+    from bdsan.io.data import split_holdout
+
+    toy = scan_helpers.unknown_patch_toy()
+    fit, verify = split_holdout(toy.holdout, 0.5, 0)
+    model = copy.deepcopy(toy.model).normalized()
+    assert trigger_asr(model, verify.x, verify.y) > 0.8
+    fmp = get_method("fmp", rank_images=32, epochs=5, scan_steps=150)
+    result = fmp.run(model, fit, Context(seed=0, batch_size=256, max_acc_drop=3.0))
+    finetune = result.details["finetune"]
+    assert finetune["scan"]["suspected_target"] == scan_helpers.UNKNOWN_TARGET
+    assert finetune["trigger_sources"] and all(t["source"] == "scan" for t in finetune["trigger_sources"])
+    assert trigger_asr(result.model, verify.x, verify.y) <= 0.2
+    assert get_method("fmp", recipe="paper").scan == "never"

@@ -16,7 +16,8 @@ from torch import nn
 from ..io.data import Holdout
 from ..train.loop import train_classifier
 from .context import Context, DefenseResult
-from .fmp import finetune_steps, reestimate_bn
+from .batchnorm import BN_MODES, checkpoint_bn
+from .fmp import finetune_steps
 from .guard import FitValGuard
 from .registry import register_method
 
@@ -35,8 +36,11 @@ class FineTune:
     max_passes: int = 50
     augment: bool = True
     fit_val_fraction: float = 0.1
+    bn: str = "train"  # BackdoorBench's FT trains BN normally; frozen / reestimate are bdsan's options
 
     def __post_init__(self):
+        if self.bn not in BN_MODES:
+            raise ValueError(f"bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs must be ≥ 0, batch_size ≥ 1 and lr > 0")
 
@@ -53,9 +57,9 @@ class FineTune:
         if passes:
             train_classifier(model, train.x, train.y, epochs=passes, lr=self.lr, batch_size=batch,
                              weight_decay=self.weight_decay, momentum=self.momentum, schedule="cosine",
-                             augment=self.augment, seed=ctx.seed,
+                             augment=self.augment, seed=ctx.seed, freeze_bn=self.bn == "frozen",
                              progress=lambda done, total: ctx.report("ft fine-tune", done, total))
-            reestimate_bn(model, train, ctx.batch_size)
+            checkpoint_bn(model, self.bn, train, ctx.batch_size)
         model.eval()
         guard.check(model, f"after {passes} passes")
         selected = guard.restore_best(model)

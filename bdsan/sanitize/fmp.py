@@ -20,8 +20,12 @@ from torch import nn
 from ..device import autocast
 from ..io.data import Holdout, to_float
 from ..train.augment import augment_batch
+from ..train.loop import cpu_supports_bf16
 from .context import Context, DefenseResult
+from .batchnorm import BN_MODES, checkpoint_bn, set_training
+from .found_triggers import gather_triggers, scan_mode
 from .guard import FitValGuard
+from .losses import distillation, frozen_copy
 from .registry import register_method
 
 log = logging.getLogger("bdsan.sanitize")
@@ -103,9 +107,24 @@ def _noisy_start(x: torch.Tensor, alpha: float, generator: torch.Generator) -> t
     return (x + alpha * torch.sign(u)).clamp_(0, 1)
 
 
-def _score(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, replicas: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _ranking_autocast(device: torch.device, bf16: bool):
+    """bf16 autocast for the ranking passes when asked (CUDA, or a CPU with native bf16), else fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else autocast(device)
+
+
+def ranking_bf16(device: torch.device, precision: str) -> bool:
+    """``rank_precision``: auto (bf16 on CUDA and on CPUs that run it natively), bf16, fp32."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"rank_precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16())
+    return precision == "bf16"
+
+
+def _score(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, replicas: int, bf16: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per replica: accuracy and mean logit margin (true logit − best other) on its adversarial batch."""
-    with torch.no_grad(), autocast(x_adv.device):
+    with torch.no_grad(), _ranking_autocast(x_adv.device, bf16):
         logits = model(x_adv).float()
     logits = logits.view(replicas, len(y), -1)
     labels = y.view(1, -1).expand(replicas, -1)
@@ -117,8 +136,10 @@ def _score(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, replicas: int
 
 def rank_channels(model: nn.Module, layers: list[tuple[str, nn.Module]], x: torch.Tensor, y: torch.Tensor, *,
                   alpha: float, epsilon: float, generator: torch.Generator, chunk_images: int = 2048,
-                  progress=None) -> dict[str, dict[str, torch.Tensor]]:
-    """Batched per-channel FGSM scores: {layer: {"accuracy": C, "margin": C}} (lower = more harmful)."""
+                  progress=None, bf16: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """Batched per-channel FGSM scores: {layer: {"accuracy": C, "margin": C}} (lower = more harmful).
+
+    ``bf16``: run the passes under bf16 autocast (float64 inputs are never cast; the tests compare in float64)."""
     model.eval()
     x0 = _noisy_start(x, alpha, generator)
     n = len(x)
@@ -126,7 +147,7 @@ def rank_channels(model: nn.Module, layers: list[tuple[str, nn.Module]], x: torc
     scores = {}
     total = len(layers)
     for index, (name, layer) in enumerate(layers):
-        with torch.no_grad(), autocast(x.device):
+        with torch.no_grad(), _ranking_autocast(x.device, bf16):
             clean = activation(model, layer, x).float()
         channels_total = clean.shape[1]
         accuracy = torch.empty(channels_total, device=x.device)
@@ -135,7 +156,7 @@ def rank_channels(model: nn.Module, layers: list[tuple[str, nn.Module]], x: torc
             channels = torch.arange(start, min(channels_total, start + per_chunk), device=x.device)
             replicas = len(channels)
             x_rep = x0.repeat(replicas, 1, 1, 1).requires_grad_(True)
-            with autocast(x.device):
+            with _ranking_autocast(x.device, bf16):
                 out = activation(model, layer, x_rep)
             out = out.float().view(replicas, n, *out.shape[1:])
             own = out[torch.arange(replicas, device=x.device), :, channels]  # replicas × n × h × w
@@ -144,7 +165,7 @@ def rank_channels(model: nn.Module, layers: list[tuple[str, nn.Module]], x: torc
             (grad,) = torch.autograd.grad(loss, x_rep)
             x_adv = (x_rep.detach() + epsilon * grad.sign()).clamp_(0, 1)
             del out, own, grad, x_rep
-            accuracy[channels], margin[channels] = _score(model, x_adv, y, replicas)
+            accuracy[channels], margin[channels] = _score(model, x_adv, y, replicas, bf16)
         scores[name] = {"accuracy": accuracy.cpu(), "margin": margin.cpu()}
         if progress:
             progress("fmp ranking", index + 1, total)
@@ -152,7 +173,8 @@ def rank_channels(model: nn.Module, layers: list[tuple[str, nn.Module]], x: torc
 
 
 def reference_ranking(model: nn.Module, layers: list[tuple[str, nn.Module]], x: torch.Tensor, y: torch.Tensor, *,
-                      alpha: float, epsilon: float, generator: torch.Generator) -> dict[str, dict[str, torch.Tensor]]:
+                      alpha: float, epsilon: float, generator: torch.Generator, bf16: bool = False
+                      ) -> dict[str, dict[str, torch.Tensor]]:
     """One channel at a time, full forward per channel, as the release does: the baseline for tests and speed."""
     model.eval()
     x0 = _noisy_start(x, alpha, generator)
@@ -161,17 +183,18 @@ def reference_ranking(model: nn.Module, layers: list[tuple[str, nn.Module]], x: 
         captured = {}
         handle = layer.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _ranking_autocast(x.device, bf16):
                 model(x)
                 clean = captured["out"].float()
             accuracy, margin = [], []
             for channel in range(clean.shape[1]):
                 x_start = x0.clone().requires_grad_(True)
-                model(x_start)
+                with _ranking_autocast(x.device, bf16):
+                    model(x_start)
                 loss = F.mse_loss(captured["out"][:, channel].float(), clean[:, channel])
                 (grad,) = torch.autograd.grad(loss, x_start)
                 x_adv = (x0 + epsilon * grad.sign()).clamp(0, 1)
-                acc, mar = _score(model, x_adv, y, 1)
+                acc, mar = _score(model, x_adv, y, 1, bf16)
                 accuracy.append(acc[0])
                 margin.append(mar[0])
         finally:
@@ -242,26 +265,6 @@ class ChannelMask:
             parameter.index_fill_(0, index, 0.0)
 
 
-@torch.no_grad()
-def reestimate_bn(model: nn.Module, data: Holdout, batch_size: int) -> None:
-    """Recompute BN running statistics with one no-grad pass over unaugmented data (ALGORITHMS §0.5)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns or len(data) == 0:
-        return
-    momenta = [bn.momentum for bn in bns]
-    was_training = model.training
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the pass
-    model.train()
-    for x, _ in data.float_batches(batch_size):
-        with autocast(x.device):
-            model(x)
-    for bn, momentum in zip(bns, momenta):
-        bn.momentum = momentum
-    model.train(was_training)
-
-
 def finetune_steps(n_train: int, batch_size: int, epochs: int, reference_images: int, max_passes: int
                    ) -> tuple[int, int, str]:
     """(steps, batch, note): the published epochs as optimiser steps for a small fit split (ALGORITHMS §0.6)."""
@@ -285,9 +288,10 @@ class FMP:
     ``recipe="bdsan"`` (default): 256-image class-balanced ranking, pruned channels kept dead (mask re-applied
     after every step, BN β and conv bias zeroed too), and — bdsan's addition, ALGORITHMS §7.9 — the triggers the
     pipeline's fit-split audit flagged (``ctx.known_triggers``) stamped on ``known_trigger_fraction`` of every
-    fine-tuning batch with their true labels. ``recipe="paper"``: the release's 32-image ranking, a one-time
-    zeroing of conv slice and BN γ only (fine-tuning may regrow them), no trigger knowledge. Fields set to None
-    take the recipe's value.
+    fine-tuning batch with their true labels; when the audit flagged none, ``scan=auto`` reverse-engineers
+    triggers on the fit images (``bdsan scan``) and uses those instead. ``recipe="paper"``: the release's 32-image
+    ranking, a one-time zeroing of conv slice and BN γ only (fine-tuning may regrow them), no trigger knowledge,
+    no scan. Fields set to None take the recipe's value.
     """
 
     recipe: str = "bdsan"
@@ -309,6 +313,12 @@ class FMP:
     chunk_images: int = 0
     fit_val_fraction: float = 0.1
     known_trigger_fraction: float | None = None
+    scan: bool | str | None = None
+    scan_steps: int = 300
+    rank_precision: str = "auto"
+    distill_weight: float | None = None
+    temperature: float = 2.0
+    bn: str | None = None
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -320,6 +330,14 @@ class FMP:
             self.hard_prune = not paper
         if self.known_trigger_fraction is None:
             self.known_trigger_fraction = 0.0 if paper else 0.5
+        if self.distill_weight is None:
+            self.distill_weight = 0.0 if paper else 1.0
+        if self.bn is None:
+            self.bn = "train" if paper else "reestimate-augmented"
+        if self.bn not in BN_MODES:
+            raise ValueError(f"bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
+        ranking_bf16(torch.device("cpu"), self.rank_precision)  # validates the value
+        self.scan = scan_mode("never" if paper else "auto") if self.scan is None else scan_mode(self.scan)
         if not 0.0 <= self.known_trigger_fraction <= 1.0:
             raise ValueError(f"known_trigger_fraction must be in [0, 1], got {self.known_trigger_fraction}")
         if not 0.0 <= self.prune_ratio < 1.0:
@@ -338,6 +356,16 @@ class FMP:
         model.eval()
         guard.start(model)
 
+        triggers, sources, scan_summary = [], [], None
+        if self.known_trigger_fraction > 0:  # before pruning: the scan reads the model as delivered
+            scan_started = time.perf_counter()
+            triggers, sources, scan_summary = gather_triggers(model, train, ctx, self.scan, self.scan_steps)
+            if scan_summary is not None:
+                timings["scan"] = time.perf_counter() - scan_started
+
+        teacher = frozen_copy(model) if self.distill_weight > 0 else None  # the delivered model, unpruned
+
+        started = time.perf_counter()
         x_rank, y_rank = class_balanced_batch(train, self.rank_images, ctx.seed + 17)
         order, pairs = conv_bn_pairs(model, x_rank[:2])
         modules = dict(model.named_modules())
@@ -351,7 +379,8 @@ class FMP:
 
         started = time.perf_counter()
         scores = rank_channels(model, layers, x_rank, y_rank, alpha=self.alpha, epsilon=self.epsilon,
-                               generator=ctx.generator(1), chunk_images=chunk_images, progress=ctx.progress)
+                               generator=ctx.generator(1), chunk_images=chunk_images, progress=ctx.progress,
+                               bf16=ranking_bf16(device, self.rank_precision))
         selection = select_channels(scores, self.prune_ratio, self.min_per_layer)
         timings["ranking"] = time.perf_counter() - started
 
@@ -362,8 +391,8 @@ class FMP:
         started = time.perf_counter()
         steps, batch, steps_note = finetune_steps(len(train), self.batch_size, self.epochs, self.reference_images,
                                                   self.max_passes)
-        triggers = list(ctx.known_triggers) if self.known_trigger_fraction > 0 else []
-        losses = self._finetune(model, train, steps, batch, mask if self.hard_prune else None, guard, ctx, triggers)
+        losses = self._finetune(model, train, steps, batch, mask if self.hard_prune else None, guard, ctx, triggers,
+                                teacher)
         selected = guard.restore_best(model)
         model.eval()
         timings["finetune"] = time.perf_counter() - started
@@ -371,7 +400,8 @@ class FMP:
         pruned_now = _count_dead(model, selection)
         details = {
             "recipe": self.recipe,
-            "rank_images": len(y_rank), "rank_class_counts": torch.bincount(y_rank, minlength=fit.num_classes).tolist(),
+            "rank_images": len(y_rank), "rank_bf16": ranking_bf16(device, self.rank_precision),
+            "rank_class_counts": torch.bincount(y_rank, minlength=fit.num_classes).tolist(),
             "fit_train": len(train), "fit_val": len(fit_val),
             "layers": [{"name": name, "channels": int(len(scores[name]["accuracy"])), "bn": pairs[name],
                         "n_pruned": len(selection[name]), "pruned": selection[name],
@@ -385,8 +415,10 @@ class FMP:
             "hard_prune": bool(self.hard_prune),
             "pruned_channels_still_zero": pruned_now,
             "finetune": {"steps": steps, "batch": batch, "note": steps_note, "loss_per_checkpoint": losses,
-                         "known_triggers": [t.name for t in triggers],
-                         "known_trigger_fraction": self.known_trigger_fraction if triggers else 0.0},
+                         "known_triggers": [t.name for t in triggers], "trigger_sources": sources,
+                         "scan": scan_summary,
+                         "known_trigger_fraction": self.known_trigger_fraction if triggers else 0.0,
+                         "distill_weight": self.distill_weight, "bn": self.bn},
             "guard": guard.details() | {"selected": selected},
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
         }
@@ -395,11 +427,13 @@ class FMP:
         return DefenseResult(model, details, guard=guard.summary())
 
     def _finetune(self, model: nn.Module, train: Holdout, steps: int, batch: int, mask: ChannelMask | None,
-                  guard: FitValGuard, ctx: Context, triggers: list) -> list[float]:
+                  guard: FitValGuard, ctx: Context, triggers: list, teacher: nn.Module | None = None) -> list[float]:
         """SGD + cosine to ``lr_min``, CE, crop+flip; guard check (after BN re-estimation) at every epoch mark.
 
         With ``triggers``, ``known_trigger_fraction`` of each batch (after augmentation) carries one of them,
-        labels unchanged, so the network unlearns the trigger → target shortcut.
+        labels unchanged, so the network unlearns the trigger → target shortcut. With ``distill_weight`` > 0 the
+        unstamped images also match the delivered model's softened outputs (``teacher``, taken before pruning), which
+        keeps clean accuracy on a few hundred images where plain cross-entropy overfits.
         """
         if steps == 0 or len(train) == 0:
             return []
@@ -412,7 +446,7 @@ class FMP:
         order = torch.empty(0, dtype=torch.long)
         cursor = 0
         losses, running = [], []
-        model.train()
+        set_training(model, self.bn)
         for step in range(1, steps + 1):
             if cursor + batch > len(order):
                 order, cursor = torch.randperm(len(train), generator=generator), 0
@@ -421,13 +455,21 @@ class FMP:
             x = to_float(train.x[index])
             if self.augment:
                 x = augment_batch(x, generator)
+            clean_rows = torch.ones(len(x), dtype=torch.bool, device=device)
             if triggers:
                 stamped = torch.randperm(len(x), generator=generator)[:round(len(x) * self.known_trigger_fraction)]
+                clean_rows[stamped.to(device)] = False
                 for offset, trigger in enumerate(triggers):
                     rows = stamped[offset::len(triggers)].to(device)
                     x[rows] = trigger.apply(x[rows])
             with autocast(device):
-                loss = F.cross_entropy(model(x), train.y[index])
+                logits = model(x)
+                loss = F.cross_entropy(logits, train.y[index])
+                if teacher is not None and clean_rows.any():
+                    with torch.no_grad():
+                        teacher_logits = teacher(x[clean_rows])
+                    loss = loss + self.distill_weight * distillation(logits[clean_rows], teacher_logits,
+                                                                     self.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -437,10 +479,10 @@ class FMP:
             running.append(float(loss.detach()))
             ctx.report("fmp fine-tune", step, steps)
             if step in checkpoints:
-                reestimate_bn(model, train, ctx.batch_size)
+                checkpoint_bn(model, self.bn, train, ctx.batch_size, self.augment, generator)
                 model.eval()
                 guard.check(model, f"step {step}")
-                model.train()
+                set_training(model, self.bn)
                 losses.append(round(sum(running) / len(running), 4))
                 running = []
         model.eval()

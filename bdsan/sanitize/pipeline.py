@@ -87,6 +87,7 @@ def sanitize(model: LoadedModel, holdout: Holdout, method: str, params: dict | N
         except torch.cuda.OutOfMemoryError as exc:
             raise RunFailed(f"out of memory during {method}: {exc}", hint="try a smaller --batch-size") from exc
     defended = _as_loaded(model, result.model)
+    report.defended = defended
     params_used = dataclasses.asdict(method_obj)
 
     with _phase(timings_s, "audit_after"):

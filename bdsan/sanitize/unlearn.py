@@ -13,7 +13,6 @@ the same clean images), ``l2`` (L2-SP: ``l2_weight``·‖θ − θ₀‖²) or `
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -24,13 +23,13 @@ from torch import nn
 
 from ..device import autocast
 from ..io.data import Holdout, to_float
-from ..io.models import from_module
-from ..io.preprocess import Preprocessing
 from ..train.augment import augment_batch
 from ..train.loop import predict
 from .context import Context, DefenseResult
-from .fmp import reestimate_bn
+from .batchnorm import BN_MODES, checkpoint_bn, set_training
+from .found_triggers import gather_triggers, scan_mode
 from .guard import FitValGuard
+from .losses import distillation, frozen_copy
 from .registry import register_method
 
 
@@ -56,12 +55,12 @@ class Unlearn:
     scan_all_classes: bool = False
     augment: bool = True
     fit_val_fraction: float = 0.1
+    bn: str = "reestimate-augmented"
 
     def __post_init__(self):
-        if isinstance(self.scan, bool):  # scan=true/false: always/never
-            self.scan = "always" if self.scan else "never"
-        if self.scan not in ("auto", "always", "never"):
-            raise ValueError("scan must be auto (when the audit found no trigger), always or never")
+        self.scan = scan_mode(self.scan)
+        if self.bn not in BN_MODES:
+            raise ValueError(f"bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
         if self.regularizer not in ("distill", "l2", "none"):
             raise ValueError("regularizer must be distill, l2 or none")
         if not 0 < self.stamp_fraction < 1 or self.epochs < 0 or self.lr <= 0 or self.batch_size < 2:
@@ -72,14 +71,10 @@ class Unlearn:
         model = model.to(ctx.device).eval()
         train, fit_val = ctx.fit_val_split(fit.to(ctx.device), self.fit_val_fraction)
         timings: dict[str, float] = {}
-        triggers, sources = list(ctx.known_triggers), [{"name": t.name, "source": "audit"} for t in ctx.known_triggers]
-        scan_summary = None
-        if self.scan == "always" or (self.scan == "auto" and not triggers):
-            scan_started = time.perf_counter()
-            found, scan_summary = self._scan(model, train, ctx)
-            triggers += found
-            sources += [{"name": t.name, "source": "scan", "target": t.params["target"], "kind": t.params["kind"]}
-                        for t in found]
+        scan_started = time.perf_counter()
+        triggers, sources, scan_summary = gather_triggers(model, train, ctx, self.scan, self.scan_steps,
+                                                          self.scan_all_classes)
+        if scan_summary is not None:
             timings["scan"] = round(time.perf_counter() - scan_started, 3)
         guard = FitValGuard(fit_val, ctx.max_acc_drop, ctx.batch_size)
         guard.start(model)
@@ -98,33 +93,11 @@ class Unlearn:
                         "timings_s": timings | {"total": round(time.perf_counter() - started, 3)}})
         return DefenseResult(model, details)
 
-    def _scan(self, model: nn.Module, train: Holdout, ctx: Context) -> tuple[list, dict]:
-        """Run the scan on the fit (train) images; return the reconstructed triggers to unlearn and a summary."""
-        from ..detectors.scan import anomalous_triggers, scan, scan_section
-
-        loaded = from_module(model, "module", train.num_classes, Preprocessing(), list(train.classes))
-        result = scan(loaded, train, steps=self.scan_steps, batch_size=ctx.batch_size, device=ctx.device,
-                      seed=ctx.seed)
-        model.eval()
-        if self.scan_all_classes:
-            found = list(result["reconstructed"])
-        else:
-            found = anomalous_triggers(result)
-            if not found and not ctx.known_triggers and result["suspected_target"] is not None:
-                found = [t for t in result["reconstructed"] if t.params["target"] == result["suspected_target"]]
-        section = scan_section(result)
-        summary = {k: section[k] for k in ("suspected_target", "anomalous", "anomalous_classes", "anomaly_index",
-                                           "flip_rate", "mask_l1", "steps_run", "time_s") if k in section}
-        return found, summary
-
     def _finetune(self, model: nn.Module, train: Holdout, triggers: list, guard: FitValGuard, fit_val: Holdout,
                   ctx: Context) -> list[dict]:
         device = ctx.device
         generator = ctx.generator(offset=31)
-        teacher = copy.deepcopy(model).eval() if self.regularizer == "distill" else None
-        if teacher is not None:
-            for p in teacher.parameters():
-                p.requires_grad_(False)
+        teacher = frozen_copy(model) if self.regularizer == "distill" else None
         anchor = [p.detach().clone() for p in model.parameters()] if self.regularizer == "l2" else None
         batch = min(self.batch_size, max(2, len(train)))
         steps_per_epoch = max(self.min_steps_per_epoch, math.ceil(len(train) / batch))
@@ -135,7 +108,7 @@ class Unlearn:
         log = []
         step = 0
         for epoch in range(1, self.epochs + 1):
-            model.train()
+            set_training(model, self.bn)
             sums = {"ce": 0.0, "reg": 0.0}
             for _ in range(steps_per_epoch):
                 index = torch.randint(len(train), (batch,), generator=generator).to(device)
@@ -153,10 +126,7 @@ class Unlearn:
                     clean_logits = logits[n_stamped:]
                     with torch.no_grad(), autocast(device):
                         teacher_logits = teacher(x[n_stamped:]).float()
-                    t = self.temperature
-                    reg = self.distill_weight * t * t * F.kl_div(F.log_softmax(clean_logits / t, 1),
-                                                                 F.softmax(teacher_logits / t, 1),
-                                                                 reduction="batchmean")
+                    reg = self.distill_weight * distillation(clean_logits, teacher_logits, self.temperature)
                 elif anchor is not None:
                     reg = self.l2_weight * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
                 optimizer.zero_grad(set_to_none=True)
@@ -167,7 +137,7 @@ class Unlearn:
                 sums["ce"] += float(ce.detach())
                 sums["reg"] += float(reg.detach())
                 ctx.report("unlearn", step, total)
-            reestimate_bn(model, train, ctx.batch_size)
+            checkpoint_bn(model, self.bn, train, ctx.batch_size, self.augment, generator)
             model.eval()
             objective = _triggered_error(model, fit_val, triggers, ctx.batch_size)
             guard.check(model, f"epoch {epoch}", objective=objective)

@@ -57,16 +57,24 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Put every BatchNorm layer in eval mode: running statistics are used and no longer updated."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def train_classifier(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, *, epochs: int = 10,
                      lr: float = 0.1, batch_size: int = 128, weight_decay: float = 5e-4,
                      momentum: float = 0.9, schedule: str = "onecycle", augment: bool = True, seed: int = 0,
                      label_smoothing: float = 0.0, progress: Progress | None = None,
-                     precision: str = "auto") -> nn.Module:
+                     precision: str = "auto", freeze_bn: bool = False) -> nn.Module:
     """Train a [0,1]-input model with SGD (nesterov) on uint8 images already on the model's device.
 
     ``schedule``: ``onecycle`` (fast from-scratch training) or ``cosine`` (fine-tuning).
     ``precision``: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``bf16`` (bf16 autocast on any device;
     about 4× faster on CPUs with AVX512-BF16/AMX, slower on others) or ``fp32``.
+    ``freeze_bn``: BatchNorm layers stay in eval mode (running statistics used, not updated).
     """
     device = next(model.parameters()).device
     x_uint8, y = x_uint8.to(device), y.to(device)
@@ -80,6 +88,8 @@ def train_classifier(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, *
     else:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     model.train()
+    if freeze_bn:
+        freeze_batchnorm(model)
     step = 0
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=generator).to(device)

@@ -1,0 +1,51 @@
+"""The fit-val guard: paired standard error and noise-aware acceptance (ALGORITHMS §0.2)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from bdsan.io.data import Holdout
+from bdsan.sanitize.guard import FitValGuard, paired_standard_error
+
+
+def test_paired_standard_error_counts_only_changed_images():
+    before = torch.tensor([True] * 40 + [False] * 10)
+    assert paired_standard_error(before, before.clone()) == 0.0
+    after = before.clone()
+    after[:4] = False  # 4 lost
+    after[45] = True  # 1 gained
+    expected = 100 * math.sqrt((5 - 9 / 50) / 50 ** 2)
+    assert math.isclose(paired_standard_error(before, after), expected)
+
+
+class _FixedPredictions(nn.Module):
+    """Predicts a stored label per image (the images carry their index in pixel [0, 0, 0])."""
+
+    def __init__(self, labels: torch.Tensor):
+        super().__init__()
+        self.labels = labels
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        index = (x[:, 0, 0, 0] * 255).round().long()
+        return nn.functional.one_hot(self.labels[index], 2).float() + 0 * self.weight
+
+
+def test_guard_tolerates_noise_but_rejects_a_large_drop():
+    n = 50
+    x = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous()
+    y = torch.zeros(n, dtype=torch.long)
+    guard = FitValGuard(Holdout(x, y, ["a", "b"], "mem"), max_acc_drop=3.0, tolerance_se=1.0)
+    guard.start(_FixedPredictions(torch.zeros(n, dtype=torch.long)))  # all 50 right
+    slightly_worse = torch.zeros(n, dtype=torch.long)
+    slightly_worse[:2] = 1  # 4 points lost, SE of 2 flips on 50 images ≈ 2.8 points → accepted
+    assert guard.check(_FixedPredictions(slightly_worse), "noisy")
+    wrecked = torch.zeros(n, dtype=torch.long)
+    wrecked[:10] = 1  # 20 points lost, SE ≈ 6 points → rejected
+    assert not guard.check(_FixedPredictions(wrecked), "wrecked")
+    strict = FitValGuard(Holdout(x, y, ["a", "b"], "mem"), max_acc_drop=3.0, tolerance_se=0.0)
+    strict.start(_FixedPredictions(torch.zeros(n, dtype=torch.long)))
+    assert not strict.check(_FixedPredictions(slightly_worse), "noisy")
+    assert guard.history[1]["tolerance_points"] > 0 and guard.summary()["rejected"] == ["wrecked"]
