@@ -105,7 +105,7 @@ def train(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    np.savez(out / "holdout.npz", x_train=x_all[holdout], y_train=y_all[holdout])
+    np.savez(out / "holdout.npz", x=x_all[holdout], y=y_all[holdout])
     np.savez(out / "test.npz", x_test=x_test, y_test=y_test)
     (out / "vendor.json").write_text(json.dumps({
         "arch": "torchvision resnet18", "normalisation": {"mean": MEAN.tolist(), "std": STD.tolist()},
