@@ -545,12 +545,14 @@ def sanitize_command(model_path, arch, num_classes, trust_code, preset, mean, st
 
 
 def _list_methods(ctx: click.Context) -> None:
-    from .sanitize.registry import list_methods, method_fields
+    from .sanitize.registry import get_method, list_methods, method_fields
 
     for name, description in list_methods().items():
         click.echo(f"{name:16s} {description}")
+        resolved = get_method(name)  # defaults as the default recipe resolves them
         for field_name, (_, default) in method_fields(name).items():
-            click.echo(f"    {field_name}={default!r}")
+            note = "  (depends on recipe)" if default is None else ""
+            click.echo(f"    {field_name}={getattr(resolved, field_name, default)!r}{note}")
     ctx.exit(0)
 
 

@@ -32,6 +32,7 @@ import torch
 
 from bdsan.charts import bar_chart
 from bdsan.device import describe_device, resolve_device
+from bdsan.io.data import stratified_split
 from bdsan.train.zoo import RECIPES, Attack, Dataset, attack_metrics, load_dataset, synthetic_dataset, train_backdoored
 
 log = logging.getLogger("bdsan.bench")
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-train", type=int, default=0, help="training subset size (0 = the whole split)")
     parser.add_argument("--holdout-fraction", type=float, default=0.05,
                         help="clean holdout = this fraction of the training subset, never poisoned")
+    parser.add_argument("--holdout-n", type=int, default=0,
+                        help="give the defenses only a stratified N-image subset of the holdout (0 = all), e.g. "
+                             "200 of a 20,000-image subset = a 1%% holdout on the same cached models")
     parser.add_argument("--test-n", type=int, default=0, help="evaluate on the first N test images (0 = all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--max-asr", type=float, default=0.2)
@@ -187,7 +191,7 @@ def run(args) -> dict:
                else "python benchmarks/run.py " + " ".join(args.argv),
                "machine": machine_description(device), "torch": torch.__version__, "dataset": data.name,
                "dataset_fingerprint": data.fingerprint, "recipe": recipe.__dict__, "n_train": args.n_train,
-               "holdout_fraction": args.holdout_fraction, "test_n": args.test_n or len(data.y_test),
+               "holdout_fraction": args.holdout_fraction, "holdout_n": args.holdout_n, "test_n": args.test_n or len(data.y_test),
                "max_asr": args.max_asr, "max_acc_drop": args.max_acc_drop, "params": params, "runs": []}
     for seed in args.seeds:
         for attack in attacks:
@@ -196,6 +200,10 @@ def run(args) -> dict:
                                           holdout_fraction=args.holdout_fraction, seed=seed, device=device,
                                           cache_dir=args.cache or None)
             backdoored.model.module.to(device).eval()
+            if args.holdout_n and args.holdout_n < len(backdoored.holdout):
+                holdout = backdoored.holdout
+                keep, _ = stratified_split(holdout.y.cpu(), args.holdout_n / len(holdout), seed, holdout.num_classes)
+                backdoored.holdout = holdout.subset(keep.to(holdout.y.device))
             before = evaluate(backdoored.model, data, attack, args.test_n)
             log.info("[seed %d] %s: CA %.3f ASR %.3f RA %.3f (train %.0fs%s)", seed, attack.label, before["ca"],
                      before["asr"], before["ra"], backdoored.train_seconds, ", cached" if backdoored.from_cache else "")
@@ -277,7 +285,8 @@ def summarize(results: dict) -> list[dict]:
 
 def render_markdown(results: dict) -> str:
     lines = [f"Dataset `{results['dataset']}`, {results['recipe']['arch']} ({results['recipe']['epochs']} epochs), "
-             f"training subset {results['n_train'] or 'all'}, holdout {100 * results['holdout_fraction']:g}% of it, "
+             f"training subset {results['n_train'] or 'all'}, holdout {100 * results['holdout_fraction']:g}% of it"
+             + (f" (defenses given {results['holdout_n']} of those images)" if results.get("holdout_n") else "") + ", "
              f"test images {results['test_n']}; seeds {sorted({r['seed'] for r in results['runs']})}.",
              f"Machine: {results['machine']}. Created {results['created']}.", "",
              "CA / ASR / RA in % on the test split with the attack's own trigger (mean ± std over seeds). "
