@@ -55,3 +55,4 @@ def test_bad_inputs_exit_codes(run_cli, poisoned_safetensors, holdout_npz, tmp_p
 def test_list_methods(run_cli):
     result = run_cli("sanitize", "--list-methods")
     assert result.code == 0 and "fmp" in result.stdout and "prune_ratio=" in result.stdout
+    assert "rank_images=256  (depends on recipe)" in result.stdout  # resolved for the default recipe
