@@ -149,8 +149,7 @@ class Unlearn:
 def _stamp_random(x: torch.Tensor, triggers: list, jitter: int, generator: torch.Generator) -> torch.Tensor:
     """Stamp each image with one randomly chosen trigger. Reconstructed *patch* triggers are shifted by up to
     ``jitter`` px (roll, stamp, roll back) since the scan locates a patch only to a pixel or so; suite triggers and
-    blends are stamped exactly — a shifted noise blend is a different pattern (measured: with every trigger
-    jittered, unlearn left a `blend_noise` backdoor at 71% ASR on the CIFAR-10 CPU benchmark)."""
+    blends are stamped exactly, as found (a shifted noise blend is a different pattern)."""
     choice = torch.randint(len(triggers), (len(x),), generator=generator)
     out = x.clone()
     for index, trigger in enumerate(triggers):
