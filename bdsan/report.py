@@ -51,17 +51,17 @@ class Report:
                 "audit_after": self.audit_after, "audit_export": self.audit_export, "gates": self.gates,
                 "artifacts": self.artifacts, "timings_s": self.timings_s, "warnings": self.warnings,
                 "details": self.details, "exit_code": self.exit_code}
-        return _clean(data)
+        return json_safe(data)
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe: NaN/inf → None, tuples → lists."""
     if isinstance(value, float):
         return None if math.isnan(value) or math.isinf(value) else value
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -315,7 +315,7 @@ def render_sarif(report: Report) -> str:
                        "invocations": [{"executionSuccessful": True, "exitCode": data["exit_code"]}],
                        "properties": {"command": data["command"], "clean_accuracy": audit.get("ca"),
                                       "max_asr": limit, "model_sha256": model.get("sha256")}}]}
-    return json.dumps(_clean(sarif), indent=2) + "\n"
+    return json.dumps(json_safe(sarif), indent=2) + "\n"
 
 
 def render_junit(report: Report) -> str:

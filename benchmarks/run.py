@@ -33,6 +33,7 @@ import torch
 from bdsan.charts import bar_chart
 from bdsan.device import describe_device, resolve_device
 from bdsan.io.data import stratified_split
+from bdsan.report import json_safe
 from bdsan.train.zoo import RECIPES, Attack, Dataset, attack_metrics, load_dataset, synthetic_dataset, train_backdoored
 
 log = logging.getLogger("bdsan.bench")
@@ -326,7 +327,7 @@ def write_outputs(results: dict, out: Path) -> None:
 
     results = {**results, "summary": [
         {k: (list(v) if isinstance(v, tuple) else v) for k, v in row.items()} for row in summarize(results)]}
-    write_text_atomic(out / "results.json", json.dumps(_json_safe(results), indent=2) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(json_safe(results), indent=2) + "\n")
     write_text_atomic(out / "results.md", render_markdown(results))
     rows = summarize(results)
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
@@ -344,16 +345,6 @@ def write_outputs(results: dict, out: Path) -> None:
         bar_chart(out / "asr.png", attacks, series, ylabel="ASR (attack trigger, test split)",
                   title=f"ASR before (none) and after each defense — {results['dataset']}, {results['recipe']['arch']}",
                   limit=results["max_asr"], limit_label=f"gate {100 * results['max_asr']:g}%")
-
-
-def _json_safe(value):
-    if isinstance(value, float):
-        return None if math.isnan(value) or math.isinf(value) else value
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def main(argv: list[str] | None = None) -> dict:
