@@ -48,6 +48,8 @@ def test_fmp_removes_the_toy_backdoor_and_ships_verified_files(fmp_run, toy_pois
     assert 100 * (data["audit_before"]["ca"] - data["audit_export"]["ca"]) <= 3.0
     gates = {g["name"]: g for g in data["gates"]}
     assert gates["max_asr"]["judged_on"] == "audit_export" and gates["max_acc_drop"]["passed"]
+    small = data["holdout"]["verify"] < 250  # the toy's verify split: the report warns that the gate is noisy
+    assert small == any("verify split has only" in w for w in data["warnings"])
     assert data["holdout"]["n"] == 400 and data["holdout"]["fit"] + data["holdout"]["verify"] == 400
     assert data["audit_before"]["n"] == data["holdout"]["verify"]
     defense = data["defense"]
