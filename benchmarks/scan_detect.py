@@ -26,19 +26,11 @@ import torch
 
 from bdsan.detectors.scan import scan, scan_section
 from bdsan.io.data import Holdout, split_holdout
-from bdsan.train.fixtures import corner_square, train_toy_model
+from bdsan.train.fixtures import corner_square, top_left_patch, train_toy_model
 from bdsan.train.loop import predict
 from bdsan.train.synthetic import make_synthetic
 
 NUM_CLASSES = 5
-
-
-def top_left_patch(x: torch.Tensor) -> torch.Tensor:
-    """4×4 random saturated colours at the top-left corner (not in the suite)."""
-    colours = (torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(5)) > 0.5).float().to(x)
-    x = x.clone()
-    x[:, :, :4, :4] = colours
-    return x
 
 
 def random_patch(seed: int):

@@ -5,17 +5,9 @@ import functools
 
 import torch
 
-from bdsan.train.fixtures import train_toy_model
+from bdsan.train.fixtures import top_left_patch, train_toy_model
 
 UNKNOWN_TARGET = 2
-
-
-def top_left_patch(x: torch.Tensor) -> torch.Tensor:
-    """4×4 random saturated colours in the top-left corner: not in the suite (ALGORITHMS §5), far from its patches."""
-    colours = (torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(5)) > 0.5).float().to(x)
-    x = x.clone()
-    x[:, :, :4, :4] = colours
-    return x
 
 
 @functools.lru_cache(maxsize=1)

@@ -23,6 +23,14 @@ def corner_square(x: torch.Tensor, size: int = 3) -> torch.Tensor:
     return x
 
 
+def top_left_patch(x: torch.Tensor) -> torch.Tensor:
+    """4×4 random saturated colours in the top-left corner: not in the suite (ALGORITHMS §5), far from its patches."""
+    colours = (torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(5)) > 0.5).float().to(x)
+    x = x.clone()
+    x[:, :, :4, :4] = colours
+    return x
+
+
 @dataclass
 class ToyModel:
     model: LoadedModel
