@@ -22,6 +22,12 @@ BN_MODES = ("reestimate-augmented", "reestimate", "frozen", "train")
 AUGMENTED_PASSES = 4
 
 
+def check_bn_mode(bn: str) -> None:
+    """Reject a ``bn`` parameter that is not one of ``BN_MODES``."""
+    if bn not in BN_MODES:
+        raise ValueError(f"bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
+
+
 def set_training(model: nn.Module, bn: str) -> None:
     """Training mode for a fine-tuning step. ``bn``:
 
@@ -60,10 +66,11 @@ def reestimate_bn(model: nn.Module, data: Holdout, batch_size: int, augment_pass
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the pass
     model.train()
+    generator = generator or torch.Generator().manual_seed(0)
     for _ in range(max(1, augment_passes)):
         for x, _ in data.float_batches(batch_size):
             if augment_passes:
-                x = augment_batch(x, generator or torch.Generator().manual_seed(0))
+                x = augment_batch(x, generator)
             with autocast(x.device):
                 model(x)
     for bn, momentum in zip(bns, momenta):

@@ -16,7 +16,7 @@ from torch import nn
 from ..io.data import Holdout
 from ..train.loop import train_classifier
 from .context import Context, DefenseResult
-from .batchnorm import BN_MODES, checkpoint_bn
+from .batchnorm import check_bn_mode, checkpoint_bn
 from .fmp import finetune_steps
 from .guard import FitValGuard
 from .registry import register_method
@@ -39,8 +39,7 @@ class FineTune:
     bn: str = "train"  # BackdoorBench's FT trains BN normally; frozen / reestimate are bdsan's options
 
     def __post_init__(self):
-        if self.bn not in BN_MODES:
-            raise ValueError(f"bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
+        check_bn_mode(self.bn)
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs must be ≥ 0, batch_size ≥ 1 and lr > 0")
 
@@ -59,7 +58,7 @@ class FineTune:
                              weight_decay=self.weight_decay, momentum=self.momentum, schedule="cosine",
                              augment=self.augment, seed=ctx.seed, freeze_bn=self.bn == "frozen",
                              progress=lambda done, total: ctx.report("ft fine-tune", done, total))
-            checkpoint_bn(model, self.bn, train, ctx.batch_size)
+            checkpoint_bn(model, self.bn, train, ctx.batch_size, self.augment, ctx.generator(offset=3))
         model.eval()
         guard.check(model, f"after {passes} passes")
         selected = guard.restore_best(model)

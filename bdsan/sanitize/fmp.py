@@ -22,7 +22,7 @@ from ..io.data import Holdout, to_float
 from ..train.augment import augment_batch
 from ..train.loop import cpu_supports_bf16
 from .context import Context, DefenseResult
-from .batchnorm import BN_MODES, checkpoint_bn, set_training
+from .batchnorm import check_bn_mode, checkpoint_bn, set_training
 from .found_triggers import gather_triggers, scan_mode
 from .guard import FitValGuard
 from .losses import distillation, frozen_copy
@@ -112,10 +112,11 @@ def _ranking_autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else autocast(device)
 
 
+RANK_PRECISIONS = ("auto", "bf16", "fp32")
+
+
 def ranking_bf16(device: torch.device, precision: str) -> bool:
     """``rank_precision``: auto (bf16 on CUDA and on CPUs that run it natively), bf16, fp32."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"rank_precision must be auto, bf16 or fp32, got {precision!r}")
     if precision == "auto":
         return device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16())
     return precision == "bf16"
@@ -334,9 +335,10 @@ class FMP:
             self.distill_weight = 0.0 if paper else 1.0
         if self.bn is None:
             self.bn = "train" if paper else "reestimate-augmented"
-        if self.bn not in BN_MODES:
-            raise ValueError(f"bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
-        ranking_bf16(torch.device("cpu"), self.rank_precision)  # validates the value
+        check_bn_mode(self.bn)
+        if self.rank_precision not in RANK_PRECISIONS:
+            raise ValueError(f"rank_precision must be one of {', '.join(RANK_PRECISIONS)}, "
+                             f"got {self.rank_precision!r}")
         self.scan = scan_mode("never" if paper else "auto") if self.scan is None else scan_mode(self.scan)
         if not 0.0 <= self.known_trigger_fraction <= 1.0:
             raise ValueError(f"known_trigger_fraction must be in [0, 1], got {self.known_trigger_fraction}")
@@ -355,6 +357,7 @@ class FMP:
         guard = FitValGuard(fit_val, ctx.max_acc_drop, ctx.batch_size)
         model.eval()
         guard.start(model)
+        timings["setup"] = time.perf_counter() - started
 
         triggers, sources, scan_summary = [], [], None
         if self.known_trigger_fraction > 0:  # before pruning: the scan reads the model as delivered
@@ -375,7 +378,7 @@ class FMP:
             log.info("fmp: %d conv(s) have no BN reading their output directly (pre-activation/residual sum); "
                      "their slices are zeroed, no BN touched: %s", len(skipped_bn), ", ".join(skipped_bn))
         chunk_images = self.chunk_images or (4096 if device.type == "cuda" else 1024)
-        timings["setup"] = time.perf_counter() - started
+        timings["setup"] += time.perf_counter() - started
 
         started = time.perf_counter()
         scores = rank_channels(model, layers, x_rank, y_rank, alpha=self.alpha, epsilon=self.epsilon,

@@ -47,10 +47,6 @@ class FitValGuard:
             return torch.zeros(0, dtype=torch.bool)
         return predict(model, self.fit_val.x, self.batch_size) == self.fit_val.y
 
-    def accuracy(self, model: nn.Module) -> float:
-        correct = self.correct(model)
-        return correct.float().mean().item() if len(correct) else float("nan")
-
     def start(self, model: nn.Module) -> float:
         """Record the input model's fit-val CA and keep its state as the fallback."""
         self._baseline_correct = self.correct(model)

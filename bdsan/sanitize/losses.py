@@ -1,6 +1,8 @@
 """Loss terms shared by the fine-tuning defenses."""
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -14,8 +16,6 @@ def distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tem
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """An eval-mode copy with gradients off: the teacher that keeps a fine-tuned model's clean behaviour."""
-    import copy
-
     teacher = copy.deepcopy(model).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)

@@ -26,7 +26,7 @@ from ..io.data import Holdout, to_float
 from ..train.augment import augment_batch
 from ..train.loop import predict
 from .context import Context, DefenseResult
-from .batchnorm import BN_MODES, checkpoint_bn, set_training
+from .batchnorm import check_bn_mode, checkpoint_bn, set_training
 from .found_triggers import gather_triggers, scan_mode
 from .guard import FitValGuard
 from .losses import distillation, frozen_copy
@@ -59,8 +59,7 @@ class Unlearn:
 
     def __post_init__(self):
         self.scan = scan_mode(self.scan)
-        if self.bn not in BN_MODES:
-            raise ValueError(f"bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
+        check_bn_mode(self.bn)
         if self.regularizer not in ("distill", "l2", "none"):
             raise ValueError("regularizer must be distill, l2 or none")
         if not 0 < self.stamp_fraction < 1 or self.epochs < 0 or self.lr <= 0 or self.batch_size < 2:
