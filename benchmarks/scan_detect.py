@@ -8,10 +8,18 @@ reported but left out of the positives), the scan verdict, its ranking score (ma
 reconstructed trigger flips ≥ 50% of held-out images) and its time. Detection: ROC-AUC of the score and TPR at
 ≤ 5% FPR, plus the verdict's own TPR/FPR.
 
-``--defend`` also runs ``unlearn``, ``ft`` and ``fmp`` on each backdoored model's fit split (via the method registry,
+CIFAR scale (``--data cifar10.npz``): the harness's models (``bdsan.train.zoo``, same recipe and cache as
+``benchmarks/run.py``) for each ``--attacks`` entry — ``random_patch`` (a 4×4 random-colour patch at a seeded random
+position) and ``unseen_blend`` (a noise blend with a noise seed the suite does not use) are outside the suite — and
+clean twins (poison rate 0, other seeds); the implant ASR is measured on ``x_test[:--test-n]``, the scan runs on the
+model's 5% clean holdout, as ``bdsan scan MODEL --holdout H`` would.
+
+``--defend`` (toy only) also runs ``unlearn``, ``ft`` and ``fmp`` on each backdoored model's fit split (via the method registry,
 as the pipeline does) and measures CA and real-trigger ASR on a fresh generated test set.
 
     python benchmarks/scan_detect.py --seeds 0 1 --out bench_out/scan --threads 2 [--defend]
+    python benchmarks/scan_detect.py --data /work/shared/data/cifar10.npz --seeds 0 --clean-per-seed 3 \
+        --out bench_out/scan-cifar
 """
 from __future__ import annotations
 
@@ -105,41 +113,94 @@ def defend(toy, trigger, target: int, seed: int, methods: list[str]) -> dict:
     return rows
 
 
+def toy_jobs(seed: int, args):
+    """Toy models of one seed: the four attacks, then the clean twins (each trained here, in seconds)."""
+    jobs = [(name, trigger, target, where, 0.1) for name, trigger, target, where in attacks(seed)]
+    jobs += [(f"clean{i}", None, None, {}, 0.0) for i in range(args.clean_per_seed)]
+    for index, (name, trigger, target, where, rate) in enumerate(jobs):
+        started = time.perf_counter()
+        kwargs = {"trigger": trigger, "target": target} if trigger is not None else {}
+        toy = train_toy_model(poison_rate=rate, seed=seed * 100 + index, **kwargs)
+        asr = real_asr(toy.model.normalized(), toy.holdout, trigger, target) if trigger is not None else None
+        yield {"attack": name, "target": target, "where": where, "model": toy.model, "holdout": toy.holdout,
+               "implant_asr": asr, "train_s": round(time.perf_counter() - started, 1), "toy": toy, "trigger": trigger}
+
+
+def zoo_attacks(seed: int, names: list[str]) -> list[str]:
+    """The harness attacks plus, for ``random_patch``, a 4×4 random-colour patch at a seeded random position and,
+    for ``unseen_blend``, the noise blend with a noise seed the suite does not use."""
+    generator = torch.Generator().manual_seed(1000 + seed)
+    top, left = (int(v) for v in torch.randint(0, 29, (2,), generator=generator))
+    outside = {"random_patch": f"patch:side=4,top={top},left={left},content=random,seed={1000 + seed}",
+               "unseen_blend": "blend_noise:seed=4242"}
+    return [outside.get(name, name) for name in names]
+
+
+def zoo_jobs(seed: int, args):
+    """Harness models (``bdsan.train.zoo``, cached) of one seed: each attack, then clean twins (poison rate 0)."""
+    from bdsan.train.zoo import RECIPES, Attack, attack_metrics, load_dataset, train_backdoored
+
+    data = load_dataset(args.data)
+    recipe = RECIPES[args.recipe]
+    specs = [(text, 0.1, seed) for text in zoo_attacks(seed, args.attacks)]
+    specs += [("badnets_grid", 0.0, seed + 100 * (i + 1)) for i in range(args.clean_per_seed)]
+    for text, rate, model_seed in specs:
+        attack = Attack.parse(text, rate=rate, target=args.target)
+        backdoored = train_backdoored(data, attack, recipe, n_train=args.n_train or None, seed=model_seed,
+                                      cache_dir=args.cache or None)
+        model = backdoored.model
+        model.module.eval()
+        asr = None
+        if rate > 0:
+            n = args.test_n or len(data.y_test)
+            asr = attack_metrics(model.normalized(), data.x_test[:n], data.y_test[:n], attack, data.num_classes)["asr"]
+        yield {"attack": attack.label if rate > 0 else f"clean (seed {model_seed})",
+               "target": attack.target if rate > 0 else None, "where": dict(attack.params), "model": model,
+               "holdout": backdoored.holdout, "implant_asr": asr, "train_s": round(backdoored.train_seconds, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="toy", help="'toy' (generated gratings, tiny_cnn) or a benchmark .npz "
+                                                      "(harness models: --recipe, --n-train, cached)")
+    parser.add_argument("--attacks", nargs="+", default=["badnets_grid", "blend_noise", "sig", "trojan_patch",
+                                                         "random_patch", "unseen_blend"],
+                        help="with --data NPZ: harness attacks; random_patch/unseen_blend are outside the suite")
+    parser.add_argument("--recipe", default="cpu")
+    parser.add_argument("--n-train", type=int, default=20000)
+    parser.add_argument("--test-n", type=int, default=2000, help="test images for the implant ASR (--data NPZ)")
+    parser.add_argument("--target", type=int, default=0)
+    parser.add_argument("--cache", default=".cache/bdsan-bench")
+    parser.add_argument("--steps", type=int, default=200, help="scan steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--clean-per-seed", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench_out/scan"))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--defend", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--defend", action="store_true", help="toy only: also run --methods on each backdoored model")
     parser.add_argument("--methods", nargs="+", default=["unlearn", "ft", "fmp"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in args.seeds:
-        jobs = [(name, trigger, target, where, 0.1) for name, trigger, target, where in attacks(seed)]
-        jobs += [(f"clean{i}", None, None, {}, 0.0) for i in range(args.clean_per_seed)]
-        for index, (name, trigger, target, where, rate) in enumerate(jobs):
-            model_seed = seed * 100 + index
-            started = time.perf_counter()
-            kwargs = {"trigger": trigger, "target": target} if trigger is not None else {}
-            toy = train_toy_model(poison_rate=rate, seed=model_seed, **kwargs)
-            train_s = time.perf_counter() - started
-            asr = real_asr(toy.model.normalized(), toy.holdout, trigger, target) if trigger is not None else None
+        for job in (toy_jobs(seed, args) if args.data == "toy" else zoo_jobs(seed, args)):
             cpu0, wall0 = time.process_time(), time.perf_counter()
-            section = scan_section(scan(toy.model, toy.holdout, seed=seed, device="cpu"))
+            section = scan_section(scan(job["model"], job["holdout"], steps=args.steps, seed=seed,
+                                        device=args.device))
             scan_wall, scan_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
             scores = [s for s in section["score"] if s is not None]
-            run = {"seed": seed, "model_seed": model_seed, "attack": name, "target": target, "where": where,
-                   "backdoored": trigger is not None, "implant_asr": asr, "train_s": round(train_s, 1),
-                   "scan_wall_s": round(scan_wall, 1), "scan_cpu_s": round(scan_cpu, 1),
+            run = {"seed": seed, "attack": job["attack"], "target": job["target"], "where": job["where"],
+                   "backdoored": job["target"] is not None, "implant_asr": job["implant_asr"],
+                   "train_s": job["train_s"], "scan_wall_s": round(scan_wall, 1), "scan_cpu_s": round(scan_cpu, 1),
                    "score": max(scores) if scores else -10.0, "anomalous": section["anomalous"],
                    "suspected_target": section["suspected_target"], "anomalous_classes": section["anomalous_classes"],
                    "anomalous_kinds": section["anomalous_kinds"], "steps_run": section["steps_run"],
-                   "mask_l1": section.get("mask_l1"), "blend_abs": section.get("blend", {}).get("mean_abs_delta")}
-            if args.defend and trigger is not None and asr is not None and asr >= 0.5:
-                run["defenses"] = defend(toy, trigger, target, seed, args.methods)
+                   "mask_l1": section.get("mask_l1"), "patch_index": section.get("anomaly_index"),
+                   "patch_flip": section.get("flip_rate"), "blend": section.get("blend")}
+            asr = job["implant_asr"]
+            if args.defend and "toy" in job and asr is not None and asr >= 0.5:
+                run["defenses"] = defend(job["toy"], job["trigger"], job["target"], seed, args.methods)
             runs.append(run)
             print(json.dumps({k: run[k] for k in ("attack", "seed", "implant_asr", "score", "anomalous",
                                                   "suspected_target", "scan_wall_s", "scan_cpu_s")}

@@ -53,6 +53,16 @@ def test_attack_parse():
     assert attack.label == "blend_noise (all2all, alpha=0.3)"
     with pytest.raises(UsageError):
         Attack.parse("sig:nonsense")
+    with pytest.raises(UsageError):
+        Attack("sig", rate=1.0)
+
+
+def test_rate_zero_is_a_clean_twin():
+    clean = Attack.parse("badnets_grid", rate=0.0)
+    assert clean.label == "badnets_grid (clean twin)"
+    x, y = _images(40)
+    xp, yp, mask = poison_arrays(x, y, clean.build_trigger(), clean.rate, target=0, seed=1)
+    assert not mask.any() and torch.equal(xp, x) and torch.equal(yp, y)
 
 
 class _Fixed(nn.Module):

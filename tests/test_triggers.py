@@ -203,3 +203,14 @@ def test_patch_positions_and_sweep_families():
     assert families["patch"][1][0].params_at(64, 64)["side"] == 6  # 3u at u = 2
     with pytest.raises(UsageError):
         get_trigger("patch", position="middle").apply(x)
+
+
+def test_patch_at_explicit_pixels():
+    x = torch.full((1, 1, 32, 32), 0.5)
+    out = get_trigger("patch", side=4, top=7, left=20, content="black").apply(x)[0, 0]
+    changed = torch.nonzero(out != 0.5)
+    assert changed.min(0).values.tolist() == [7, 20] and changed.max(0).values.tolist() == [10, 23]
+    only_top = get_trigger("patch", side=4, top=7, position="top_left", margin=1, content="black").apply(x)[0, 0]
+    assert torch.nonzero(only_top != 0.5).min(0).values.tolist() == [7, 1]
+    with pytest.raises(UsageError):
+        get_trigger("patch", side=4, top=30, left=0).apply(x)

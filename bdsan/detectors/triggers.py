@@ -316,9 +316,11 @@ CONTENTS = ("white", "black", "checkerboard", "random")
 
 
 def _patch_params(height: int, width: int, side: int | None = None, margin: int | None = None,
-                  position: str = "bottom_right", content: str = "white", seed: int = 7) -> dict:
+                  position: str = "bottom_right", content: str = "white", seed: int = 7, top: int | None = None,
+                  left: int | None = None) -> dict:
     u = unit(height, width)
-    return {"side": side or 3 * u, "margin": u if margin is None else margin, "u": u}
+    params = {"side": side or 3 * u, "margin": u if margin is None else margin, "u": u}
+    return params | {k: v for k, v in (("top", top), ("left", left)) if v is not None}
 
 
 @functools.lru_cache(maxsize=64)
@@ -342,14 +344,19 @@ def _patch_content(content: str, channels: int, side: int, u: int, seed: int) ->
 @register_trigger("patch", "Generic square patch: side, margin, position (corners/centre) and content (white, "
                   "black, checkerboard, random colours) — the sweep's building block", resolve=_patch_params)
 def patch(x: torch.Tensor, side: int | None = None, margin: int | None = None, position: str = "bottom_right",
-          content: str = "white", seed: int = 7) -> torch.Tensor:
+          content: str = "white", seed: int = 7, top: int | None = None, left: int | None = None) -> torch.Tensor:
+    """``top``/``left`` (pixels) place the patch anywhere and override ``position``/``margin`` on that axis."""
     height, width = x.shape[-2:]
     p = _patch_params(height, width, side, margin)
     s, m = p["side"], p["margin"]
     if position not in POSITIONS:
         raise UsageError(f"patch position {position!r} is not one of {', '.join(POSITIONS)}")
-    top = {"bottom": height - m - s, "top": m, "centre": (height - s) // 2}[position.split("_")[0]]
-    left = {"right": width - m - s, "left": m, "centre": (width - s) // 2}[position.split("_")[-1]]
+    if top is None:
+        top = {"bottom": height - m - s, "top": m, "centre": (height - s) // 2}[position.split("_")[0]]
+    if left is None:
+        left = {"right": width - m - s, "left": m, "centre": (width - s) // 2}[position.split("_")[-1]]
+    if not (0 <= top <= height - s and 0 <= left <= width - s):
+        raise UsageError(f"patch at top={top}, left={left} with side {s} does not fit a {height}×{width} image")
     return _paste(x, _patch_content(content, x.shape[1], s, p["u"], seed), top, left)
 
 

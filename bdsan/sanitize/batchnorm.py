@@ -43,20 +43,22 @@ def set_training(model: nn.Module, bn: str) -> None:
 
 
 def checkpoint_bn(model: nn.Module, bn: str, data: Holdout, batch_size: int, augment: bool = False,
-                  generator: torch.Generator | None = None) -> None:
-    """What happens to BN running statistics before a checkpoint is judged (``reestimate`` modes only)."""
+                  generator: torch.Generator | None = None, transform=None) -> None:
+    """What happens to BN running statistics before a checkpoint is judged (``reestimate`` modes only).
+    ``transform`` (batch → batch) makes the re-estimation batches look like the training batches (e.g. stamped)."""
     if bn == "reestimate":
-        reestimate_bn(model, data, batch_size)
+        reestimate_bn(model, data, batch_size, transform=transform)
     elif bn == "reestimate-augmented":
         reestimate_bn(model, data, batch_size, augment_passes=AUGMENTED_PASSES if augment else 0,
-                      generator=generator)
+                      generator=generator, transform=transform)
 
 
 @torch.no_grad()
 def reestimate_bn(model: nn.Module, data: Holdout, batch_size: int, augment_passes: int = 0,
-                  generator: torch.Generator | None = None) -> None:
+                  generator: torch.Generator | None = None, transform=None) -> None:
     """Recompute BN running statistics with no-grad passes over the data (ALGORITHMS §0.5): one unaugmented pass,
-    or ``augment_passes`` passes of crop+flip copies (the distribution the network was trained to normalise)."""
+    or ``augment_passes`` passes of crop+flip copies (the distribution the network was trained to normalise);
+    ``transform`` is applied to each batch after augmentation."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns or len(data) == 0:
         return
@@ -71,6 +73,8 @@ def reestimate_bn(model: nn.Module, data: Holdout, batch_size: int, augment_pass
         for x, _ in data.float_batches(batch_size):
             if augment_passes:
                 x = augment_batch(x, generator)
+            if transform is not None:
+                x = transform(x)
             with autocast(x.device):
                 model(x)
     for bn, momentum in zip(bns, momenta):

@@ -47,8 +47,9 @@ class Attack:
     def __post_init__(self):
         if self.mode not in POISON_MODES:
             raise UsageError(f"attack {self.trigger}: mode {self.mode!r} is not one of {', '.join(POISON_MODES)}")
-        if not 0 < self.rate < 1:
-            raise UsageError(f"attack {self.trigger}: poison rate must be in (0, 1), got {self.rate}")
+        if not 0 <= self.rate < 1:
+            raise UsageError(f"attack {self.trigger}: poison rate must be in [0, 1), got {self.rate} "
+                             "(0 trains a clean twin)")
 
     @classmethod
     def parse(cls, text: str, rate: float = 0.1, target: int = 0, mode: str = "all2one") -> "Attack":
@@ -70,6 +71,8 @@ class Attack:
     def label(self) -> str:
         """Short name for tables: the trigger, plus the mode and overrides when not default."""
         extras = ([] if self.mode == "all2one" else [self.mode]) + [f"{k}={v}" for k, v in self.params]
+        if self.rate == 0:
+            extras = ["clean twin"] + extras
         return self.trigger + (f" ({', '.join(extras)})" if extras else "")
 
     def build_trigger(self):

@@ -1,0 +1,75 @@
+"""Development probe: one cached benchmark model × one defense variant, measured on a *development* test slice.
+
+Recipe choices are made here, never on the tables' test slice: the model comes from the harness cache (same
+training arguments as ``run.py``), the defense runs through ``bdsan.sanitize.pipeline.sanitize`` with nothing
+written (``out_dir=None``), and the defended model — before any rollback, so the variant's own effect shows — is
+measured on ``x_test[5000:7000]`` (disjoint from the ``x_test[:2000]`` that ``run.py`` reports on).
+
+    python benchmarks/probe.py --data /work/shared/data/cifar10.npz --n-train 20000 --attack blend_noise \\
+        --defense unlearn --param regularizer=l2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import torch
+
+from bdsan.device import resolve_device
+from bdsan.report import json_safe
+from bdsan.train.zoo import RECIPES, Attack, attack_metrics, load_dataset, train_backdoored
+
+DEV = slice(5000, 7000)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--attack", required=True, help="NAME[:mode][:key=value,...] as in run.py")
+    parser.add_argument("--defense", required=True)
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--recipe", default="cpu", choices=sorted(RECIPES))
+    parser.add_argument("--n-train", type=int, default=20000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-acc-drop", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--cache", default=".cache/bdsan-bench")
+    parser.add_argument("--details", action="store_true", help="print the defense's details (epochs, triggers)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    data = load_dataset(args.data)
+    attack = Attack.parse(args.attack)
+    backdoored = train_backdoored(data, attack, RECIPES[args.recipe], n_train=args.n_train, seed=args.seed,
+                                  device=device, cache_dir=args.cache)
+    params = dict(p.split("=", 1) for p in args.param)
+    x_dev, y_dev = data.x_test[DEV].to(device), data.y_test[DEV].to(device)
+
+    def dev(model) -> dict:
+        return attack_metrics(model.normalized().to(device).eval(), x_dev, y_dev, attack, data.num_classes)
+
+    from bdsan.sanitize.pipeline import sanitize
+
+    started = time.perf_counter()
+    report = sanitize(backdoored.model, backdoored.holdout, args.defense, params, None, seed=args.seed,
+                      device=device, max_acc_drop=args.max_acc_drop, progress=lambda *a: None)
+    seconds = time.perf_counter() - started
+    data_out = report.to_dict()
+    result = {"attack": attack.label, "defense": args.defense, "params": params, "seconds": round(seconds, 1),
+              "before": dev(backdoored.model), "after": dev(report.defended),
+              "rolled_back": bool((data_out["defense"].get("guard") or {}).get("rolled_back"))}
+    print(json.dumps(json_safe({k: result[k] for k in ("attack", "defense", "params", "seconds", "rolled_back")})))
+    for phase in ("before", "after"):
+        m = result[phase]
+        print(f"  dev {phase:6s}: CA {100 * m['ca']:.1f}  ASR {100 * m['asr']:.1f}  RA {100 * m['ra']:.1f}")
+    if args.details:
+        print(json.dumps(json_safe(data_out["defense"]["details"]), indent=1)[:6000])
+    return result
+
+
+if __name__ == "__main__":
+    main()
