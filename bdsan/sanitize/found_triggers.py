@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from torch import nn
 
 from ..io.data import Holdout
@@ -61,3 +62,37 @@ def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, a
                                        "flip_rate", "mask_l1", "steps_run", "time_s") if k in section}
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return found, summary
+
+
+def stamp_leading(x: torch.Tensor, triggers: list, fraction: float, generator: torch.Generator, jitter: int = 0
+                  ) -> tuple[torch.Tensor, int]:
+    """(images, n): the first n = round(``fraction``·len(x)) (at least 1 when ``fraction`` > 0) images of a
+    random batch each stamped with one randomly chosen trigger, labels untouched. Reconstructed *patch* triggers
+    are shifted by up to ``jitter`` px (roll, stamp, roll back): the scan locates a patch only to a pixel or so;
+    suite triggers and blends are stamped exactly, as found (a shifted noise blend is a different pattern)."""
+    n = max(1, int(round(fraction * len(x)))) if fraction > 0 and triggers else 0
+    if n == 0:
+        return x, 0
+    choice = torch.randint(len(triggers), (n,), generator=generator)
+    out = x.clone()
+    for index, trigger in enumerate(triggers):
+        rows = torch.nonzero(choice == index).flatten().to(x.device)
+        if not len(rows):
+            continue
+        if jitter > 0 and _is_reconstructed_patch(trigger):
+            dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
+            shifted = torch.roll(x[rows], shifts=(-dy, -dx), dims=(2, 3))
+            out[rows] = torch.roll(trigger.apply(shifted), shifts=(dy, dx), dims=(2, 3))
+        else:
+            out[rows] = trigger.apply(x[rows])
+    return out, n
+
+
+def stamped_like_training(triggers: list, fraction: float, generator: torch.Generator, jitter: int = 0):
+    """Batch → batch stamped as the fine-tuning batches are: for BN re-estimation (``bn_stamped``)."""
+    return lambda x: stamp_leading(x, triggers, fraction, generator, jitter)[0]
+
+
+def _is_reconstructed_patch(trigger) -> bool:
+    params = getattr(trigger, "params", None) or {}
+    return params.get("source") == "scan" and params.get("kind") == "patch"

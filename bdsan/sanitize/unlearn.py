@@ -33,7 +33,7 @@ from ..train.augment import augment_batch
 from ..train.loop import predict
 from .context import Context, DefenseResult
 from .batchnorm import check_bn_mode, checkpoint_bn, set_training
-from .found_triggers import gather_triggers, scan_mode
+from .found_triggers import gather_triggers, scan_mode, stamp_leading, stamped_like_training
 from .guard import FitValGuard
 from .losses import distillation, frozen_copy
 from .registry import register_method
@@ -99,16 +99,6 @@ class Unlearn:
                         "timings_s": timings | {"total": round(time.perf_counter() - started, 3)}})
         return DefenseResult(model, details)
 
-    def _bn_transform(self, triggers: list, generator: torch.Generator):
-        """Batch → batch stamped like a training batch, for the BN re-estimation (None unless ``bn_stamped``)."""
-        if not self.bn_stamped:
-            return None
-
-        def stamp(x: torch.Tensor) -> torch.Tensor:
-            n = max(1, int(round(self.stamp_fraction * len(x))))
-            return torch.cat([_stamp_random(x[:n], triggers, self.jitter, generator), x[n:]])
-        return stamp
-
     def _finetune(self, model: nn.Module, train: Holdout, triggers: list, guard: FitValGuard, fit_val: Holdout,
                   ctx: Context) -> list[dict]:
         device = ctx.device
@@ -131,9 +121,7 @@ class Unlearn:
                 x, y = to_float(train.x[index]), train.y[index]
                 if self.augment:
                     x = augment_batch(x, generator)
-                n_stamped = max(1, int(round(self.stamp_fraction * batch)))
-                stamped = _stamp_random(x[:n_stamped], triggers, self.jitter, generator)
-                inputs = torch.cat([stamped, x[n_stamped:]])
+                inputs, n_stamped = stamp_leading(x, triggers, self.stamp_fraction, generator, self.jitter)
                 with autocast(device):
                     logits = model(inputs).float()
                 ce = F.cross_entropy(logits, y)
@@ -153,38 +141,15 @@ class Unlearn:
                 sums["ce"] += float(ce.detach())
                 sums["reg"] += float(reg.detach())
                 ctx.report("unlearn", step, total)
+            stamp = stamped_like_training(triggers, self.stamp_fraction, generator, self.jitter)
             checkpoint_bn(model, self.bn, train, ctx.batch_size, self.augment, generator,
-                          transform=self._bn_transform(triggers, generator))
+                          transform=stamp if self.bn_stamped else None)
             model.eval()
             objective = _triggered_error(model, fit_val, triggers, ctx.batch_size)
             guard.check(model, f"epoch {epoch}", objective=objective)
             log.append({"epoch": epoch, "ce": sums["ce"] / steps_per_epoch, "reg": sums["reg"] / steps_per_epoch,
                         "triggered_error_fit_val": objective})
         return log
-
-
-def _stamp_random(x: torch.Tensor, triggers: list, jitter: int, generator: torch.Generator) -> torch.Tensor:
-    """Stamp each image with one randomly chosen trigger. Reconstructed *patch* triggers are shifted by up to
-    ``jitter`` px (roll, stamp, roll back) since the scan locates a patch only to a pixel or so; suite triggers and
-    blends are stamped exactly, as found (a shifted noise blend is a different pattern)."""
-    choice = torch.randint(len(triggers), (len(x),), generator=generator)
-    out = x.clone()
-    for index, trigger in enumerate(triggers):
-        rows = torch.nonzero(choice == index).flatten().to(x.device)
-        if not len(rows):
-            continue
-        if jitter > 0 and _is_reconstructed_patch(trigger):
-            dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
-            shifted = torch.roll(x[rows], shifts=(-dy, -dx), dims=(2, 3))
-            out[rows] = torch.roll(trigger.apply(shifted), shifts=(dy, dx), dims=(2, 3))
-        else:
-            out[rows] = trigger.apply(x[rows])
-    return out
-
-
-def _is_reconstructed_patch(trigger) -> bool:
-    params = getattr(trigger, "params", None) or {}
-    return params.get("source") == "scan" and params.get("kind") == "patch"
 
 
 @torch.no_grad()

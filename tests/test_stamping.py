@@ -1,0 +1,30 @@
+"""Stamping found triggers on fine-tuning batches (unlearn, FMP) and on BN re-estimation batches."""
+import torch
+
+from bdsan.detectors.triggers import get_trigger
+from bdsan.sanitize.found_triggers import stamp_leading, stamped_like_training
+
+
+def test_stamps_the_leading_fraction_with_the_triggers_and_leaves_the_rest():
+    x = torch.full((8, 3, 16, 16), 0.5)
+    white = get_trigger("patch", side=3, margin=0, content="white")
+    black = get_trigger("patch", side=3, margin=0, content="black")
+    out, n = stamp_leading(x, [white, black], 0.5, torch.Generator().manual_seed(0))
+    assert n == 4
+    corners = out[:, 0, -1, -1]
+    assert set(corners[:4].tolist()) <= {0.0, 1.0} and (corners[4:] == 0.5).all()
+    assert torch.equal(x, torch.full((8, 3, 16, 16), 0.5))  # the input batch is not modified
+
+
+def test_nothing_to_stamp():
+    x = torch.rand(4, 3, 8, 8)
+    assert stamp_leading(x, [], 0.5, torch.Generator())[1] == 0
+    assert stamp_leading(x, [get_trigger("sig")], 0.0, torch.Generator())[1] == 0
+    assert stamp_leading(x[:1], [get_trigger("sig")], 0.1, torch.Generator())[1] == 1  # at least one
+
+
+def test_bn_transform_stamps_like_training():
+    x = torch.full((6, 3, 16, 16), 0.5)
+    transform = stamped_like_training([get_trigger("patch", side=3, margin=0)], 0.5, torch.Generator())
+    out = transform(x)
+    assert (out[:3, :, -1, -1] == 1.0).all() and (out[3:] == 0.5).all()
