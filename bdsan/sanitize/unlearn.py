@@ -8,8 +8,8 @@ Never the real trigger.
 
 Clean accuracy is kept by a regulariser on the clean half: ``distill`` (KL to the input model's softened outputs on
 the same clean images), ``l2`` (L2-SP: ``l2_weight``·‖θ − θ₀‖²) or ``none``; distillation kept 3.3–3.5 more
-CA points at the same ASR on the CPU benchmark models (BENCHMARKS.md "BatchNorm statistics of stamped batches"). The fit-val guard keeps the epoch with the lowest triggered error among those within
-``--max-acc-drop``.
+CA points at the same ASR on the CPU benchmark models (BENCHMARKS.md "BatchNorm statistics of stamped batches").
+The fit-val guard keeps the epoch with the lowest triggered error among those within ``--max-acc-drop``.
 
 BatchNorm: running statistics are re-estimated at every checkpoint from augmented fit images, **stamped like the
 training batches** (``bn_stamped``: the same fraction carries a found trigger). Measured on the CPU benchmark models
