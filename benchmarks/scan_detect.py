@@ -136,11 +136,10 @@ def zoo_attacks(seed: int, names: list[str]) -> list[str]:
     return [outside.get(name, name) for name in names]
 
 
-def zoo_jobs(seed: int, args):
+def zoo_jobs(seed: int, args, data):
     """Harness models (``bdsan.train.zoo``, cached) of one seed: each attack, then clean twins (poison rate 0)."""
-    from bdsan.train.zoo import RECIPES, Attack, attack_metrics, load_dataset, train_backdoored
+    from bdsan.train.zoo import RECIPES, Attack, attack_metrics, train_backdoored
 
-    data = load_dataset(args.data)
     recipe = RECIPES[args.recipe]
     specs = [(text, 0.1, seed) for text in zoo_attacks(seed, args.attacks)]
     specs += [("badnets_grid", 0.0, seed + 100 * (i + 1)) for i in range(args.clean_per_seed)]
@@ -183,8 +182,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
+    if args.data != "toy":
+        from bdsan.train.zoo import load_dataset
+        data = load_dataset(args.data)
     for seed in args.seeds:
-        for job in (toy_jobs(seed, args) if args.data == "toy" else zoo_jobs(seed, args)):
+        for job in (toy_jobs(seed, args) if args.data == "toy" else zoo_jobs(seed, args, data)):
             cpu0, wall0 = time.process_time(), time.perf_counter()
             section = scan_section(scan(job["model"], job["holdout"], steps=args.steps, seed=seed,
                                         device=args.device))
