@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--target", type=int, default=0)
     parser.add_argument("--cache", default=".cache/bdsan-bench")
     parser.add_argument("--steps", type=int, default=200, help="scan steps")
+    parser.add_argument("--kinds", nargs="+", default=None, help="scan kinds (default: the scan's default)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--clean-per-seed", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench_out/scan"))
@@ -188,8 +189,9 @@ def main() -> None:
     for seed in args.seeds:
         for job in (toy_jobs(seed, args) if args.data == "toy" else zoo_jobs(seed, args, data)):
             cpu0, wall0 = time.process_time(), time.perf_counter()
+            kinds = {"kinds": tuple(args.kinds)} if args.kinds else {}
             section = scan_section(scan(job["model"], job["holdout"], steps=args.steps, seed=seed,
-                                        device=args.device))
+                                        device=args.device, **kinds))
             scan_wall, scan_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
             scores = [s for s in section["score"] if s is not None]
             run = {"seed": seed, "attack": job["attack"], "target": job["target"], "where": job["where"],
@@ -199,7 +201,8 @@ def main() -> None:
                    "suspected_target": section["suspected_target"], "anomalous_classes": section["anomalous_classes"],
                    "anomalous_kinds": section["anomalous_kinds"], "steps_run": section["steps_run"],
                    "mask_l1": section.get("mask_l1"), "patch_index": section.get("anomaly_index"),
-                   "patch_flip": section.get("flip_rate"), "blend": section.get("blend")}
+                   "patch_flip": section.get("flip_rate"), "blend": section.get("blend"),
+                   "stripes": section.get("stripes")}
             asr = job["implant_asr"]
             if args.defend and "toy" in job and asr is not None and asr >= 0.5:
                 run["defenses"] = defend(job["toy"], job["trigger"], job["target"], seed, args.methods)

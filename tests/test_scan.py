@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import scan_helpers
 import torch
 from scan_helpers import UNKNOWN_TARGET
 
-from bdsan.detectors.scan import anomalous_triggers, scan, scan_section
+from bdsan.detectors.scan import _anomaly_index, anomalous_triggers, scan, scan_section
 from bdsan.detectors.triggers import Trigger
 
 SCAN_STEPS = 150  # early stopping usually ends sooner; toy scale
@@ -77,3 +78,29 @@ def test_scan_is_seeded(unknown_patch_toy):
     first = scan(toy.model, toy.holdout, steps=5, seed=3, device="cpu", kinds=("patch",))
     second = scan(toy.model, toy.holdout, steps=5, seed=3, device="cpu", kinds=("patch",))
     assert first["mask_l1"] == second["mask_l1"]
+
+
+def test_anomaly_index_leaves_the_class_out_of_its_own_reference():
+    # The toy unknown-patch model's mask sizes: the target's is ~10× smaller than the others, which spread 4×.
+    # With the target inside its own MAD the index was 1.7 (not flagged); measured against the others it is > 3.
+    index = _anomaly_index(np.array([174.0, 157.0, 6.2, 51.0, 62.0]))
+    assert index[2] > 3
+    assert np.all(np.delete(index, 2) < 2)
+    # A tight set without an outlier: its smallest member scores higher than it would inside its own reference
+    # (2.2 here), but nowhere near a real outlier; the verdict's size rule (≤ half the median) is what keeps it clean.
+    assert np.all(_anomaly_index(np.array([50.0, 60.0, 55.0, 70.0, 45.0, 65.0])) < 3)
+
+
+def test_stripes_kind_is_made_of_rows_and_columns(unknown_patch_toy):
+    toy = unknown_patch_toy
+    result = scan(toy.model, toy.holdout, steps=3, seed=0, device="cpu", kinds=("stripes",))
+    section = scan_section(result)
+    assert len(section["stripes"]["mean_abs_delta"]) == toy.model.num_classes
+    json.dumps(section)
+    trigger = next(t for t in result["reconstructed"] if t.params["kind"] == "stripes")
+    x = torch.full((2, 3, 32, 32), 0.5)
+    delta = trigger.apply(x) - x
+    # δ = ε·tanh(c_j + r_i): monotone in c_j + r_i, so the order of columns is the same on every row.
+    order = delta[0, 0].argsort(dim=1)
+    assert torch.equal(order, order[:1].expand_as(order))
+    assert delta.abs().max() > 0

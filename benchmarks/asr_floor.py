@@ -1,0 +1,70 @@
+"""ASR floor: how often a clean model, trained like the harness's backdoored ones, predicts the target anyway.
+
+A defended model cannot be expected to fall below what a model that never saw the trigger does: on a 73%-accurate
+CPU-recipe model a quarter of stamped images are misclassified, and some of those land on the target by chance or
+because the trigger itself looks like the target. For each clean twin (``bdsan.train.zoo``, poison rate 0, the
+same cache as ``benchmarks/run.py`` and ``benchmarks/scan_detect.py``) and each attack, this measures the attack's
+ASR on the test slice with the attack's own trigger, next to the twin's clean accuracy and the rate at which it
+predicts the target for the same images without any trigger.
+
+    python benchmarks/asr_floor.py --data /work/shared/data/cifar10.npz --seeds 101 --out bench_out/asr-floor
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from bdsan.train.loop import predict
+from bdsan.train.zoo import RECIPES, Attack, attack_metrics, load_dataset, train_backdoored
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="benchmark .npz")
+    parser.add_argument("--attacks", nargs="+", default=["badnets_grid", "blend_noise", "sig", "trojan_patch"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[101], help="clean-twin training seeds")
+    parser.add_argument("--recipe", default="cpu")
+    parser.add_argument("--n-train", type=int, default=20000)
+    parser.add_argument("--test-n", type=int, default=2000, help="evaluate on x_test[:N] (the tables' test slice)")
+    parser.add_argument("--target", type=int, default=0)
+    parser.add_argument("--cache", default=".cache/bdsan-bench")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("bench_out/asr-floor"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(args.data)
+    x, y = data.x_test[:args.test_n], data.y_test[:args.test_n]
+    rows = []
+    for seed in args.seeds:
+        twin = train_backdoored(data, Attack.parse("badnets_grid", rate=0.0, target=args.target), RECIPES[args.recipe],
+                                n_train=args.n_train or None, seed=seed, cache_dir=args.cache or None)
+        net = twin.model.normalized().eval()
+        others = y != args.target
+        untriggered = float((predict(net, x[others], 512) == args.target).float().mean())
+        for text in args.attacks:
+            attack = Attack.parse(text, rate=0.1, target=args.target)
+            metrics = attack_metrics(net, x, y, attack, data.num_classes)
+            rows.append({"seed": seed, "attack": attack.label, "ca": metrics["ca"], "asr": metrics["asr"],
+                         "ra": metrics["ra"], "untriggered": untriggered, "train_s": round(twin.train_seconds, 1), "cached": twin.from_cache})
+            print(json.dumps(rows[-1]), flush=True)
+    lines = [f"date {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}, "
+             f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
+             f"recipe {args.recipe}, n_train {args.n_train}, test x_test[:{args.test_n}], target {args.target}",
+             "", "| clean twin seed | attack trigger | CA | ASR (floor) | RA | target rate without trigger |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['seed']} | {r['attack']} | {r['ca']:.3f} | {r['asr']:.3f} | {r['ra']:.3f} | {r['untriggered']:.3f} |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "results.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
