@@ -313,8 +313,7 @@ def audit_command(model_path, arch, num_classes, trust_code, preset, mean, std, 
 @click.option("--steps", type=click.IntRange(1), default=200, show_default=True,
               help="Optimisation steps (early stopping usually ends sooner).")
 @click.option("--kinds", default="patch,blend", show_default=True,
-              help="Trigger kinds to reverse-engineer: patch (mask + pattern), blend (full-image additive), "
-                   "stripes (additive, made of full rows and columns, e.g. SIG; opt-in, +50% time).")
+              help="Trigger kinds to reverse-engineer: patch (mask + pattern), blend (full-image additive).")
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
               help="Write PNGs of every reconstructed trigger and of it stamped on sample images (new directory).")
 @click.option("--force", is_flag=True, help="Replace an existing --out-dir.")

@@ -201,8 +201,7 @@ def main() -> None:
                    "suspected_target": section["suspected_target"], "anomalous_classes": section["anomalous_classes"],
                    "anomalous_kinds": section["anomalous_kinds"], "steps_run": section["steps_run"],
                    "mask_l1": section.get("mask_l1"), "patch_index": section.get("anomaly_index"),
-                   "patch_flip": section.get("flip_rate"), "blend": section.get("blend"),
-                   "stripes": section.get("stripes")}
+                   "patch_flip": section.get("flip_rate"), "blend": section.get("blend")}
             asr = job["implant_asr"]
             if args.defend and "toy" in job and asr is not None and asr >= 0.5:
                 run["defenses"] = defend(job["toy"], job["trigger"], job["target"], seed, args.methods)

@@ -6,10 +6,8 @@ batched problem (each step forwards (2K)×B stamped images, chunked by ``batch_s
 * ``patch``: x' = (1−m)·x + m·p with m = sigmoid(a) (1×H×W) and p = sigmoid(b) (C×H×W); loss = CE(f(x'), t)
   + λ_t·mean(m). A real patch backdoor needs a far smaller mask for its target than any clean class needs.
 * ``blend``: x' = clip(x + δ), δ = ε·tanh(d) (C×H×W, full image); loss = CE + λ_t·mean(|δ|). Covers blended and
-  additive triggers (noise blends, low-frequency) that no small mask reproduces.
-* ``stripes``: as ``blend`` but δ = ε·tanh(c + r) with c constant over rows (C×1×W) and r constant over columns
-  (C×H×1): additive patterns made of lines (SIG's sine, stripe blends). A clean class's universal perturbation
-  needs free pixels, so restricted to lines it grows; a line trigger's target does not.
+  additive triggers (noise blends, low-frequency) that no small mask reproduces. It does not single out SIG: a
+  sine of amplitude 40/255 is larger than the universal perturbation any class has (BENCHMARKS.md, scan).
 
 λ_t adapts per trigger (raised ×1.5 after ``patience`` steps at ≥ ``success`` flip rate, lowered ÷1.5^1.5 after
 ``patience`` steps below it); the smallest trigger that reached ``success`` on a batch is kept. Optimisation sees
@@ -40,8 +38,7 @@ from ..io.models import LoadedModel
 
 log = logging.getLogger("bdsan.scan")
 
-KINDS = ("patch", "blend", "stripes")
-DEFAULT_KINDS = ("patch", "blend")
+KINDS = ("patch", "blend")
 MAD_TO_SIGMA = 1.4826
 
 
@@ -62,11 +59,11 @@ class ScanSettings:
     anomaly_threshold: float = 2.0
     flip_threshold: float = 0.5
     max_norm_ratio: float = 0.5
-    kinds: tuple[str, ...] = DEFAULT_KINDS
+    kinds: tuple[str, ...] = KINDS
 
 
 class _TriggerBank:
-    """K triggers per kind (patch, blend, stripes) as stacked tensors; :meth:`parts` gives them in pixel space."""
+    """K triggers per kind (patch, blend) as stacked tensors; :meth:`parts` gives them in pixel space."""
 
     def __init__(self, kinds: tuple[str, ...], num_classes: int, shape: tuple[int, int, int], epsilon: float,
                  mask_init: float, generator: torch.Generator, device: torch.device):
@@ -81,23 +78,19 @@ class _TriggerBank:
         if "blend" in kinds:
             delta = 0.05 * torch.randn(num_classes, channels, height, width, generator=generator)
             self.params["blend"] = [delta.to(device).requires_grad_()]
-        if "stripes" in kinds:
-            columns = 0.05 * torch.randn(num_classes, channels, 1, width, generator=generator)
-            rows = 0.05 * torch.randn(num_classes, channels, height, 1, generator=generator)
-            self.params["stripes"] = [columns.to(device).requires_grad_(), rows.to(device).requires_grad_()]
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for kind in self.kinds for t in self.params[kind]]
 
     def parts(self, kind: str) -> dict[str, torch.Tensor]:
-        """The trigger in pixel space: ``mask``/``pattern`` (patch) or ``delta`` (additive kinds), K-stacked."""
+        """The trigger in pixel space: ``mask``/``pattern`` (patch) or ``delta`` (blend), K-stacked."""
         if kind == "patch":
             mask, pattern = self.params["patch"]
             return {"mask": torch.sigmoid(mask), "pattern": torch.sigmoid(pattern)}
-        return {"delta": self.epsilon * torch.tanh(sum(self.params[kind]))}
+        return {"delta": self.epsilon * torch.tanh(self.params["blend"][0])}
 
     def norms(self, kind: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-class size: mean mask value (patch) or mean |δ| (additive kinds)."""
+        """Per-class size: mean mask value (patch) or mean |δ| (blend)."""
         if kind == "patch":
             return parts["mask"].flatten(1).mean(1)
         return parts["delta"].abs().flatten(1).mean(1)
@@ -383,7 +376,7 @@ def _png(array: np.ndarray, scale: int) -> bytes:
 
 @torch.no_grad()
 def _render_pngs(bank: dict, section: dict, held: Holdout, sample_images: int) -> dict[str, bytes]:
-    """Per class and kind: ``<kind>_class<t>_trigger.png`` (patch: pattern·mask | mask; additive: 0.5+δ) and
+    """Per class and kind: ``<kind>_class<t>_trigger.png`` (patch: pattern·mask | mask; blend: 0.5+δ) and
     ``<kind>_class<t>_stamped.png`` (a row of sample held-out images with the trigger stamped)."""
     height, width = held.image_size
     scale = max(1, 128 // max(height, width))
