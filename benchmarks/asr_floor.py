@@ -31,7 +31,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[101], help="clean-twin training seeds")
     parser.add_argument("--recipe", default="cpu")
     parser.add_argument("--n-train", type=int, default=20000)
-    parser.add_argument("--test-n", type=int, default=2000, help="evaluate on x_test[:N] (the tables' test slice)")
+    parser.add_argument("--test-n", type=int, default=2000, help="evaluate on x_test[offset:offset + N]")
+    parser.add_argument("--offset", type=int, default=0,
+                        help="0: the tables' test slice; 5000: the development slice of benchmarks/probe.py")
     parser.add_argument("--target", type=int, default=0)
     parser.add_argument("--cache", default=".cache/bdsan-bench")
     parser.add_argument("--threads", type=int, default=2)
@@ -40,7 +42,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(args.data)
-    x, y = data.x_test[:args.test_n], data.y_test[:args.test_n]
+    window = slice(args.offset, args.offset + args.test_n)
+    x, y = data.x_test[window], data.y_test[window]
     rows = []
     for seed in args.seeds:
         twin = train_backdoored(data, Attack.parse("badnets_grid", rate=0.0, target=args.target), RECIPES[args.recipe],
@@ -56,7 +59,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     lines = [f"date {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}, "
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
-             f"recipe {args.recipe}, n_train {args.n_train}, test x_test[:{args.test_n}], target {args.target}",
+             f"recipe {args.recipe}, n_train {args.n_train}, test x_test[{args.offset}:{args.offset + args.test_n}], target {args.target}",
              "", "| clean twin seed | attack trigger | CA | ASR (floor) | RA | target rate without trigger |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['seed']} | {r['attack']} | {r['ca']:.3f} | {r['asr']:.3f} | {r['ra']:.3f} | {r['untriggered']:.3f} |" for r in rows]
