@@ -1,0 +1,76 @@
+"""Re-score stored scan results with another anomaly-index rule, without re-scanning.
+
+The scan's per-class trigger sizes and held-out flip rates (``results.json`` of ``benchmarks/scan_detect.py``) do not
+depend on the verdict, so index rules can be compared offline: choose on a development run, then report on the
+evaluation run.
+
+    python benchmarks/rescore_scan.py bench_out/scan-toy-dev/results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from scan_detect import roc_auc, tpr_at_fpr
+
+MAD_TO_SIGMA = 1.4826
+
+
+def index_all(norms: np.ndarray, floor: float) -> np.ndarray:
+    """The class inside its own reference (Neural Cleanse's rule, on log sizes)."""
+    logs = np.log(np.maximum(norms, 1e-12))
+    median = np.median(logs)
+    return (median - logs) / max(MAD_TO_SIGMA * np.median(np.abs(logs - median)), floor)
+
+
+def index_leave_one_out(norms: np.ndarray, floor: float) -> np.ndarray:
+    """Each class against the other classes only."""
+    logs = np.log(np.maximum(norms, 1e-12))
+    others = np.stack([np.delete(logs, t) for t in range(len(logs))])
+    median = np.median(others, axis=1)
+    return (median - logs) / np.maximum(MAD_TO_SIGMA * np.median(np.abs(others - median[:, None]), axis=1), floor)
+
+
+RULES = {"all, floor 0.05": (index_all, 0.05), "leave-one-out, floor 0.05": (index_leave_one_out, 0.05)}
+RULES |= {f"leave-one-out, floor {f}": (index_leave_one_out, f) for f in (0.1, 0.2, 0.3, 0.5)}
+RULES |= {f"all, floor {f}": (index_all, f) for f in (0.1, 0.2, 0.3, 0.5)}
+
+
+def rescore(run: dict, rule, floor: float, threshold: float = 2.0, flip_min: float = 0.5, ratio: float = 0.5):
+    """(score, anomalous, suspected) of one stored run under ``rule``."""
+    best, flagged, suspected = -np.inf, False, None
+    kinds = [(np.asarray(run["mask_l1"]), np.asarray(run["patch_flip"]))] if run.get("mask_l1") else []
+    if run.get("blend"):
+        kinds.append((np.asarray(run["blend"]["mean_abs_delta"]), np.asarray(run["blend"]["flip_rate"])))
+    for norms, flips in kinds:
+        index = rule(norms, floor)
+        usable = np.where(flips >= flip_min, index, -np.inf)
+        if usable.max() > best:
+            best, suspected = float(usable.max()), int(usable.argmax())
+        flagged |= bool(((index > threshold) & (flips >= flip_min) & (norms <= ratio * np.median(norms))).any())
+    return (best if np.isfinite(best) else -10.0), flagged, suspected
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", help="results.json files of scan_detect.py")
+    args = parser.parse_args()
+    runs = [r for path in args.results for r in json.loads(open(path).read())]
+    positives = [r for r in runs if r["backdoored"] and (r["implant_asr"] or 0) >= 0.5]
+    negatives = [r for r in runs if not r["backdoored"]]
+    print(f"{len(positives)} backdoored, {len(negatives)} clean")
+    print("| rule | ROC-AUC | TPR@5%FPR | flagged backdoored (right target) | flagged clean |")
+    print("|---|---|---|---|---|")
+    for name, (rule, floor) in RULES.items():
+        pos = [rescore(r, rule, floor) for r in positives]
+        neg = [rescore(r, rule, floor) for r in negatives]
+        right = sum(f and s == r["target"] for (_, f, s), r in zip(pos, positives))
+        print(f"| {name} | {roc_auc([p[0] for p in pos], [n[0] for n in neg]):.3f} "
+              f"| {tpr_at_fpr([p[0] for p in pos], [n[0] for n in neg]):.2f} "
+              f"| {sum(p[1] for p in pos)}/{len(pos)} ({right}) | {sum(n[1] for n in neg)}/{len(neg)} |")
+
+
+if __name__ == "__main__":
+    main()
