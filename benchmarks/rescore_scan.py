@@ -13,28 +13,19 @@ import json
 
 import numpy as np
 
+from bdsan.detectors.scan import MAD_TO_SIGMA, _anomaly_index
 from scan_detect import roc_auc, tpr_at_fpr
-
-MAD_TO_SIGMA = 1.4826
 
 
 def index_all(norms: np.ndarray, floor: float) -> np.ndarray:
-    """The class inside its own reference (Neural Cleanse's rule, on log sizes)."""
+    """The class inside its own reference (Neural Cleanse's rule, on log sizes; the scan's rule before 977eaa2)."""
     logs = np.log(np.maximum(norms, 1e-12))
     median = np.median(logs)
     return (median - logs) / max(MAD_TO_SIGMA * np.median(np.abs(logs - median)), floor)
 
 
-def index_leave_one_out(norms: np.ndarray, floor: float) -> np.ndarray:
-    """Each class against the other classes only."""
-    logs = np.log(np.maximum(norms, 1e-12))
-    others = np.stack([np.delete(logs, t) for t in range(len(logs))])
-    median = np.median(others, axis=1)
-    return (median - logs) / np.maximum(MAD_TO_SIGMA * np.median(np.abs(others - median[:, None]), axis=1), floor)
-
-
-RULES = {"all, floor 0.05": (index_all, 0.05), "leave-one-out, floor 0.05": (index_leave_one_out, 0.05)}
-RULES |= {f"leave-one-out, floor {f}": (index_leave_one_out, f) for f in (0.1, 0.2, 0.3, 0.5)}
+RULES = {"all, floor 0.05": (index_all, 0.05), "leave-one-out, floor 0.05": (_anomaly_index, 0.05)}
+RULES |= {f"leave-one-out, floor {f}": (_anomaly_index, f) for f in (0.1, 0.2, 0.3, 0.5)}
 RULES |= {f"all, floor {f}": (index_all, f) for f in (0.1, 0.2, 0.3, 0.5)}
 
 

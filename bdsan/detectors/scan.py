@@ -104,7 +104,7 @@ def _stamp(kind: str, parts: dict[str, torch.Tensor], rows: torch.Tensor, x: tor
     return (x + parts["delta"][rows]).clamp(0, 1)
 
 
-def _anomaly_index(norms: np.ndarray) -> np.ndarray:
+def _anomaly_index(norms: np.ndarray, mad_floor: float = 0.05) -> np.ndarray:
     """Low-side MAD anomaly index on log norms: how many robust standard deviations a trigger's size lies *below*
     the median of the *other* classes' sizes. Sizes are scale quantities (a backdoor's trigger is several times
     smaller, not a fixed amount), and on the log scale one huge clean class no longer inflates the MAD. Leaving the
@@ -116,7 +116,7 @@ def _anomaly_index(norms: np.ndarray) -> np.ndarray:
         return np.zeros(count)
     others = np.stack([np.delete(logs, t) for t in range(count)])
     median = np.median(others, axis=1)
-    mad = np.maximum(MAD_TO_SIGMA * np.median(np.abs(others - median[:, None]), axis=1), 0.05)
+    mad = np.maximum(MAD_TO_SIGMA * np.median(np.abs(others - median[:, None]), axis=1), mad_floor)
     return (median - logs) / mad
 
 
