@@ -55,14 +55,17 @@ def main() -> None:
             attack = Attack.parse(text, rate=0.1, target=args.target)
             metrics = attack_metrics(net, x, y, attack, data.num_classes)
             rows.append({"seed": seed, "attack": attack.label, "ca": metrics["ca"], "asr": metrics["asr"],
-                         "ra": metrics["ra"], "untriggered": untriggered, "train_s": round(twin.train_seconds, 1), "cached": twin.from_cache})
+                         "ra": metrics["ra"], "untriggered": untriggered, "train_s": round(twin.train_seconds, 1),
+                         "cached": twin.from_cache})
             print(json.dumps(rows[-1]), flush=True)
     lines = [f"date {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}, "
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
-             f"recipe {args.recipe}, n_train {args.n_train}, test x_test[{args.offset}:{args.offset + args.test_n}], target {args.target}",
+             f"recipe {args.recipe}, n_train {args.n_train}, test x_test[{window.start}:{window.stop}], "
+             f"target {args.target}",
              "", "| clean twin seed | attack trigger | CA | ASR (floor) | RA | target rate without trigger |",
              "|---|---|---|---|---|---|"]
-    lines += [f"| {r['seed']} | {r['attack']} | {r['ca']:.3f} | {r['asr']:.3f} | {r['ra']:.3f} | {r['untriggered']:.3f} |" for r in rows]
+    lines += [f"| {r['seed']} | {r['attack']} | {r['ca']:.3f} | {r['asr']:.3f} | {r['ra']:.3f} "
+              f"| {r['untriggered']:.3f} |" for r in rows]
     text = "\n".join(lines) + "\n"
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     (args.out / "results.md").write_text(text)

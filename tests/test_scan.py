@@ -89,4 +89,3 @@ def test_anomaly_index_leaves_the_class_out_of_its_own_reference():
     # A tight set without an outlier: its smallest member scores higher than it would inside its own reference
     # (2.2 here), but nowhere near a real outlier; the verdict's size rule (≤ half the median) is what keeps it clean.
     assert np.all(_anomaly_index(np.array([50.0, 60.0, 55.0, 70.0, 45.0, 65.0])) < 3)
-

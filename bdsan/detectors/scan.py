@@ -312,12 +312,11 @@ def _verdict(bank: dict, flip: dict, cfg: ScanSettings, holdout: Holdout, model:
             section["flip_rate"] = [float(v) for v in flips]
             section["anomaly_index"] = [float(v) for v in index]
         else:
-            section[kind] = {"mean_abs_delta": [float(v) for v in norms], "flip_rate": [float(v) for v in flips],
-                             "anomaly_index": [float(v) for v in index]}
+            section["blend"] = {"mean_abs_delta": [float(v) for v in norms], "flip_rate": [float(v) for v in flips],
+                                "anomaly_index": [float(v) for v in index]}
     if "patch" not in cfg.kinds:  # the SPEC names stay meaningful with --kinds blend
-        first = section[cfg.kinds[0]]
-        section["mask_l1"], section["flip_rate"] = None, first["flip_rate"]
-        section["anomaly_index"] = first["anomaly_index"]
+        section["mask_l1"], section["flip_rate"] = None, section["blend"]["flip_rate"]
+        section["anomaly_index"] = section["blend"]["anomaly_index"]
     suspected = int(np.argmax(scores)) if np.isfinite(scores).any() else None
     section["score"] = [float(v) if np.isfinite(v) else None for v in scores]
     section["suspected_target"] = suspected
