@@ -2,7 +2,7 @@
 
 Generate a small image task, train a tiny backdoored model, audit it (the gate fails), sanitize it through the real
 pipeline (audit → defense → audit → ONNX export → audit of the export), and draw the trigger and the ASR before and
-after. Needs nothing but the installed package; about half a minute on two CPU cores.
+after. Needs nothing but the installed package; half a minute to a minute and a half on two CPU cores.
 """
 from __future__ import annotations
 
