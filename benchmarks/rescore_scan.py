@@ -27,10 +27,15 @@ def index_all(norms: np.ndarray, floor: float) -> np.ndarray:
 RULES = {"all, floor 0.05": (index_all, 0.05), "leave-one-out, floor 0.05": (_anomaly_index, 0.05)}
 RULES |= {f"leave-one-out, floor {f}": (_anomaly_index, f) for f in (0.1, 0.2, 0.3, 0.5)}
 RULES |= {f"all, floor {f}": (index_all, f) for f in (0.1, 0.2, 0.3, 0.5)}
+GATED = "leave-one-out, floor 0.05, size-gated score"
 
 
-def rescore(run: dict, rule, floor: float, threshold: float = 2.0, flip_min: float = 0.5, ratio: float = 0.5):
-    """(score, anomalous, suspected) of one stored run under ``rule``."""
+def rescore(run: dict, rule, floor: float, threshold: float = 2.0, flip_min: float = 0.5, ratio: float = 0.5,
+            size_gated: bool = False):
+    """(score, anomalous, suspected) of one stored run under ``rule``.
+
+    ``size_gated``: the ranking score first takes classes that also pass the verdict's size test (norm ≤ ``ratio`` ×
+    median), and ranks the others 100 lower (the scan's score ignores the size test)."""
     best, flagged, suspected = -np.inf, False, None
     kinds = [(np.asarray(run["mask_l1"]), np.asarray(run["patch_flip"]))] if run.get("mask_l1") else []
     if run.get("blend"):
@@ -38,6 +43,8 @@ def rescore(run: dict, rule, floor: float, threshold: float = 2.0, flip_min: flo
     for norms, flips in kinds:
         index = rule(norms, floor)
         usable = np.where(flips >= flip_min, index, -np.inf)
+        if size_gated:
+            usable = np.where(norms <= ratio * np.median(norms), usable, usable - 100)
         if usable.max() > best:
             best, suspected = float(usable.max()), int(usable.argmax())
         flagged |= bool(((index > threshold) & (flips >= flip_min) & (norms <= ratio * np.median(norms))).any())
@@ -54,9 +61,10 @@ def main() -> None:
     print(f"{len(positives)} backdoored, {len(negatives)} clean")
     print("| rule | ROC-AUC | TPR@5%FPR | flagged backdoored (right target) | flagged clean |")
     print("|---|---|---|---|---|")
-    for name, (rule, floor) in RULES.items():
-        pos = [rescore(r, rule, floor) for r in positives]
-        neg = [rescore(r, rule, floor) for r in negatives]
+    for name, (rule, floor) in [*RULES.items(), (GATED, (_anomaly_index, 0.05))]:
+        gated = name == GATED
+        pos = [rescore(r, rule, floor, size_gated=gated) for r in positives]
+        neg = [rescore(r, rule, floor, size_gated=gated) for r in negatives]
         right = sum(f and s == r["target"] for (_, f, s), r in zip(pos, positives))
         print(f"| {name} | {roc_auc([p[0] for p in pos], [n[0] for n in neg]):.3f} "
               f"| {tpr_at_fpr([p[0] for p in pos], [n[0] for n in neg]):.2f} "
