@@ -34,8 +34,8 @@ def rescore(run: dict, rule, floor: float, threshold: float = 2.0, flip_min: flo
             size_gated: bool = False):
     """(score, anomalous, suspected) of one stored run under ``rule``.
 
-    ``size_gated``: the ranking score first takes classes that also pass the verdict's size test (norm ≤ ``ratio`` ×
-    median), and ranks the others 100 lower (the scan's score ignores the size test)."""
+    ``size_gated``: the ranking score first takes classes that also pass the verdict's size test
+    (norm ≤ ``ratio`` × median), and ranks the others 100 lower (the scan's score ignores the size test)."""
     best, flagged, suspected = -np.inf, False, None
     kinds = [(np.asarray(run["mask_l1"]), np.asarray(run["patch_flip"]))] if run.get("mask_l1") else []
     if run.get("blend"):

@@ -1,5 +1,5 @@
-"""benchmarks/run.py end to end at toy scale: generated data, tiny_cnn, one attack, none + ft (FMP has its own tests;
-the harness treats every registered method alike)."""
+"""benchmarks/run.py end to end at toy scale: generated data, tiny_cnn, one attack, none + ft (FMP has its own
+tests; the harness treats every registered method alike)."""
 import importlib.util
 import json
 from pathlib import Path

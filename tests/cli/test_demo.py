@@ -11,7 +11,7 @@ _DEMO: dict = {}
 
 @pytest.fixture
 def demo_run(run_cli, tmp_path_factory):
-    """One demo run shared by the tests of this module (half a minute to a minute and a half on two CPU cores)."""
+    """One demo run shared by the tests of this module (30 to 90 s on 2 CPU cores)."""
     if "run" not in _DEMO:
         out = tmp_path_factory.mktemp("demo") / "bdsan-demo"
         _DEMO["run"] = (out, run_cli("demo", "--out", str(out), "--device", "cpu"))
