@@ -24,10 +24,12 @@ def index_all(norms: np.ndarray, floor: float) -> np.ndarray:
     return (median - logs) / max(MAD_TO_SIGMA * np.median(np.abs(logs - median)), floor)
 
 
-RULES = {"all, floor 0.05": (index_all, 0.05), "leave-one-out, floor 0.05": (_anomaly_index, 0.05)}
-RULES |= {f"leave-one-out, floor {f}": (_anomaly_index, f) for f in (0.1, 0.2, 0.3, 0.5)}
-RULES |= {f"all, floor {f}": (index_all, f) for f in (0.1, 0.2, 0.3, 0.5)}
-GATED = "leave-one-out, floor 0.05, size-gated score"
+# name: (index rule, MAD floor, size-gated score)
+RULES = {"all, floor 0.05": (index_all, 0.05, False),
+         "leave-one-out, floor 0.05": (_anomaly_index, 0.05, False)}
+RULES |= {f"leave-one-out, floor {f}": (_anomaly_index, f, False) for f in (0.1, 0.2, 0.3, 0.5)}
+RULES |= {f"all, floor {f}": (index_all, f, False) for f in (0.1, 0.2, 0.3, 0.5)}
+RULES["leave-one-out, floor 0.05, size-gated score"] = (_anomaly_index, 0.05, True)
 
 
 def rescore(run: dict, rule, floor: float, threshold: float = 2.0, flip_min: float = 0.5, ratio: float = 0.5,
@@ -42,12 +44,13 @@ def rescore(run: dict, rule, floor: float, threshold: float = 2.0, flip_min: flo
         kinds.append((np.asarray(run["blend"]["mean_abs_delta"]), np.asarray(run["blend"]["flip_rate"])))
     for norms, flips in kinds:
         index = rule(norms, floor)
+        small = norms <= ratio * np.median(norms)
         usable = np.where(flips >= flip_min, index, -np.inf)
         if size_gated:
-            usable = np.where(norms <= ratio * np.median(norms), usable, usable - 100)
+            usable = np.where(small, usable, usable - 100)
         if usable.max() > best:
             best, suspected = float(usable.max()), int(usable.argmax())
-        flagged |= bool(((index > threshold) & (flips >= flip_min) & (norms <= ratio * np.median(norms))).any())
+        flagged |= bool(((index > threshold) & (flips >= flip_min) & small).any())
     return (best if np.isfinite(best) else -10.0), flagged, suspected
 
 
@@ -61,8 +64,7 @@ def main() -> None:
     print(f"{len(positives)} backdoored, {len(negatives)} clean")
     print("| rule | ROC-AUC | TPR@5%FPR | flagged backdoored (right target) | flagged clean |")
     print("|---|---|---|---|---|")
-    for name, (rule, floor) in [*RULES.items(), (GATED, (_anomaly_index, 0.05))]:
-        gated = name == GATED
+    for name, (rule, floor, gated) in RULES.items():
         pos = [rescore(r, rule, floor, size_gated=gated) for r in positives]
         neg = [rescore(r, rule, floor, size_gated=gated) for r in negatives]
         right = sum(f and s == r["target"] for (_, f, s), r in zip(pos, positives))
