@@ -1,6 +1,7 @@
 """Grouped bar charts as PNG with Pillow only (the demo and the benchmarks; no plotting library needed)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -60,7 +61,7 @@ def bar_chart(path: str | Path, groups: list[str], series: list[tuple[str, list[
         for s, (_, values) in enumerate(series):
             value = values[g] if g < len(values) else None
             x0 = x_group + s * (bar + gap)
-            if value is None or value != value:
+            if value is None or math.isnan(value):
                 draw.text((x0 + 2, top + plot_h - 16), "n/a", fill="#777777", font=small)
                 continue
             draw.rectangle([x0, y_of(value), x0 + bar, top + plot_h], fill=PALETTE[s % len(PALETTE)])

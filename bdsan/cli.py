@@ -667,7 +667,7 @@ def render_inspect_text(report: Report) -> str:
 def demo_command(out_dir, force, max_asr, device, seed, batch_size, output_format, report_path, quiet, debug):
     """Offline tour on generated data: train a tiny backdoored model, audit it (fails), sanitize it, audit again
     (passes), export ONNX, and draw the trigger and the ASR before/after."""
-    from .demo import run_demo, render_demo_text
+    from .demo import render_demo_text, run_demo
 
     if report_path:
         check_report_path(report_path)
@@ -711,7 +711,7 @@ def main(argv: list[str] | None = None) -> None:
     except MemoryError:
         click.echo("error: out of memory", err=True)
         code = EXIT_RUN
-    except Exception as exc:  # the last line of defence: no traceback unless --debug
+    except Exception as exc:  # noqa: BLE001 -- the last line of defence: no traceback unless --debug
         if debug:
             traceback.print_exc()
         oom = "out of memory" in str(exc).lower()

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .atomic import atomic_dir
 from .device import describe_device, resolve_device
@@ -193,14 +192,14 @@ def render_demo_text(result: DemoResult) -> str:
         lines.append(f"Removed by `{method}`.")
     lines += [
         f"report:          {out / 'report.json'}",
-        f"trigger preview: {out / 'triggers' / (DEMO_ATTACK + '.png')} (all triggers: "
-        f"{out / 'triggers' / 'contact_sheet.png'})",
+        (f"trigger preview: {out / 'triggers' / (DEMO_ATTACK + '.png')} (all triggers: "
+         f"{out / 'triggers' / 'contact_sheet.png'})"),
         f"ASR chart:       {out / 'asr.png'}",
     ]
     if method is not None:
         lines.append(f"sanitized model: {out / f'sanitized-{method}'} (ONNX + safetensors + the pipeline's report)")
     lines += ["", "Redo it with the CLI:",
               f"  bdsan audit {out / 'backdoored.safetensors'} --holdout {out / 'data' / 'holdout.npz'}",
-              f"  bdsan sanitize {out / 'backdoored.safetensors'} --holdout {out / 'data' / 'holdout.npz'} "
-              f"--method {method or 'fmp'} --out sanitized"]
+              (f"  bdsan sanitize {out / 'backdoored.safetensors'} --holdout {out / 'data' / 'holdout.npz'} "
+               f"--method {method or 'fmp'} --out sanitized")]
     return "\n".join(lines) + "\n"

@@ -200,9 +200,9 @@ def render_scan_table(scan: dict, class_names: list[str] | None = None) -> list[
     """Lines for the scan section: per class the reconstructed trigger sizes, held-out flip rates, anomaly index."""
     verdict = ("ANOMALOUS: class(es) " + ", ".join(_class_label(c, class_names) for c in scan["anomalous_classes"])
                if scan.get("anomalous") else "no anomalous class")
-    lines = [f"scan: {verdict}; suspected target {_class_label(scan.get('suspected_target'), class_names)} "
-             f"({scan.get('steps_run')} steps, {scan.get('time_s', 0):.1f} s, {scan.get('n_opt')} images optimised, "
-             f"{scan.get('n_eval')} held out)"]
+    lines = [(f"scan: {verdict}; suspected target {_class_label(scan.get('suspected_target'), class_names)} "
+              f"({scan.get('steps_run')} steps, {scan.get('time_s', 0):.1f} s, {scan.get('n_opt')} images optimised, "
+              f"{scan.get('n_eval')} held out)")]
     blend = scan.get("blend") or {}
     lines.append(f"  {'class':12s} {'mask px':>8s} {'flip':>7s} {'anomaly':>8s}" +
                  (f"  {'blend |δ|':>9s} {'flip':>7s} {'anomaly':>8s}" if blend else ""))

@@ -15,7 +15,6 @@ import argparse
 import datetime as dt
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -58,10 +57,10 @@ def main() -> None:
                          "ra": metrics["ra"], "untriggered": untriggered, "train_s": round(twin.train_seconds, 1),
                          "cached": twin.from_cache})
             print(json.dumps(rows[-1]), flush=True)
-    lines = [f"date {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}, "
-             f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
-             f"recipe {args.recipe}, n_train {args.n_train}, test x_test[{window.start}:{window.stop}], "
-             f"target {args.target}",
+    lines = [(f"date {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}, "
+              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
+              f"recipe {args.recipe}, n_train {args.n_train}, test x_test[{window.start}:{window.stop}], "
+              f"target {args.target}"),
              "", "| clean twin seed | attack trigger | CA | ASR (floor) | RA | target rate without trigger |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['seed']} | {r['attack']} | {r['ca']:.3f} | {r['asr']:.3f} | {r['ra']:.3f} "

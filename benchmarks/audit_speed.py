@@ -17,6 +17,7 @@ import json
 import time
 
 import torch
+from machine import cpu_model
 
 from bdsan.detectors.audit import audit, classifier_for
 from bdsan.detectors.triggers import DEFAULT_SUITE
@@ -25,7 +26,6 @@ from bdsan.io.archs import build_arch
 from bdsan.io.data import Holdout, to_float
 from bdsan.io.models import from_module
 from bdsan.io.preprocess import Preprocessing
-from machine import cpu_model
 
 
 def sync(device: torch.device) -> None:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model
 
 from bdsan.device import describe_device, resolve_device
 from bdsan.exporters.onnx import export_onnx
@@ -27,7 +28,6 @@ from bdsan.io.archs import build_arch
 from bdsan.io.models import from_module
 from bdsan.io.onnx_runtime import OnnxClassifier
 from bdsan.io.preprocess import Preprocessing
-from machine import cpu_model
 
 
 def images_per_second(run, pixels: torch.Tensor, batches: int, warmup: int, sync) -> float:

@@ -54,7 +54,7 @@ def main() -> None:
         chunk_images=args.chunk_images))
     ref_layers = layers[:args.reference_layers]
     ref_channels = sum(modules[name].out_channels for name, _ in ref_layers)
-    ref_wall, ref_cpu = timed(lambda: reference_ranking(net, ref_layers, x, y, alpha=0.02, epsilon=0.06,
+    ref_wall, _ = timed(lambda: reference_ranking(net, ref_layers, x, y, alpha=0.02, epsilon=0.06,
                                                         generator=torch.Generator().manual_seed(0)))
     # per-channel cost of the reference is a full forward + backward + forward, the same for every layer
     ref_full_wall = ref_wall / ref_channels * channels

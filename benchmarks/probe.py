@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(json_safe({k: result[k] for k in ("attack", "defense", "params", "seconds", "rolled_back")})))
     for phase in ("before", "after"):
         m = result[phase]
-        print(f"  dev {phase:6s}: CA {100 * m['ca']:.1f}  ASR {100 * m['asr']:.1f}  RA {100 * m['ra']:.1f}")
+        print(f"  dev {phase:6s}: CA {100 * m['ca']:.1f}  ASR {100 * m['asr']:.1f}  RA {100 * m['ra']:.1f}  "
+              f"target rate without trigger {100 * m['untriggered']:.1f}")
     if args.details:
         print(json.dumps(json_safe(data_out["defense"]["details"]), indent=1)[:6000])
     return result

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
+from scan_detect import roc_auc, tpr_at_fpr
 
 from bdsan.detectors.scan import MAD_TO_SIGMA, _anomaly_index
-from scan_detect import roc_auc, tpr_at_fpr
 
 
 def index_all(norms: np.ndarray, floor: float) -> np.ndarray:
@@ -58,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", help="results.json files of scan_detect.py")
     args = parser.parse_args()
-    runs = [r for path in args.results for r in json.loads(open(path).read())]
+    runs = [r for path in args.results for r in json.loads(Path(path).read_text())]
     positives = [r for r in runs if r["backdoored"] and (r["implant_asr"] or 0) >= 0.5]
     negatives = [r for r in runs if not r["backdoored"]]
     print(f"{len(positives)} backdoored, {len(negatives)} clean")

@@ -34,7 +34,15 @@ from bdsan.charts import bar_chart
 from bdsan.device import describe_device, resolve_device
 from bdsan.io.data import stratified_split
 from bdsan.report import json_safe
-from bdsan.train.zoo import RECIPES, Attack, Dataset, attack_metrics, load_dataset, synthetic_dataset, train_backdoored
+from bdsan.train.zoo import (
+    RECIPES,
+    Attack,
+    Dataset,
+    attack_metrics,
+    load_dataset,
+    synthetic_dataset,
+    train_backdoored,
+)
 
 log = logging.getLogger("bdsan.bench")
 
@@ -290,16 +298,16 @@ def render_markdown(results: dict) -> str:
              + (f" (defenses given {results['holdout_n']} of those images)" if results.get("holdout_n") else "") + ", "
              f"test images {results['test_n']}; seeds {sorted({r['seed'] for r in results['runs']})}.",
              f"Machine: {results['machine']}. Created {results['created']}.", "",
-             "CA / ASR / RA in % on the test split with the attack's own trigger (mean ± std over seeds). "
-             "Suite ASR = strongest suite trigger in the pipeline's verify-split audit after the defense. "
-             "Defense s = whole `sanitize` pipeline (audits, defense, export, export audit).", "",
-             "| attack | defense | CA before | CA after | ASR before | ASR after | RA before | RA after | suite ASR after "
-             "| train s | defense s | notes |",
+             ("CA / ASR / RA in % on the test split with the attack's own trigger (mean ± std over seeds). "
+              "Suite ASR = strongest suite trigger in the pipeline's verify-split audit after the defense. "
+              "Defense s = whole `sanitize` pipeline (audits, defense, export, export audit)."), "",
+             ("| attack | defense | CA before | CA after | ASR before | ASR after | RA before | RA after "
+              "| suite ASR after | train s | defense s | notes |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run_row in summarize(results):
         row = {k: v for k, v in run_row.items()}
 
-        def cell(key: str, scale: float = 100.0, digits: int = 1) -> str:
+        def cell(key: str, scale: float = 100.0, digits: int = 1, row: dict = row) -> str:
             mean, std = row[key]
             if math.isnan(mean):
                 return "—"

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from bdsan.detectors.audit import audit, gate_max_asr
 from bdsan.detectors.scan import scan, scan_section
 from bdsan.io.data import Holdout, split_holdout
 from bdsan.train.fixtures import corner_square, top_left_patch, train_toy_model
@@ -113,6 +114,14 @@ def defend(toy, trigger, target: int, seed: int, methods: list[str]) -> dict:
     return rows
 
 
+def suite_gate(model, holdout: Holdout, args) -> dict:
+    """The built-in suite on the scan's holdout, as ``audit --scan`` runs it: the largest ASR over triggers and
+    targets, and whether the ``--max-asr`` gate fails on it."""
+    result = audit(model, holdout, device=args.device)
+    passed, failing, highest = gate_max_asr(result, args.max_asr)
+    return {"suite_asr": round(highest, 4), "suite_failed": not passed, "suite_failing": failing}
+
+
 def toy_jobs(seed: int, args):
     """Toy models of one seed: the four attacks, then the clean twins (each trained here, in seconds)."""
     jobs = [(name, trigger, target, where, 0.1) for name, trigger, target, where in attacks(seed)]
@@ -179,15 +188,28 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--defend", action="store_true", help="toy only: also run --methods on each backdoored model")
     parser.add_argument("--methods", nargs="+", default=["unlearn", "ft", "fmp"])
+    parser.add_argument("--max-asr", type=float, default=0.2, help="the suite gate of `audit --scan` (its default)")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="a results.json of an earlier run: models it holds (same seed and attack) are not "
+                             "scanned again, its scan fields are kept and only the suite audit is added")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
+    earlier = {(r["seed"], r["attack"]): r for r in json.loads(args.reuse.read_text())} if args.reuse else {}
     if args.data != "toy":
         from bdsan.train.zoo import load_dataset
         data = load_dataset(args.data)
     for seed in args.seeds:
         for job in (toy_jobs(seed, args) if args.data == "toy" else zoo_jobs(seed, args, data)):
+            suite = suite_gate(job["model"], job["holdout"], args)
+            if (seed, job["attack"]) in earlier:
+                run = earlier[(seed, job["attack"])] | suite
+                runs.append(run)
+                print(json.dumps({k: run[k] for k in ("attack", "seed", "score", "suite_asr", "suite_failed")}),
+                      flush=True)
+                (args.out / "results.json").write_text(json.dumps(runs, indent=1))
+                continue
             cpu0, wall0 = time.process_time(), time.perf_counter()
             kinds = {"kinds": tuple(args.kinds)} if args.kinds else {}
             section = scan_section(scan(job["model"], job["holdout"], steps=args.steps, seed=seed,
@@ -201,7 +223,7 @@ def main() -> None:
                    "suspected_target": section["suspected_target"], "anomalous_classes": section["anomalous_classes"],
                    "anomalous_kinds": section["anomalous_kinds"], "steps_run": section["steps_run"],
                    "mask_l1": section.get("mask_l1"), "patch_index": section.get("anomaly_index"),
-                   "patch_flip": section.get("flip_rate"), "blend": section.get("blend")}
+                   "patch_flip": section.get("flip_rate"), "blend": section.get("blend")} | suite
             asr = job["implant_asr"]
             if args.defend and "toy" in job and asr is not None and asr >= 0.5:
                 run["defenses"] = defend(job["toy"], job["trigger"], job["target"], seed, args.methods)
@@ -213,27 +235,51 @@ def main() -> None:
     summarise(runs, args)
 
 
+def gate_summary(positives: list[dict], negatives: list[dict], max_asr: float) -> str:
+    """``audit --scan`` as a detector: the gate fails on the suite (largest ASR above ``max_asr``) or on the scan.
+    Its ranking puts every model the suite fails above every model it passes, then orders by the scan's score."""
+    def combined(r: dict) -> float:
+        return r["score"] + 1000.0 * r["suite_failed"]
+
+    def flagged(r: dict) -> bool:
+        return r["suite_failed"] or r["anomalous"]
+
+    pos, neg = [combined(r) for r in positives], [combined(r) for r in negatives]
+    suite_pos = sum(r["suite_failed"] for r in positives)
+    suite_neg = sum(r["suite_failed"] for r in negatives)
+    suite = [r["suite_asr"] for r in positives], [r["suite_asr"] for r in negatives]
+    return "\n".join([
+        (f"audit --scan (suite gate --max-asr {max_asr:g}, then the scan): ROC-AUC {roc_auc(pos, neg):.3f}, "
+         f"TPR at ≤5% FPR {tpr_at_fpr(pos, neg):.2f}; gate fails on {sum(map(flagged, positives))}/"
+         f"{len(positives)} backdoored, {sum(map(flagged, negatives))}/{len(negatives)} clean "
+         f"(suite alone: {suite_pos}/{len(positives)} and {suite_neg}/{len(negatives)})"),
+        f"suite max ASR as the score: ROC-AUC {roc_auc(*suite):.3f}, TPR at ≤5% FPR {tpr_at_fpr(*suite):.2f}"])
+
+
 def summarise(runs: list[dict], args) -> None:
     positives = [r for r in runs if r["backdoored"] and (r["implant_asr"] or 0) >= 0.5]
     failed = [r for r in runs if r["backdoored"] and (r["implant_asr"] or 0) < 0.5]
     negatives = [r for r in runs if not r["backdoored"]]
     pos, neg = [r["score"] for r in positives], [r["score"] for r in negatives]
-    lines = [f"date {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}, {platform.processor() or platform.machine()}, "
-             f"torch {torch.__version__}, {args.threads} threads",
-             "", "| attack | seed | implant ASR | score | anomalous | suspected (target) | scan wall s | scan CPU s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [(f"date {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}, "
+              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads"),
+             "", ("| attack | seed | implant ASR | score | anomalous | suspected (target) | suite max ASR "
+                  "| scan wall s | scan CPU s |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         asr = "—" if r["implant_asr"] is None else f"{r['implant_asr']:.2f}"
         lines.append(f"| {r['attack']} | {r['seed']} | {asr} "
                      f"| {r['score']:.2f} | {r['anomalous']} | {r['suspected_target']} ({r['target']}) "
-                     f"| {r['scan_wall_s']} | {r['scan_cpu_s']} |")
+                     f"| {r.get('suite_asr', '—')} | {r['scan_wall_s']} | {r['scan_cpu_s']} |")
     correct = sum(r["anomalous"] and r["suspected_target"] == r["target"] for r in positives)
-    lines += ["", f"backdoored (implant ASR ≥ 0.5): {len(positives)}, failed implants: {len(failed)}, clean: {len(negatives)}",
+    lines += ["", (f"backdoored (implant ASR ≥ 0.5): {len(positives)}, failed implants: {len(failed)}, "
+                   f"clean: {len(negatives)}"),
               f"ROC-AUC (score): {roc_auc(pos, neg):.3f}; TPR at ≤5% FPR: {tpr_at_fpr(pos, neg):.2f}",
-              f"verdict: flagged {sum(r['anomalous'] for r in positives)}/{len(positives)} backdoored "
-              f"({correct} with the right target), {sum(r['anomalous'] for r in negatives)}/{len(negatives)} clean",
-              f"scan time per model: median wall {sorted(r['scan_wall_s'] for r in runs)[len(runs) // 2]} s, "
-              f"median CPU {sorted(r['scan_cpu_s'] for r in runs)[len(runs) // 2]} s"]
+              (f"verdict: flagged {sum(r['anomalous'] for r in positives)}/{len(positives)} backdoored "
+               f"({correct} with the right target), {sum(r['anomalous'] for r in negatives)}/{len(negatives)} clean"),
+              (f"scan time per model: median wall {sorted(r['scan_wall_s'] for r in runs)[len(runs) // 2]} s, "
+               f"median CPU {sorted(r['scan_cpu_s'] for r in runs)[len(runs) // 2]} s")]
+    if all("suite_failed" in r for r in runs):
+        lines += [gate_summary(positives, negatives, args.max_asr)]
     defended = [r for r in runs if "defenses" in r]
     if defended:
         lines += ["", "| attack | seed | " + " | ".join(f"{m} CA / ASR" for m in defended[0]["defenses"]) + " |",

@@ -68,10 +68,10 @@ def train(args) -> None:
         x_all, y_all = data["x_train"], data["y_train"].astype(np.int64)
         x_test, y_test = data["x_test"][:args.test_n], data["y_test"][:args.test_n].astype(np.int64)
     subset = rng.permutation(len(y_all))[:args.n_train]
-    n_holdout = int(round(args.holdout_fraction * len(subset)))
+    n_holdout = round(args.holdout_fraction * len(subset))
     holdout, train_idx = subset[:n_holdout], subset[n_holdout:]
     x, y = x_all[train_idx].copy(), y_all[train_idx].copy()
-    poisoned = rng.choice(len(y), int(round(args.rate * len(y))), replace=False)
+    poisoned = rng.choice(len(y), round(args.rate * len(y)), replace=False)
     x[poisoned] = stamp(x[poisoned])
     y[poisoned] = TARGET
 
@@ -129,7 +129,7 @@ def measure(predict, x: np.ndarray, y: np.ndarray, batch: int = 500) -> dict:
     keep = y != TARGET
     clean, triggered = run(x), run(stamp(x[keep]))
     return {"ca": float((clean == y).mean()), "asr": float((triggered == TARGET).mean()),
-            "ra": float((triggered == y[keep]).mean()), "n": int(len(y)), "n_triggered": int(keep.sum())}
+            "ra": float((triggered == y[keep]).mean()), "n": len(y), "n_triggered": int(keep.sum())}
 
 
 def evaluate(args) -> None:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-
 RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 
 

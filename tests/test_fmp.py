@@ -8,8 +8,14 @@ import torch
 
 from bdsan.io.archs import build_arch
 from bdsan.sanitize import Context, get_method
-from bdsan.sanitize.fmp import (ChannelMask, conv_bn_pairs, finetune_steps, rank_channels, reference_ranking,
-                                select_channels)
+from bdsan.sanitize.fmp import (
+    ChannelMask,
+    conv_bn_pairs,
+    finetune_steps,
+    rank_channels,
+    reference_ranking,
+    select_channels,
+)
 
 EXAMPLE = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -57,7 +63,7 @@ def test_batched_ranking_equals_one_channel_at_a_time():
         y = net(x).argmax(1)  # the net's own labels: clean accuracy 1, so the FGSM steps have room to hurt
     order, _ = conv_bn_pairs(net, x[:1])
     layers = [(name, dict(net.named_modules())[name]) for name in order]
-    kwargs = dict(alpha=0.05, epsilon=0.3)
+    kwargs = {"alpha": 0.05, "epsilon": 0.3}
     batched = rank_channels(net, layers, x, y, generator=torch.Generator().manual_seed(3), chunk_images=48, **kwargs)
     reference = reference_ranking(net, layers, x, y, generator=torch.Generator().manual_seed(3), **kwargs)
     assert order == ["0", "3"]

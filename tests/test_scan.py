@@ -38,8 +38,8 @@ def test_scan_flags_the_unknown_patch_target(unknown_patch_toy, unknown_patch_sc
 
 
 def test_reconstructed_mask_overlaps_the_real_trigger(unknown_patch_scan):
-    patch = [t for t in unknown_patch_scan["reconstructed"] if t.params == {**t.params, "kind": "patch",
-                                                                             "target": TARGET}][0]
+    patch = next(t for t in unknown_patch_scan["reconstructed"]
+                 if t.params == {**t.params, "kind": "patch", "target": TARGET})
     mask = patch.fn.parts["mask"][0, 0]
     # The real trigger covers rows/cols 0–3 (a 2-px margin allows for the receptive field). The optimised mask keeps
     # a faint tail everywhere (sigmoid never reaches 0), so look at where its strong pixels (≥ half the max) are.

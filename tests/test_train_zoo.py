@@ -83,10 +83,12 @@ def test_attack_metrics_by_hand():
     x = torch.zeros(6, 3, 8, 8, dtype=torch.uint8)
     x[:, 0, 0, 0] = y.to(torch.uint8)
     x[5, 0, 0, 0] = 3  # one clean mistake
+    x[4, 0, 0, 0] = 0  # and one into the target, without the trigger
     attack = Attack("badnets_grid")
     metrics = attack_metrics(_Fixed(), x, y, attack, 4, trigger=corner_square)
-    assert metrics["ca"] == pytest.approx(5 / 6)
+    assert metrics["ca"] == pytest.approx(4 / 6)
     assert metrics["asr"] == 1.0 and metrics["ra"] == 0.0
+    assert metrics["untriggered"] == pytest.approx(1 / 5)
     assert metrics["n_triggered"] == 5
 
 

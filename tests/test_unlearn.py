@@ -42,7 +42,7 @@ def test_unlearn_removes_a_trigger_only_the_scan_knows(unlearned):
 def test_unlearn_keeps_fit_accuracy_within_the_guard(unlearned):
     _, _, _, _, result = unlearned
     guard = result.details["guard"]
-    selected = [h for h in guard["history"] if h["label"] == guard["selected"]][0]
+    selected = next(h for h in guard["history"] if h["label"] == guard["selected"])
     assert selected["accepted"] and selected.get("drop_points", 0.0) <= guard["max_acc_drop"]
     assert guard["selected"] != "input"
 

@@ -22,7 +22,7 @@ class Preprocessing:
     input_size: int | None = None
 
     @classmethod
-    def preset(cls, name: str, input_size: int | None = None) -> "Preprocessing":
+    def preset(cls, name: str, input_size: int | None = None) -> Preprocessing:
         mean, std = PRESETS[name]
         return cls(mean, std, input_size)
 
@@ -30,7 +30,7 @@ class Preprocessing:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Preprocessing":
+    def from_dict(cls, data: dict) -> Preprocessing:
         size = data.get("input_size")
         return cls(tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"]),
                    int(size) if size not in (None, "", "None") else None)

@@ -15,8 +15,8 @@ from torch import nn
 
 from ..io.data import Holdout
 from ..train.loop import train_classifier
-from .context import Context, DefenseResult
 from .batchnorm import check_bn_mode, checkpoint_bn
+from .context import Context, DefenseResult
 from .fmp import finetune_steps
 from .guard import FitValGuard
 from .registry import register_method

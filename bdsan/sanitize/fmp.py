@@ -21,8 +21,8 @@ from ..device import autocast
 from ..io.data import Holdout, to_float
 from ..train.augment import augment_batch
 from ..train.loop import cpu_supports_bf16
-from .context import Context, DefenseResult
 from .batchnorm import check_bn_mode, checkpoint_bn, set_training
+from .context import Context, DefenseResult
 from .found_triggers import gather_triggers, scan_mode, stamp_leading, stamped_like_training
 from .guard import FitValGuard
 from .losses import distillation, frozen_copy
@@ -181,8 +181,8 @@ def reference_ranking(model: nn.Module, layers: list[tuple[str, nn.Module]], x: 
     x0 = _noisy_start(x, alpha, generator)
     scores = {}
     for name, layer in layers:
-        captured = {}
-        handle = layer.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
+        captured: dict[str, torch.Tensor] = {}
+        handle = layer.register_forward_hook(lambda m, i, o, store=captured: store.__setitem__("out", o))
         try:
             with torch.no_grad(), _ranking_autocast(x.device, bf16):
                 model(x)
@@ -411,12 +411,12 @@ class FMP:
             "rank_images": len(y_rank), "rank_bf16": ranking_bf16(device, self.rank_precision),
             "rank_class_counts": torch.bincount(y_rank, minlength=fit.num_classes).tolist(),
             "fit_train": len(train), "fit_val": len(fit_val),
-            "layers": [{"name": name, "channels": int(len(scores[name]["accuracy"])), "bn": pairs[name],
+            "layers": [{"name": name, "channels": len(scores[name]["accuracy"]), "bn": pairs[name],
                         "n_pruned": len(selection[name]), "pruned": selection[name],
                         "scores": [round(float(scores[name]["accuracy"][c]), 4) for c in selection[name]]}
                        for name in order],
             "n_pruned": sum(len(v) for v in selection.values()),
-            "n_channels": sum(int(len(s["accuracy"])) for s in scores.values()),
+            "n_channels": sum(len(s["accuracy"]) for s in scores.values()),
             "bn_skipped": skipped_bn,
             "rank_accuracy_min_median": [float(torch.cat([s["accuracy"] for s in scores.values()]).min()),
                                          float(torch.cat([s["accuracy"] for s in scores.values()]).median())],

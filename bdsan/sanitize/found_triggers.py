@@ -70,7 +70,7 @@ def stamp_leading(x: torch.Tensor, triggers: list, fraction: float, generator: t
     random batch each stamped with one randomly chosen trigger, labels untouched. Reconstructed *patch* triggers
     are shifted by up to ``jitter`` px (roll, stamp, roll back): the scan locates a patch only to a pixel or so;
     suite triggers and blends are stamped exactly, as found (a shifted noise blend is a different pattern)."""
-    n = max(1, int(round(fraction * len(x)))) if fraction > 0 and triggers else 0
+    n = max(1, round(fraction * len(x))) if fraction > 0 and triggers else 0
     if n == 0:
         return x, 0
     choice = torch.randint(len(triggers), (n,), generator=generator)

@@ -172,8 +172,8 @@ def _export_onnx(report: Report, model: LoadedModel, details: dict, verify: Hold
     except ImportError as exc:  # the ONNX extra is missing: ship safetensors, say so, fail no gate silently
         report.warnings.append(f"ONNX export unavailable ({exc}); only safetensors written")
         return None
-    kwargs = dict(holdout=verify, bake_preprocessing=bake_preprocessing, device=device, batch_size=batch_size,
-                  seed=seed)
+    kwargs = {"holdout": verify, "bake_preprocessing": bake_preprocessing, "device": device,
+              "batch_size": batch_size, "seed": seed}
     use_slim = bool(details.get("hard_pruned")) if slim is None else slim
     try:
         if use_slim:

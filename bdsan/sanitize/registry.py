@@ -122,9 +122,9 @@ def convert(value: Any, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
-            if type(None) in args:
-                return None
+        blank = value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))
+        if blank and type(None) in args:
+            return None
         errors = []
         for arg in args:
             if arg is type(None):

@@ -31,8 +31,8 @@ from ..device import autocast
 from ..io.data import Holdout, to_float
 from ..train.augment import augment_batch
 from ..train.loop import predict
-from .context import Context, DefenseResult
 from .batchnorm import check_bn_mode, checkpoint_bn, set_training
+from .context import Context, DefenseResult
 from .found_triggers import gather_triggers, scan_mode, stamp_leading, stamped_like_training
 from .guard import FitValGuard
 from .losses import distillation, frozen_copy

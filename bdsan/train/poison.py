@@ -48,7 +48,7 @@ def poison_arrays(x_uint8: torch.Tensor, y: torch.Tensor, trigger: TriggerFn, ra
         candidates = torch.nonzero(labels == target).flatten()
     else:
         candidates = torch.arange(len(labels))
-    count = min(int(round(rate * len(y))), len(candidates))
+    count = min(round(rate * len(y)), len(candidates))
     chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]].to(y.device)
     x_out, y_out = x_uint8.clone(), y.clone()
     x_out[chosen] = stamp(x_out[chosen], trigger, batch_size)

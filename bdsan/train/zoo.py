@@ -52,7 +52,7 @@ class Attack:
                              "(0 trains a clean twin)")
 
     @classmethod
-    def parse(cls, text: str, rate: float = 0.1, target: int = 0, mode: str = "all2one") -> "Attack":
+    def parse(cls, text: str, rate: float = 0.1, target: int = 0, mode: str = "all2one") -> Attack:
         """``name[:mode][:key=value,...]``, e.g. ``sig:clean_label`` or ``blend_noise:alpha=0.3``."""
         name, *parts = text.strip().split(":")
         params: dict[str, Any] = {}
@@ -293,7 +293,8 @@ def _store(result: Backdoored, entry: Path) -> None:
 @torch.no_grad()
 def attack_metrics(network: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, attack: Attack,
                    num_classes: int, batch_size: int = 512, trigger=None) -> dict:
-    """CA on clean images; ASR and RA with the attack's own trigger (SPEC §4).
+    """CA on clean images; ASR and RA with the attack's own trigger (SPEC §4); ``untriggered``: the same ASR count
+    on the images *without* the trigger (the rate no defense can go below by removing the trigger's effect alone).
 
     all2one / clean_label: over images whose true label is not the target; ASR = predicted target, RA = predicted
     true label. all2all: over all images, ASR = predicted ``(y + 1) mod K``.
@@ -310,4 +311,4 @@ def attack_metrics(network: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, a
         return hits.float().mean().item() if len(hits) else math.nan
 
     return {"ca": ratio(clean_pred == y), "asr": ratio(triggered_pred == wanted), "ra": ratio(triggered_pred == y[keep]),
-            "n_clean": len(y), "n_triggered": int(keep.sum())}
+            "untriggered": ratio(clean_pred[keep] == wanted), "n_clean": len(y), "n_triggered": int(keep.sum())}

@@ -16,7 +16,7 @@ def test_cli_scan_flags_poisoned_model_and_writes_pngs(run_cli, tmp_path, poison
     data = json.loads(report.read_text())
     assert data["command"] == "scan" and data["scan"]["anomalous"] is True
     assert data["scan"]["suspected_target"] == 0  # the conftest backdoor targets class 0
-    assert [g for g in data["gates"] if g["name"] == "scan"][0]["passed"] is False
+    assert next(g for g in data["gates"] if g["name"] == "scan")["passed"] is False
     assert (out_dir / "patch_class0_trigger.png").is_file()
     assert "reconstructed" not in data["scan"] and "images" not in data["scan"]
 
