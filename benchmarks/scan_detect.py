@@ -192,7 +192,13 @@ def main() -> None:
     parser.add_argument("--reuse", type=Path, default=None,
                         help="a results.json of an earlier run: models it holds (same seed and attack) are not "
                              "scanned again, its scan fields are kept and only the suite audit is added")
+    parser.add_argument("--summarise", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="only print the summary of an earlier run's results.json (nothing is trained or scanned)")
     args = parser.parse_args()
+    if args.summarise:
+        args.out = args.summarise.parent
+        summarise(json.loads(args.summarise.read_text()), args)
+        return
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
