@@ -6,7 +6,8 @@ top-left corner, a random patch at a random position, a blend of unseen noise) �
 way. Per model: the implanted trigger's real ASR on the clean holdout (models whose implant failed, ASR < 0.5, are
 reported but left out of the positives), the scan verdict, its ranking score (max anomaly index over classes whose
 reconstructed trigger flips ≥ 50% of held-out images) and its time. Detection: ROC-AUC of the score and TPR at
-≤ 5% FPR, plus the verdict's own TPR/FPR.
+≤ 5% FPR, plus the verdict's own TPR/FPR. Each model is also audited with the built-in suite on the same holdout
+(as ``audit --scan`` does), so the suite's largest ASR and the ``audit --scan`` gate are reported as detectors too.
 
 CIFAR scale (``--data cifar10.npz``): the harness's models (``bdsan.train.zoo``, same recipe and cache as
 ``benchmarks/run.py``) for each ``--attacks`` entry — ``random_patch`` (a 4×4 random-colour patch at a seeded random
