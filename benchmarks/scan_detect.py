@@ -168,6 +168,28 @@ def zoo_jobs(seed: int, args, data):
                "holdout": backdoored.holdout, "implant_asr": asr, "train_s": round(backdoored.train_seconds, 1)}
 
 
+def scan_run(job: dict, seed: int, args) -> dict:
+    """Scan one model (and, with ``--defend`` on a toy model that implanted, run the defenses): its results row."""
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    kinds = {"kinds": tuple(args.kinds)} if args.kinds else {}
+    section = scan_section(scan(job["model"], job["holdout"], steps=args.steps, seed=seed, device=args.device,
+                                **kinds))
+    scan_wall, scan_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    scores = [s for s in section["score"] if s is not None]
+    run = {"seed": seed, "attack": job["attack"], "target": job["target"], "where": job["where"],
+           "backdoored": job["target"] is not None, "implant_asr": job["implant_asr"],
+           "train_s": job["train_s"], "scan_wall_s": round(scan_wall, 1), "scan_cpu_s": round(scan_cpu, 1),
+           "score": max(scores) if scores else -10.0, "anomalous": section["anomalous"],
+           "suspected_target": section["suspected_target"], "anomalous_classes": section["anomalous_classes"],
+           "anomalous_kinds": section["anomalous_kinds"], "steps_run": section["steps_run"],
+           "mask_l1": section.get("mask_l1"), "patch_index": section.get("anomaly_index"),
+           "patch_flip": section.get("flip_rate"), "blend": section.get("blend")}
+    asr = job["implant_asr"]
+    if args.defend and "toy" in job and asr is not None and asr >= 0.5:
+        run["defenses"] = defend(job["toy"], job["trigger"], job["target"], seed, args.methods)
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="toy", help="'toy' (generated gratings, tiny_cnn) or a benchmark .npz "
@@ -210,33 +232,11 @@ def main() -> None:
     for seed in args.seeds:
         for job in (toy_jobs(seed, args) if args.data == "toy" else zoo_jobs(seed, args, data)):
             suite = suite_gate(job["model"], job["holdout"], args)
-            if (seed, job["attack"]) in earlier:
-                run = earlier[(seed, job["attack"])] | suite
-                runs.append(run)
-                print(json.dumps({k: run[k] for k in ("attack", "seed", "score", "suite_asr", "suite_failed")}),
-                      flush=True)
-                (args.out / "results.json").write_text(json.dumps(runs, indent=1))
-                continue
-            cpu0, wall0 = time.process_time(), time.perf_counter()
-            kinds = {"kinds": tuple(args.kinds)} if args.kinds else {}
-            section = scan_section(scan(job["model"], job["holdout"], steps=args.steps, seed=seed,
-                                        device=args.device, **kinds))
-            scan_wall, scan_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-            scores = [s for s in section["score"] if s is not None]
-            run = {"seed": seed, "attack": job["attack"], "target": job["target"], "where": job["where"],
-                   "backdoored": job["target"] is not None, "implant_asr": job["implant_asr"],
-                   "train_s": job["train_s"], "scan_wall_s": round(scan_wall, 1), "scan_cpu_s": round(scan_cpu, 1),
-                   "score": max(scores) if scores else -10.0, "anomalous": section["anomalous"],
-                   "suspected_target": section["suspected_target"], "anomalous_classes": section["anomalous_classes"],
-                   "anomalous_kinds": section["anomalous_kinds"], "steps_run": section["steps_run"],
-                   "mask_l1": section.get("mask_l1"), "patch_index": section.get("anomaly_index"),
-                   "patch_flip": section.get("flip_rate"), "blend": section.get("blend")} | suite
-            asr = job["implant_asr"]
-            if args.defend and "toy" in job and asr is not None and asr >= 0.5:
-                run["defenses"] = defend(job["toy"], job["trigger"], job["target"], seed, args.methods)
+            key = (seed, job["attack"])
+            run = (earlier[key] if key in earlier else scan_run(job, seed, args)) | suite
             runs.append(run)
             print(json.dumps({k: run[k] for k in ("attack", "seed", "implant_asr", "score", "anomalous",
-                                                  "suspected_target", "scan_wall_s", "scan_cpu_s")}
+                                                  "suspected_target", "suite_asr", "scan_wall_s", "scan_cpu_s")}
                              | ({"defenses": run["defenses"]} if "defenses" in run else {})), flush=True)
             (args.out / "results.json").write_text(json.dumps(runs, indent=1))
     summarise(runs, args)
