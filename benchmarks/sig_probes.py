@@ -1,0 +1,194 @@
+"""Development probes: can any reference-free statistic single out SIG's target class? (BENCHMARKS.md, scan)
+
+Each probe runs on harness models from the cache (same arguments as ``scan_detect.py``), on the model's 5% clean
+holdout split in two halves (optimise on one, measure on the other), and prints one line per model with a value per
+class. Meant for the development pair (SIG seed 1, clean twin seed 101), never for the evaluation seeds.
+
+* ``margin``: MM-BD's statistic — per class, the largest logit margin (own logit − best other) any input in
+  [0,1] reaches, by gradient ascent from ``--restarts`` random images per class.
+* ``stripes``: a per-class stripes perturbation (a value per column plus one per row, shared by the channels:
+  SIG's sine is one such) at a *fixed* L∞ budget, maximising the target's cross-entropy; held-out flip rate and
+  median target margin.
+* ``feature``: Neural Cleanse in feature space — per class a channel mask and a per-channel value (within the
+  channel's clean range) at the output of ``--layer``; the smallest mask (in channels) that flips ≥ 90% of a batch.
+* ``controls``: the suite's full-image triggers beside controls of the same strength (other noise seeds, the
+  transposed stripes and sine, another frequency): the class each sends most images to, and its rate.
+
+    python benchmarks/sig_probes.py --data /work/shared/data/cifar10.npz --probe margin \\
+        --models sig:0.1:1 badnets_grid:0.0:101
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bdsan.detectors.scan import _anomaly_index
+from bdsan.detectors.triggers import get_trigger
+from bdsan.io.data import to_float
+from bdsan.train.zoo import RECIPES, Attack, load_dataset, train_backdoored
+
+
+def margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Own logit minus the best other logit, per row."""
+    own = logits.gather(1, target[:, None]).squeeze(1)
+    return own - logits.scatter(1, target[:, None], -1e9).max(1).values
+
+
+def probe_margin(net, k: int, shape, args, **_) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(k * args.restarts, *shape, generator=generator).requires_grad_()
+    target = torch.arange(k).repeat_interleave(args.restarts)
+    optimizer = torch.optim.Adam([z], lr=0.05)
+    best = torch.full((k * args.restarts,), -1e9)
+    for _ in range(args.steps):
+        value = margin(net(torch.sigmoid(z)), target)
+        optimizer.zero_grad()
+        (-value.sum()).backward()
+        optimizer.step()
+        best = torch.maximum(best, value.detach())
+    margins = best.view(k, args.restarts).max(1).values.numpy()
+    return {"max margin": margins, "high-side index": _anomaly_index(1.0 / np.maximum(margins, 1e-3))}
+
+
+def probe_stripes(net, k: int, shape, args, xo, xe, ye, **_) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    _, height, width = shape
+    columns = (0.1 * torch.randn(k, 1, 1, width, generator=generator)).requires_grad_()
+    rows = (0.1 * torch.randn(k, 1, height, 1, generator=generator)).requires_grad_()
+    optimizer = torch.optim.Adam([columns, rows], lr=0.1)
+    target = torch.arange(k).repeat_interleave(16)
+    eps = args.eps / 255
+    for _ in range(args.steps):
+        index = torch.randint(len(xo), (16,), generator=generator)
+        delta = eps * torch.tanh(columns + rows)
+        stamped = (xo[index][None] + delta[:, None]).clamp(0, 1).flatten(0, 1)
+        loss = F.cross_entropy(net(stamped), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    flips, margins = [], []
+    with torch.no_grad():
+        delta = eps * torch.tanh(columns + rows)
+        for cls in range(k):
+            keep = ye != cls
+            logits = net((xe[keep] + delta[cls]).clamp(0, 1))
+            flips.append(float((logits.argmax(1) == cls).float().mean()))
+            margins.append(float(margin(logits, torch.full((int(keep.sum()),), cls)).median()))
+    return {f"flip at L∞ {args.eps}/255": np.array(flips), "median margin": np.array(margins)}
+
+
+def probe_feature(net, k: int, shape, args, module, xo, xe, ye, **_) -> dict:
+    stages = ["layer1", "layer2", "layer3", "layer4"]
+    captured = {}
+    hook = getattr(module, args.layer).register_forward_hook(lambda m, i, o: captured.__setitem__("f", o))
+    with torch.no_grad():
+        net(xo)
+        fo = captured["f"]
+        net(xe)
+        fe = captured["f"]
+    hook.remove()
+
+    def rest(features):
+        for name in stages[stages.index(args.layer) + 1:]:
+            features = getattr(module, name)(features)
+        return module.linear(module.avgpool(features).flatten(1))
+
+    channels = fo.shape[1]
+    generator = torch.Generator().manual_seed(0)
+    mask_logit = (torch.full((k, channels, 1, 1), -3.0)
+                  + 0.1 * torch.randn(k, channels, 1, 1, generator=generator)).requires_grad_()
+    value_logit = (0.1 * torch.randn(k, channels, 1, 1, generator=generator)).requires_grad_()
+    ceiling = fo.amax(dim=(0, 2, 3)).view(1, channels, 1, 1)  # each channel's largest clean activation
+    optimizer = torch.optim.Adam([mask_logit, value_logit], lr=0.1, betas=(0.5, 0.9))
+    cost, up, down = torch.full((k,), 1e-2), torch.zeros(k), torch.zeros(k)
+    best = torch.full((k,), math.inf)
+    best_mask, best_value = torch.sigmoid(mask_logit).detach().clone(), value_logit.detach().clone()
+    target = torch.arange(k).repeat_interleave(32)
+    for _ in range(args.steps):
+        index = torch.randint(len(fo), (32,), generator=generator)
+        mask, value = torch.sigmoid(mask_logit), ceiling * torch.sigmoid(value_logit)
+        logits = rest(((1 - mask[:, None]) * fo[index][None] + (mask * value)[:, None]).flatten(0, 1))
+        ce = F.cross_entropy(logits, target, reduction="none").view(k, -1).mean(1)
+        size = mask.flatten(1).sum(1)
+        optimizer.zero_grad()
+        (ce.sum() + (cost * size).sum()).backward()
+        optimizer.step()
+        with torch.no_grad():
+            reached = (logits.argmax(1) == target).float().view(k, -1).mean(1) >= 0.9
+            improved = reached & (size < best)
+            best = torch.where(improved, size, best)
+            best_mask[improved], best_value[improved] = mask[improved], value_logit[improved]
+            up, down = torch.where(reached, up + 1, 0 * up), torch.where(reached, 0 * down, down + 1)
+            cost = torch.where(up >= 5, cost * 1.5, torch.where(down >= 5, cost / 1.5 ** 1.5, cost))
+            up, down = torch.where(up >= 5, 0 * up, up), torch.where(down >= 5, 0 * down, down)
+    flips = []
+    with torch.no_grad():
+        value = ceiling * torch.sigmoid(best_value)
+        for cls in range(k):
+            keep = ye != cls
+            features = (1 - best_mask[cls]) * fe[keep] + best_mask[cls] * value[cls]
+            flips.append(float((rest(features).argmax(1) == cls).float().mean()))
+    return {"mask (channels)": best.numpy(), "index": _anomaly_index(best.numpy()), "held-out flip": np.array(flips)}
+
+
+def probe_controls(net, k: int, shape, args, x, y, **_) -> dict:
+    def transposed(trigger):
+        return lambda images: trigger(images.transpose(-1, -2)).transpose(-1, -2)
+
+    triggers = {"blend_noise": get_trigger("blend_noise"), "blend_noise seed 1": get_trigger("blend_noise", seed=1),
+                "blend_noise seed 2": get_trigger("blend_noise", seed=2), "blend_strip": get_trigger("blend_strip"),
+                "blend_strip transposed": transposed(get_trigger("blend_strip")), "sig": get_trigger("sig"),
+                "sig transposed": transposed(get_trigger("sig")), "sig f=5": get_trigger("sig", frequency=5.0)}
+    rows = {}
+    with torch.no_grad():
+        for name, trigger in triggers.items():
+            predicted = net(trigger(x)).argmax(1)
+            rows[name] = np.array([float(((predicted == t) & (y != t)).sum() / (y != t).sum()) for t in range(k)])
+    return rows
+
+
+PROBES = {"margin": probe_margin, "stripes": probe_stripes, "feature": probe_feature, "controls": probe_controls}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--probe", required=True, choices=sorted(PROBES))
+    parser.add_argument("--models", nargs="+", default=["sig:0.1:1", "badnets_grid:0.0:101"],
+                        help="ATTACK:RATE:SEED of harness models (rate 0 = a clean twin)")
+    parser.add_argument("--steps", type=int, default=None, help="default: 300 (margin, feature), 100 (stripes)")
+    parser.add_argument("--restarts", type=int, default=8)
+    parser.add_argument("--eps", type=float, default=48, help="stripes: L∞ budget in /255")
+    parser.add_argument("--layer", default="layer2", help="feature: the stage whose output is masked")
+    parser.add_argument("--cache", default=".cache/bdsan-bench")
+    args = parser.parse_args()
+    args.steps = args.steps or (100 if args.probe == "stripes" else 300)
+    torch.set_num_threads(2)
+    data = load_dataset(args.data)
+    for spec in args.models:
+        name, rate, seed = spec.rsplit(":", 2)
+        attack = Attack.parse(name, rate=float(rate), target=0)
+        backdoored = train_backdoored(data, attack, RECIPES["cpu"], n_train=20000, seed=int(seed),
+                                      cache_dir=args.cache)
+        model = backdoored.model
+        net = model.normalized().eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        x, y = to_float(backdoored.holdout.x), backdoored.holdout.y
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(7))
+        half = len(y) // 2
+        started = time.perf_counter()
+        rows = PROBES[args.probe](net, data.num_classes, tuple(x.shape[1:]), args, module=model.module.eval(),
+                                  x=x, y=y, xo=x[order[:half]], xe=x[order[half:]], ye=y[order[half:]])
+        print(f"{args.probe} {spec} ({time.perf_counter() - started:.0f} s)")
+        for label, values in rows.items():
+            print(f"  {label:24s} top class {int(np.argmax(values))}  " + " ".join(f"{v:6.2f}" for v in values))
+
+
+if __name__ == "__main__":
+    main()
