@@ -11,6 +11,8 @@ class. Meant for the development pair (SIG seed 1, clean twin seed 101), never f
   median target margin.
 * ``feature``: Neural Cleanse in feature space — per class a channel mask and a per-channel value (within the
   channel's clean range) at the output of ``--layer``; the smallest mask (in channels) that flips ≥ 90% of a batch.
+* ``threshold``: how SIG's own sine acts as its amplitude grows (5–40/255), and per-class universal perturbations
+  at L∞ 4, 8 and 16/255 (maximising the target's cross-entropy): held-out flip rates.
 * ``controls``: the suite's full-image triggers beside controls of the same strength (other noise seeds, the
   transposed stripes and sine, another frequency): the class each sends most images to, and its rate.
 
@@ -136,6 +138,32 @@ def probe_feature(net, k: int, shape, args, module, xo, xe, ye, **_) -> dict:
     return {"mask (channels)": best.numpy(), "index": _anomaly_index(best.numpy()), "held-out flip": np.array(flips)}
 
 
+def probe_threshold(net, k: int, shape, args, xo, xe, ye, **_) -> dict:
+    rows = {}
+    with torch.no_grad():
+        keep = ye != 0
+        rows["sig amplitude 5,10,20,40 → class 0"] = np.array([
+            float((net(get_trigger("sig", delta=a / 255)(xe[keep])).argmax(1) == 0).float().mean())
+            for a in (5, 10, 20, 40)])
+    target = torch.arange(k).repeat_interleave(24)
+    for eps in (4, 8, 16):
+        generator = torch.Generator().manual_seed(0)
+        delta = torch.zeros(k, *shape).requires_grad_()
+        optimizer = torch.optim.Adam([delta], lr=0.01)
+        for _ in range(150):
+            index = torch.randint(len(xo), (24,), generator=generator)
+            stamped = (xo[index][None] + eps / 255 * torch.tanh(delta)[:, None]).clamp(0, 1).flatten(0, 1)
+            loss = F.cross_entropy(net(stamped), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            rows[f"universal L∞ {eps}/255 flip"] = np.array([
+                float((net((xe[ye != c] + eps / 255 * torch.tanh(delta[c])).clamp(0, 1)).argmax(1) == c).float().mean())
+                for c in range(k)])
+    return rows
+
+
 def probe_controls(net, k: int, shape, args, x, y, **_) -> dict:
     def transposed(trigger):
         return lambda images: trigger(images.transpose(-1, -2)).transpose(-1, -2)
@@ -152,7 +180,8 @@ def probe_controls(net, k: int, shape, args, x, y, **_) -> dict:
     return rows
 
 
-PROBES = {"margin": probe_margin, "stripes": probe_stripes, "feature": probe_feature, "controls": probe_controls}
+PROBES = {"margin": probe_margin, "stripes": probe_stripes, "feature": probe_feature, "threshold": probe_threshold,
+          "controls": probe_controls}
 
 
 def main() -> None:
@@ -187,7 +216,8 @@ def main() -> None:
                                   x=x, y=y, xo=x[order[:half]], xe=x[order[half:]], ye=y[order[half:]])
         print(f"{args.probe} {spec} ({time.perf_counter() - started:.0f} s)")
         for label, values in rows.items():
-            print(f"  {label:24s} top class {int(np.argmax(values))}  " + " ".join(f"{v:6.2f}" for v in values))
+            top = f"top class {int(np.argmax(values))}" if len(values) == data.num_classes else ""
+            print(f"  {label:36s} {top:12s} " + " ".join(f"{v:6.2f}" for v in values))
 
 
 if __name__ == "__main__":
