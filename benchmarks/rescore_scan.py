@@ -25,12 +25,14 @@ def index_all(norms: np.ndarray, floor: float) -> np.ndarray:
     return (median - logs) / max(MAD_TO_SIGMA * np.median(np.abs(logs - median)), floor)
 
 
-# name: (index rule, MAD floor, size-gated score)
-RULES = {"all, floor 0.05": (index_all, 0.05, False),
-         "leave-one-out, floor 0.05": (_anomaly_index, 0.05, False)}
-RULES |= {f"leave-one-out, floor {f}": (_anomaly_index, f, False) for f in (0.1, 0.2, 0.3, 0.5)}
-RULES |= {f"all, floor {f}": (index_all, f, False) for f in (0.1, 0.2, 0.3, 0.5)}
-RULES["leave-one-out, floor 0.05, size-gated score"] = (_anomaly_index, 0.05, True)
+# name: (index rule, MAD floor, size-gated score, size ratio of the verdict's size test)
+RULES = {"all, floor 0.05": (index_all, 0.05, False, 0.5),
+         "leave-one-out, floor 0.05": (_anomaly_index, 0.05, False, 0.5)}
+RULES |= {f"leave-one-out, floor {f}": (_anomaly_index, f, False, 0.5) for f in (0.1, 0.2, 0.3, 0.5)}
+RULES |= {f"all, floor {f}": (index_all, f, False, 0.5) for f in (0.1, 0.2, 0.3, 0.5)}
+RULES["leave-one-out, floor 0.05, size-gated score"] = (_anomaly_index, 0.05, True, 0.5)
+RULES |= {f"leave-one-out, floor 0.05, size ratio {r}": (_anomaly_index, 0.05, False, r)
+          for r in (0.4, 0.35, 0.3, 0.25, 0.2)}
 
 
 def rescore(run: dict, rule, floor: float, threshold: float = 2.0, flip_min: float = 0.5, ratio: float = 0.5,
@@ -65,9 +67,9 @@ def main() -> None:
     print(f"{len(positives)} backdoored, {len(negatives)} clean")
     print("| rule | ROC-AUC | TPR@5%FPR | flagged backdoored (right target) | flagged clean |")
     print("|---|---|---|---|---|")
-    for name, (rule, floor, gated) in RULES.items():
-        pos = [rescore(r, rule, floor, size_gated=gated) for r in positives]
-        neg = [rescore(r, rule, floor, size_gated=gated) for r in negatives]
+    for name, (rule, floor, gated, ratio) in RULES.items():
+        pos = [rescore(r, rule, floor, ratio=ratio, size_gated=gated) for r in positives]
+        neg = [rescore(r, rule, floor, ratio=ratio, size_gated=gated) for r in negatives]
         right = sum(f and s == r["target"] for (_, f, s), r in zip(pos, positives))
         print(f"| {name} | {roc_auc([p[0] for p in pos], [n[0] for n in neg]):.3f} "
               f"| {tpr_at_fpr([p[0] for p in pos], [n[0] for n in neg]):.2f} "

@@ -9,7 +9,14 @@ import scan_helpers
 import torch
 from scan_helpers import UNKNOWN_TARGET
 
-from bdsan.detectors.scan import _anomaly_index, anomalous_triggers, scan, scan_section
+from bdsan.detectors.scan import (
+    ScanSettings,
+    _anomaly_index,
+    anomalous_triggers,
+    kind_verdict,
+    scan,
+    scan_section,
+)
 from bdsan.detectors.triggers import Trigger
 
 SCAN_STEPS = 150  # early stopping usually ends sooner; toy scale
@@ -87,5 +94,20 @@ def test_anomaly_index_leaves_the_class_out_of_its_own_reference():
     assert index[2] > 3
     assert np.all(np.delete(index, 2) < 2)
     # A tight set without an outlier: its smallest member scores higher than it would inside its own reference
-    # (2.2 here), but nowhere near a real outlier; the verdict's size rule (≤ half the median) is what keeps it clean.
+    # (2.2 here), but nowhere near a real outlier; the verdict's size rule (≤ 0.3× the median) is what keeps it clean.
     assert np.all(_anomaly_index(np.array([50.0, 60.0, 55.0, 70.0, 45.0, 65.0])) < 3)
+
+
+def test_verdict_needs_a_trigger_several_times_smaller_than_the_median():
+    # Mask sizes of a clean development toy model (benchmarks/scan_detect.py seed 4, clean0): class 0 passes the
+    # index (6.6) and flips 76% of held-out images, but its mask is 0.40× the median class's: not a backdoor.
+    flips = np.array([0.76, 0.82, 0.69, 0.72, 0.75])
+    index, flagged, score = kind_verdict(np.array([42.0, 96.4, 104.2, 232.9, 117.3]), flips, ScanSettings())
+    assert index[0] > 2 and not flagged.any()
+    assert score.argmax() == 0  # it still ranks first: the ranking score does not weigh the size test
+    # A real trigger of that toy set (corner square, seed 4): 0.05× the median, flagged.
+    index, flagged, _ = kind_verdict(np.array([7.4, 58.1, 258.5, 163.3, 140.8]), flips, ScanSettings())
+    assert flagged.tolist() == [True, False, False, False, False]
+    # A trigger that does not generalise to held-out images is neither flagged nor ranked.
+    _, flagged, score = kind_verdict(np.array([7.4, 58.1, 258.5, 163.3, 140.8]), np.full(5, 0.3), ScanSettings())
+    assert not flagged.any() and np.isneginf(score).all()

@@ -16,8 +16,9 @@ only the ``opt`` part of the holdout; flip rates are measured on the other part 
 Verdict [ours]: per kind, anomaly index a_t = (median(n_¬t) − n_t) / (1.4826·MAD(n_¬t)) of the log trigger norms n,
 with the other classes' norms n_¬t as reference (low side only: a suspiciously *small* trigger). Class t is
 anomalous for a kind when a_t > ``anomaly_threshold`` (2, as Neural Cleanse), its held-out flip rate ≥
-``flip_threshold`` (0.5), and n_t ≤ ``max_norm_ratio``·median(n) (0.5: at least twice smaller than a typical
-class, which keeps MAD from over-reacting with few classes).
+``flip_threshold`` (0.5), and n_t ≤ ``max_norm_ratio``·median(n) (0.3: at least about three times smaller than a
+typical class, which keeps MAD from over-reacting with few classes; chosen on development toy scans, where real
+triggers measured 0.05–0.25 of the median and the clean classes that passed the index 0.36–0.46; BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class ScanSettings:
     eval_fraction: float = 0.5
     anomaly_threshold: float = 2.0
     flip_threshold: float = 0.5
-    max_norm_ratio: float = 0.5
+    max_norm_ratio: float = 0.3
     kinds: tuple[str, ...] = KINDS
 
 
@@ -279,6 +280,18 @@ def _flip_rates(net, parts: dict[str, torch.Tensor], kind: str, held: Holdout, n
     return torch.where(counts > 0, hits / counts.clamp_min(1), torch.zeros_like(hits)).tolist()
 
 
+def kind_verdict(norms: np.ndarray, flips: np.ndarray, cfg: ScanSettings
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One kind's per-class trigger sizes and held-out flip rates → (anomaly index, anomalous, ranking score).
+
+    Anomalous: index > ``anomaly_threshold``, flip ≥ ``flip_threshold`` and size ≤ ``max_norm_ratio``·median size.
+    The ranking score is the index where the trigger generalises (flip ≥ ``flip_threshold``), else −∞."""
+    index = _anomaly_index(norms)
+    generalises = flips >= cfg.flip_threshold
+    small = norms <= cfg.max_norm_ratio * float(np.median(norms))
+    return index, (index > cfg.anomaly_threshold) & generalises & small, np.where(generalises, index, -np.inf)
+
+
 def _verdict(bank: dict, flip: dict, cfg: ScanSettings, holdout: Holdout, model: LoadedModel, opt: Holdout,
              held: Holdout, trace: dict) -> dict:
     num_classes = model.num_classes
@@ -295,15 +308,12 @@ def _verdict(bank: dict, flip: dict, cfg: ScanSettings, holdout: Holdout, model:
             norms = parts["mask"].flatten(1).sum(1).cpu().numpy()  # mask L1 in pixels
         else:
             norms = parts["delta"].abs().flatten(1).mean(1).cpu().numpy()  # mean |δ| per pixel and channel
-        index = _anomaly_index(norms)
         flips = np.asarray(flip[kind])
-        median = float(np.median(norms))
-        flagged = (index > cfg.anomaly_threshold) & (flips >= cfg.flip_threshold) & (norms <= cfg.max_norm_ratio * median)
+        index, flagged, kind_scores = kind_verdict(norms, flips, cfg)
         for cls in np.nonzero(flagged)[0]:
             anomalous_classes.add(int(cls))
             flagged_kinds.setdefault(int(cls), []).append(kind)
-        # Ranking score: the anomaly index where the trigger generalises, else nothing.
-        scores = np.maximum(scores, np.where(flips >= cfg.flip_threshold, index, -np.inf))
+        scores = np.maximum(scores, kind_scores)
         reached = trace["reached_success"][kind_index * num_classes:(kind_index + 1) * num_classes]
         section["reached_success"][kind] = [bool(v) for v in reached]
         if kind == "patch":
