@@ -156,3 +156,38 @@ def test_fmp_fine_tunes_with_scan_triggers_when_the_audit_knows_none():
     assert finetune["trigger_sources"] and all(t["source"] == "scan" for t in finetune["trigger_sources"])
     assert trigger_asr(result.model, verify.x, verify.y) <= 0.2
     assert get_method("fmp", recipe="paper").scan == "never"
+
+
+@pytest.mark.parametrize("rank, removed", [("triggers", True), ("fgsm", False)])
+def test_rank_by_trigger_response_prunes_the_backdoor(toy_poisoned, rank, removed):
+    """rank=triggers: the channels the found trigger (here the suite's badnets_square, as the fit audit flags it)
+    excites most are pruned; at 10% per layer that alone removes this toy backdoor, where FGSM's ranking does not.
+    No fine-tuning, so the ranking is all that differs."""
+    from bdsan.detectors.triggers import get_trigger
+    from bdsan.io.data import split_holdout
+    from bdsan.train.fixtures import corner_square
+    from bdsan.train.loop import predict
+
+    fit, verify = split_holdout(toy_poisoned.holdout, 0.5, 0)
+    fmp = get_method("fmp", rank=rank, prune_ratio=0.1, epochs=0, known_trigger_fraction=0.0, scan="never")
+    ctx = Context(seed=0, known_triggers=[get_trigger("badnets_square")], max_acc_drop=5.0)
+    result = fmp.run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx)
+    assert result.details["ranked_by"] == rank and result.details["n_pruned"] > 0
+    keep = verify.y != 0
+    asr = float((predict(result.model, verify.x[keep], transform=corner_square) == 0).float().mean())
+    accuracy = float((predict(result.model, verify.x) == verify.y).float().mean())
+    assert (asr <= 0.2) if removed else (asr >= 0.8)
+    assert accuracy >= 0.9
+
+
+def test_rank_by_triggers_falls_back_to_fgsm_without_a_trigger(toy_clean):
+    from bdsan.io.data import split_holdout
+
+    fit, _ = split_holdout(toy_clean.holdout, 0.5, 0)
+    fmp = get_method("fmp", rank="triggers", epochs=0, scan="never")
+    result = fmp.run(copy.deepcopy(toy_clean.model).normalized(), fit, Context(seed=0))
+    assert result.details["ranked_by"] == "fgsm"
+    from bdsan.errors import UsageError
+
+    with pytest.raises(UsageError, match="rank must be one of"):
+        get_method("fmp", rank="gradient")

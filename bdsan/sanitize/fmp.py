@@ -113,6 +113,7 @@ def _ranking_autocast(device: torch.device, bf16: bool):
 
 
 RANK_PRECISIONS = ("auto", "bf16", "fp32")
+RANKINGS = ("fgsm", "triggers")
 
 
 def ranking_bf16(device: torch.device, precision: str) -> bool:
@@ -170,6 +171,35 @@ def rank_channels(model: nn.Module, layers: list[tuple[str, nn.Module]], x: torc
         scores[name] = {"accuracy": accuracy.cpu(), "margin": margin.cpu()}
         if progress:
             progress("fmp ranking", index + 1, total)
+    return scores
+
+
+@torch.no_grad()
+def trigger_response(model: nn.Module, layers: list[tuple[str, nn.Module]], x: torch.Tensor, triggers: list, *,
+                     bf16: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """Per channel, how strongly the found triggers drive it: z = (mean activation on stamped images − mean on
+    clean ones) / clean standard deviation (spatial means per image), the largest over triggers. Returned negated in
+    :func:`rank_channels`' format ({layer: {"accuracy": −z, "margin": −z}}, lower = more harmful), so
+    :func:`select_channels` prunes the channels the triggers excite most."""
+    model.eval()
+    captured: dict[str, torch.Tensor] = {}
+    handles = [layer.register_forward_hook(
+        lambda m, i, o, name=name: captured.__setitem__(name, o.float().mean(dim=(2, 3)))) for name, layer in layers]
+    try:
+        with _ranking_autocast(x.device, bf16):
+            model(x)
+            clean = dict(captured)
+            model(torch.cat([trigger.apply(x) for trigger in triggers]))
+            stamped = dict(captured)
+    finally:
+        for handle in handles:
+            handle.remove()
+    scores = {}
+    for name, _ in layers:
+        reference = clean[name]
+        shift = stamped[name].view(len(triggers), len(x), -1).mean(1) - reference.mean(0)
+        z = (shift / (reference.std(0) + 1e-6)).amax(0)
+        scores[name] = {"accuracy": (-z).cpu(), "margin": (-z).cpu()}
     return scores
 
 
@@ -295,6 +325,8 @@ class FMP:
     no scan. Fields set to None take the recipe's value. ``bn_stamped``: BN statistics re-estimated from batches
     stamped like the fine-tuning batches (measured: SIG 8.8% ASR at −2.1 points, rolled back by the verify guard →
     3.7% at −0.5; blend 4.1% at −1.0; BENCHMARKS.md "BatchNorm statistics of stamped batches").
+    ``rank="triggers"``: rank channels by how strongly the found triggers (audit, else scan) excite them
+    (:func:`trigger_response`) instead of by FGSM; FGSM when no trigger was found.
     """
 
     recipe: str = "bdsan"
@@ -319,6 +351,7 @@ class FMP:
     scan: bool | str | None = None
     scan_steps: int = 300
     rank_precision: str = "auto"
+    rank: str = "fgsm"
     distill_weight: float | None = None
     temperature: float = 2.0
     bn: str | None = None
@@ -341,6 +374,8 @@ class FMP:
         if self.bn_stamped is None:
             self.bn_stamped = not paper
         check_bn_mode(self.bn)
+        if self.rank not in RANKINGS:
+            raise ValueError(f"rank must be one of {', '.join(RANKINGS)}, got {self.rank!r}")
         if self.rank_precision not in RANK_PRECISIONS:
             raise ValueError(f"rank_precision must be one of {', '.join(RANK_PRECISIONS)}, "
                              f"got {self.rank_precision!r}")
@@ -365,7 +400,7 @@ class FMP:
         timings["setup"] = time.perf_counter() - started
 
         triggers, sources, scan_summary = [], [], None
-        if self.known_trigger_fraction > 0:  # before pruning: the scan reads the model as delivered
+        if self.known_trigger_fraction > 0 or self.rank == "triggers":  # before pruning: the scan sees the model
             scan_started = time.perf_counter()
             triggers, sources, scan_summary = gather_triggers(model, train, ctx, self.scan, self.scan_steps)
             if scan_summary is not None:
@@ -386,9 +421,15 @@ class FMP:
         timings["setup"] += time.perf_counter() - started
 
         started = time.perf_counter()
-        scores = rank_channels(model, layers, x_rank, y_rank, alpha=self.alpha, epsilon=self.epsilon,
-                               generator=ctx.generator(1), chunk_images=chunk_images, progress=ctx.progress,
-                               bf16=ranking_bf16(device, self.rank_precision))
+        ranked_by = "triggers" if self.rank == "triggers" and triggers else "fgsm"
+        if self.rank == "triggers" and not triggers:
+            log.warning("fmp: rank=triggers, but neither the audit nor the scan found a trigger; ranking by FGSM")
+        if ranked_by == "triggers":
+            scores = trigger_response(model, layers, x_rank, triggers, bf16=ranking_bf16(device, self.rank_precision))
+        else:
+            scores = rank_channels(model, layers, x_rank, y_rank, alpha=self.alpha, epsilon=self.epsilon,
+                                   generator=ctx.generator(1), chunk_images=chunk_images, progress=ctx.progress,
+                                   bf16=ranking_bf16(device, self.rank_precision))
         selection = select_channels(scores, self.prune_ratio, self.min_per_layer)
         timings["ranking"] = time.perf_counter() - started
 
@@ -407,7 +448,7 @@ class FMP:
 
         pruned_now = _count_dead(model, selection)
         details = {
-            "recipe": self.recipe,
+            "recipe": self.recipe, "ranked_by": ranked_by,
             "rank_images": len(y_rank), "rank_bf16": ranking_bf16(device, self.rank_precision),
             "rank_class_counts": torch.bincount(y_rank, minlength=fit.num_classes).tolist(),
             "fit_train": len(train), "fit_val": len(fit_val),
