@@ -169,7 +169,8 @@ def test_rank_by_trigger_response_prunes_the_backdoor(toy_poisoned, rank, remove
     from bdsan.train.loop import predict
 
     fit, verify = split_holdout(toy_poisoned.holdout, 0.5, 0)
-    fmp = get_method("fmp", rank=rank, prune_ratio=0.1, epochs=0, known_trigger_fraction=0.0, scan="never")
+    fmp = get_method("fmp", rank=rank, prune_ratio=0.1, epochs=0, known_trigger_fraction=0.0, scan="never",
+                     rank_images=48)
     ctx = Context(seed=0, known_triggers=[get_trigger("badnets_square")], max_acc_drop=5.0)
     result = fmp.run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx)
     assert result.details["ranked_by"] == rank and result.details["n_pruned"] > 0
@@ -184,7 +185,7 @@ def test_rank_by_triggers_falls_back_to_fgsm_without_a_trigger(toy_clean):
     from bdsan.io.data import split_holdout
 
     fit, _ = split_holdout(toy_clean.holdout, 0.5, 0)
-    fmp = get_method("fmp", rank="triggers", epochs=0, scan="never")
+    fmp = get_method("fmp", rank="triggers", epochs=0, scan="never", rank_images=8)
     result = fmp.run(copy.deepcopy(toy_clean.model).normalized(), fit, Context(seed=0))
     assert result.details["ranked_by"] == "fgsm"
     from bdsan.errors import UsageError
