@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from bdsan.errors import UsageError
 from bdsan.io.archs import build_arch
 from bdsan.sanitize import Context, get_method
 from bdsan.sanitize.fmp import (
@@ -188,7 +189,5 @@ def test_rank_by_triggers_falls_back_to_fgsm_without_a_trigger(toy_clean):
     fmp = get_method("fmp", rank="triggers", epochs=0, scan="never", rank_images=8)
     result = fmp.run(copy.deepcopy(toy_clean.model).normalized(), fit, Context(seed=0))
     assert result.details["ranked_by"] == "fgsm"
-    from bdsan.errors import UsageError
-
     with pytest.raises(UsageError, match="rank must be one of"):
         get_method("fmp", rank="gradient")

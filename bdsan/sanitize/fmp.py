@@ -185,19 +185,22 @@ def trigger_response(model: nn.Module, layers: list[tuple[str, nn.Module]], x: t
     captured: dict[str, torch.Tensor] = {}
     handles = [layer.register_forward_hook(
         lambda m, i, o, name=name: captured.__setitem__(name, o.float().mean(dim=(2, 3)))) for name, layer in layers]
+    stamped_means: dict[str, list[torch.Tensor]] = {name: [] for name, _ in layers}
     try:
         with _ranking_autocast(x.device, bf16):
             model(x)
             clean = dict(captured)
-            model(torch.cat([trigger.apply(x) for trigger in triggers]))
-            stamped = dict(captured)
+            for trigger in triggers:  # one batched forward per trigger (few), all ranking images at once
+                model(trigger.apply(x))
+                for name, means in stamped_means.items():
+                    means.append(captured[name].mean(0))
     finally:
         for handle in handles:
             handle.remove()
     scores = {}
     for name, _ in layers:
         reference = clean[name]
-        shift = stamped[name].view(len(triggers), len(x), -1).mean(1) - reference.mean(0)
+        shift = torch.stack(stamped_means[name]) - reference.mean(0)  # triggers × C
         z = (shift / (reference.std(0) + 1e-6)).amax(0)
         scores[name] = {"accuracy": (-z).cpu(), "margin": (-z).cpu()}
     return scores
