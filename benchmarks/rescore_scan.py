@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from scan_detect import roc_auc, tpr_at_fpr
 
-from bdsan.detectors.scan import MAD_TO_SIGMA, _anomaly_index
+from bdsan.detectors.scan import MAD_TO_SIGMA, ScanSettings, _anomaly_index, kind_verdict
 
 
 def index_all(norms: np.ndarray, floor: float) -> np.ndarray:
@@ -45,15 +45,14 @@ def rescore(run: dict, rule, floor: float, threshold: float = 2.0, flip_min: flo
     kinds = [(np.asarray(run["mask_l1"]), np.asarray(run["patch_flip"]))] if run.get("mask_l1") else []
     if run.get("blend"):
         kinds.append((np.asarray(run["blend"]["mean_abs_delta"]), np.asarray(run["blend"]["flip_rate"])))
+    settings = ScanSettings(anomaly_threshold=threshold, flip_threshold=flip_min, max_norm_ratio=ratio)
     for norms, flips in kinds:
-        index = rule(norms, floor)
-        small = norms <= ratio * np.median(norms)
-        usable = np.where(flips >= flip_min, index, -np.inf)
+        _, anomalous, usable = kind_verdict(norms, flips, settings, index=rule(norms, floor))
         if size_gated:
-            usable = np.where(small, usable, usable - 100)
+            usable = np.where(norms <= ratio * np.median(norms), usable, usable - 100)
         if usable.max() > best:
             best, suspected = float(usable.max()), int(usable.argmax())
-        flagged |= bool(((index > threshold) & (flips >= flip_min) & small).any())
+        flagged |= bool(anomalous.any())
     return (best if np.isfinite(best) else -10.0), flagged, suspected
 
 

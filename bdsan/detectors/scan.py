@@ -280,13 +280,14 @@ def _flip_rates(net, parts: dict[str, torch.Tensor], kind: str, held: Holdout, n
     return torch.where(counts > 0, hits / counts.clamp_min(1), torch.zeros_like(hits)).tolist()
 
 
-def kind_verdict(norms: np.ndarray, flips: np.ndarray, cfg: ScanSettings
+def kind_verdict(norms: np.ndarray, flips: np.ndarray, cfg: ScanSettings, index: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One kind's per-class trigger sizes and held-out flip rates → (anomaly index, anomalous, ranking score).
 
     Anomalous: index > ``anomaly_threshold``, flip ≥ ``flip_threshold`` and size ≤ ``max_norm_ratio``·median size.
-    The ranking score is the index where the trigger generalises (flip ≥ ``flip_threshold``), else −∞."""
-    index = _anomaly_index(norms)
+    The ranking score is the index where the trigger generalises (flip ≥ ``flip_threshold``), else −∞. ``index``
+    replaces :func:`_anomaly_index` (``benchmarks/rescore_scan.py`` compares index rules this way)."""
+    index = _anomaly_index(norms) if index is None else index
     generalises = flips >= cfg.flip_threshold
     small = norms <= cfg.max_norm_ratio * float(np.median(norms))
     return index, (index > cfg.anomaly_threshold) & generalises & small, np.where(generalises, index, -np.inf)
