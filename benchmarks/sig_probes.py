@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bdsan.detectors.metrics import trigger_metrics
 from bdsan.detectors.scan import _anomaly_index
 from bdsan.detectors.triggers import get_trigger
 from bdsan.io.data import to_float
@@ -175,8 +176,7 @@ def probe_controls(net, k: int, shape, args, x, y, **_) -> dict:
     rows = {}
     with torch.no_grad():
         for name, trigger in triggers.items():
-            predicted = net(trigger(x)).argmax(1)
-            rows[name] = np.array([float(((predicted == t) & (y != t)).sum() / (y != t).sum()) for t in range(k)])
+            rows[name] = np.array(trigger_metrics(net(trigger(x)).argmax(1), y, k, [])["asr"], dtype=float)
     return rows
 
 
