@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=["badnets_grid", "blend_noise", "sig", "trojan_patch"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[101], help="clean-twin training seeds")
     parser.add_argument("--recipe", default="cpu")
+    parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (as run.py --epochs)")
     parser.add_argument("--n-train", type=int, default=20000)
     parser.add_argument("--test-n", type=int, default=2000, help="evaluate on x_test[offset:offset + N]")
     parser.add_argument("--offset", type=int, default=0,
@@ -43,9 +45,10 @@ def main() -> None:
     data = load_dataset(args.data)
     window = slice(args.offset, args.offset + args.test_n)
     x, y = data.x_test[window], data.y_test[window]
+    recipe = RECIPES[args.recipe] if args.epochs is None else replace(RECIPES[args.recipe], epochs=args.epochs)
     rows = []
     for seed in args.seeds:
-        twin = train_backdoored(data, Attack.parse("badnets_grid", rate=0.0, target=args.target), RECIPES[args.recipe],
+        twin = train_backdoored(data, Attack.parse("badnets_grid", rate=0.0, target=args.target), recipe,
                                 n_train=args.n_train or None, seed=seed, cache_dir=args.cache or None)
         net = twin.model.normalized().eval()
         others = y != args.target
@@ -59,7 +62,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     lines = [(f"date {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}, "
               f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
-              f"recipe {args.recipe}, n_train {args.n_train}, test x_test[{window.start}:{window.stop}], "
+              f"recipe {args.recipe} ({recipe.epochs} epochs), n_train {args.n_train}, test x_test[{window.start}:{window.stop}], "
               f"target {args.target}"),
              "", "| clean twin seed | attack trigger | CA | ASR (floor) | RA | target rate without trigger |",
              "|---|---|---|---|---|---|"]

@@ -29,6 +29,7 @@ import datetime as dt
 import json
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -150,7 +151,7 @@ def zoo_jobs(seed: int, args, data):
     """Harness models (``bdsan.train.zoo``, cached) of one seed: each attack, then clean twins (poison rate 0)."""
     from bdsan.train.zoo import RECIPES, Attack, attack_metrics, train_backdoored
 
-    recipe = RECIPES[args.recipe]
+    recipe = RECIPES[args.recipe] if args.epochs is None else replace(RECIPES[args.recipe], epochs=args.epochs)
     specs = [(text, 0.1, seed) for text in zoo_attacks(seed, args.attacks)]
     specs += [("badnets_grid", 0.0, seed + 100 * (i + 1)) for i in range(args.clean_per_seed)]
     for text, rate, model_seed in specs:
@@ -198,6 +199,7 @@ def main() -> None:
                                                          "random_patch", "unseen_blend"],
                         help="with --data NPZ: harness attacks; random_patch/unseen_blend are outside the suite")
     parser.add_argument("--recipe", default="cpu")
+    parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (as run.py --epochs)")
     parser.add_argument("--n-train", type=int, default=20000)
     parser.add_argument("--test-n", type=int, default=2000, help="test images for the implant ASR (--data NPZ)")
     parser.add_argument("--target", type=int, default=0)
