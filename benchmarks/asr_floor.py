@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="cpu")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (as run.py --epochs)")
     parser.add_argument("--n-train", type=int, default=20000)
-    parser.add_argument("--test-n", type=int, default=2000, help="evaluate on x_test[offset:offset + N]")
+    parser.add_argument("--test-n", type=int, default=2000, help="evaluate on x_test[offset:offset + N] (0 = to the end)")
     parser.add_argument("--offset", type=int, default=0,
                         help="0: the tables' test slice; 5000: the development slice of benchmarks/probe.py")
     parser.add_argument("--target", type=int, default=0)
@@ -43,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(args.data)
-    window = slice(args.offset, args.offset + args.test_n)
+    window = slice(args.offset, args.offset + args.test_n if args.test_n else None)
     x, y = data.x_test[window], data.y_test[window]
     recipe = RECIPES[args.recipe] if args.epochs is None else replace(RECIPES[args.recipe], epochs=args.epochs)
     rows = []
@@ -62,7 +62,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     lines = [(f"date {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}, "
               f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
-              f"recipe {args.recipe} ({recipe.epochs} epochs), n_train {args.n_train}, test x_test[{window.start}:{window.stop}], "
+              f"recipe {args.recipe} ({recipe.epochs} epochs), n_train {args.n_train}, test x_test[{window.start}:{window.stop or ''}], "
               f"target {args.target}"),
              "", "| clean twin seed | attack trigger | CA | ASR (floor) | RA | target rate without trigger |",
              "|---|---|---|---|---|---|"]
