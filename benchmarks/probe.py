@@ -3,7 +3,8 @@
 Recipe choices are made here, never on the tables' test slice: the model comes from the harness cache (same
 training arguments as ``run.py``), the defense runs through ``bdsan.sanitize.pipeline.sanitize`` with nothing
 written (``out_dir=None``), and the defended model — before any rollback, so the variant's own effect shows — is
-measured on ``x_test[5000:7000]`` (disjoint from the ``x_test[:2000]`` that ``run.py`` reports on).
+measured on ``x_test[5000:7000]`` (disjoint from the ``x_test[:2000]`` that ``run.py`` reports on), or on the
+slice ``--dev START:END`` gives (GTSRB's test split has 2,275 images: develop on ``1500:``, report on ``--test-n 1500``).
 
     python benchmarks/probe.py --data /work/shared/data/cifar10.npz --n-train 20000 --attack blend_noise \\
         --defense unlearn --param regularizer=l2
@@ -14,6 +15,7 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import replace
 
 import torch
 
@@ -21,7 +23,7 @@ from bdsan.device import resolve_device
 from bdsan.report import json_safe
 from bdsan.train.zoo import RECIPES, Attack, attack_metrics, load_dataset, train_backdoored
 
-DEV = slice(5000, 7000)
+DEV = "5000:7000"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -31,7 +33,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--defense", required=True)
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--recipe", default="cpu", choices=sorted(RECIPES))
-    parser.add_argument("--n-train", type=int, default=20000)
+    parser.add_argument("--n-train", type=int, default=20000, help="training subset size (0 = the whole split)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (as run.py --epochs)")
+    parser.add_argument("--dev", default=DEV, metavar="START:END", help="development test slice (END may be empty)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-acc-drop", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=2)
@@ -44,10 +48,13 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     data = load_dataset(args.data)
     attack = Attack.parse(args.attack)
-    backdoored = train_backdoored(data, attack, RECIPES[args.recipe], n_train=args.n_train, seed=args.seed,
+    recipe = RECIPES[args.recipe] if args.epochs is None else replace(RECIPES[args.recipe], epochs=args.epochs)
+    backdoored = train_backdoored(data, attack, recipe, n_train=args.n_train or None, seed=args.seed,
                                   device=device, cache_dir=args.cache)
     params = dict(p.split("=", 1) for p in args.param)
-    x_dev, y_dev = data.x_test[DEV].to(device), data.y_test[DEV].to(device)
+    start, end = args.dev.split(":")
+    dev_slice = slice(int(start or 0), int(end) if end else None)
+    x_dev, y_dev = data.x_test[dev_slice].to(device), data.y_test[dev_slice].to(device)
 
     def dev(model) -> dict:
         return attack_metrics(model.normalized().to(device).eval(), x_dev, y_dev, attack, data.num_classes)
@@ -66,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     for phase in ("before", "after"):
         m = result[phase]
         print(f"  dev {phase:6s}: CA {100 * m['ca']:.1f}  ASR {100 * m['asr']:.1f}  RA {100 * m['ra']:.1f}  "
-              f"target rate without trigger {100 * m['untriggered']:.1f}")
+              f"target rate without trigger {100 * m['untriggered']:.1f}  "
+              f"target recall {100 * m['target_recall']:.1f} (of {m['n_target']})")
     if args.details:
         print(json.dumps(json_safe(data_out["defense"]["details"]), indent=1)[:6000])
     return result

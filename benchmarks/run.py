@@ -46,7 +46,7 @@ from bdsan.train.zoo import (
 
 log = logging.getLogger("bdsan.bench")
 
-METRICS = ("ca", "asr", "ra")
+METRICS = ("ca", "asr", "ra", "untriggered", "target_recall")
 
 
 def machine_description(device: torch.device) -> str:
@@ -279,7 +279,7 @@ def summarize(results: dict) -> list[dict]:
                "errors": [r["error"] for r in runs if "error" in r]}
         for when in ("before", "after"):
             for metric in METRICS:
-                row[f"{metric}_{when}"] = _mean_std([r[when][metric] for r in ok])
+                row[f"{metric}_{when}"] = _mean_std([r[when].get(metric) for r in ok])
         row["train_seconds"] = _mean_std([r["train_seconds"] for r in runs if not r["from_cache"]])
         row["defense_seconds"] = _mean_std([r["defense_seconds"] for r in ok])
         row["suite_max_asr_after"] = _mean_std([(r.get("suite_after") or {}).get("max_asr") for r in ok])
@@ -327,6 +327,14 @@ def render_markdown(results: dict) -> str:
                      f"{cell('asr_before')} | {cell('asr_after')} | {cell('ra_before')} | {cell('ra_after')} | "
                      f"{suite} | {cell('train_seconds', 1, 0)} | {cell('defense_seconds', 1, 0)} | "
                      f"{' '.join(notes)} |")
+    lines += ["", ("Untriggered = non-target test images predicted as the target *without* the trigger (no trigger "
+                   "removal goes below it); target recall = CA on the target class's own test images."), "",
+              "| attack | defense | untriggered before | untriggered after | target recall before | target recall after |",
+              "|---|---|---|---|---|---|"]
+    for row in summarize(results):
+        cells = [_fmt([row[key][0]]) for key in ("untriggered_before", "untriggered_after", "target_recall_before",
+                                                   "target_recall_after")]
+        lines.append(f"| {row['attack']} | {row['defense']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

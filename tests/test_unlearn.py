@@ -52,3 +52,27 @@ def test_unlearn_rejects_bad_parameters():
 
     with pytest.raises(UsageError):
         get_method("unlearn", regularizer="magic")
+    with pytest.raises(UsageError):
+        get_method("unlearn", distill_mode="magic")
+
+
+def test_suppress_target_removes_the_teachers_target_mass_only_off_target():
+    from bdsan.sanitize.losses import teacher_targets
+
+    logits = torch.tensor([[3.0, 1.0, 0.0], [3.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    labels = torch.tensor([1, 0, 2])
+    fixed, rows = teacher_targets(logits, labels, [0], "suppress-target")
+    probs = fixed.softmax(1)
+    assert rows.all()
+    assert probs[0, 0] < 1e-6 and probs[2, 0] < 1e-6  # images of other classes: no mass on the suspected target
+    assert torch.equal(fixed[1], logits[1])  # an image of the target class keeps its outputs
+    assert torch.equal(logits[0], torch.tensor([3.0, 1.0, 0.0]))  # the input is not modified in place
+    assert torch.equal(teacher_targets(logits, labels, [0], "all")[0], logits)
+
+
+def test_agree_distils_only_where_the_teacher_is_right():
+    from bdsan.sanitize.losses import teacher_targets
+
+    logits = torch.tensor([[3.0, 1.0, 0.0], [3.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    _, rows = teacher_targets(logits, torch.tensor([1, 0, 2]), [0], "agree")
+    assert rows.tolist() == [False, True, False]

@@ -14,6 +14,28 @@ def distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tem
                             reduction="batchmean")
 
 
+DISTILL_MODES = ("all", "suppress-target", "agree")
+
+
+def teacher_targets(teacher_logits: torch.Tensor, labels: torch.Tensor, suspected: list[int], mode: str
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher logits, rows to distil on) for the clean-image distillation term.
+
+    ``all``: the input model's outputs as they are. ``suppress-target``: its logit of each suspected target class
+    set to −10⁴ on images whose true label is another class, so the student is not asked to keep the backdoored
+    model's extra clean-image answers into the target. ``agree``: distil only on images the input model labels
+    correctly.
+    """
+    rows = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
+    if mode == "agree":
+        return teacher_logits, teacher_logits.argmax(1) == labels
+    if mode == "suppress-target" and suspected:
+        teacher_logits = teacher_logits.clone()
+        for target in suspected:
+            teacher_logits[labels != target, target] = -1e4
+    return teacher_logits, rows
+
+
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """An eval-mode copy with gradients off: the teacher that keeps a fine-tuned model's clean behaviour."""
     teacher = copy.deepcopy(model).eval()

@@ -35,7 +35,7 @@ from .batchnorm import check_bn_mode, checkpoint_bn, set_training
 from .context import Context, DefenseResult
 from .found_triggers import gather_triggers, scan_mode, stamp_leading, stamped_like_training
 from .guard import FitValGuard
-from .losses import distillation, frozen_copy
+from .losses import DISTILL_MODES, distillation, frozen_copy, teacher_targets
 from .registry import register_method
 
 
@@ -55,6 +55,7 @@ class Unlearn:
     regularizer: str = "distill"
     distill_weight: float = 1.0
     temperature: float = 2.0
+    distill_mode: str = "all"
     l2_weight: float = 0.01
     scan: bool | str = "auto"
     scan_steps: int = 300
@@ -69,6 +70,8 @@ class Unlearn:
         check_bn_mode(self.bn)
         if self.regularizer not in ("distill", "l2", "none"):
             raise ValueError("regularizer must be distill, l2 or none")
+        if self.distill_mode not in DISTILL_MODES:
+            raise ValueError(f"distill_mode must be one of {', '.join(DISTILL_MODES)}")
         if not 0 < self.stamp_fraction < 1 or self.epochs < 0 or self.lr <= 0 or self.batch_size < 2:
             raise ValueError("need 0 < stamp_fraction < 1, epochs ≥ 0, lr > 0, batch_size ≥ 2")
 
@@ -91,7 +94,9 @@ class Unlearn:
             return DefenseResult(model, details)
         guard.history[0]["objective"] = _triggered_error(model, fit_val, triggers, ctx.batch_size)
         ft_started = time.perf_counter()
-        epochs_log = self._finetune(model, train, triggers, guard, fit_val, ctx)
+        suspected = _suspected_targets(ctx, sources)
+        details["suspected_targets"] = suspected
+        epochs_log = self._finetune(model, train, triggers, suspected, guard, fit_val, ctx)
         timings["finetune"] = round(time.perf_counter() - ft_started, 3)
         selected = guard.restore_best(model)
         model.eval()
@@ -99,8 +104,8 @@ class Unlearn:
                         "timings_s": timings | {"total": round(time.perf_counter() - started, 3)}})
         return DefenseResult(model, details)
 
-    def _finetune(self, model: nn.Module, train: Holdout, triggers: list, guard: FitValGuard, fit_val: Holdout,
-                  ctx: Context) -> list[dict]:
+    def _finetune(self, model: nn.Module, train: Holdout, triggers: list, suspected: list[int], guard: FitValGuard,
+                  fit_val: Holdout, ctx: Context) -> list[dict]:
         device = ctx.device
         generator = ctx.generator(offset=31)
         teacher = frozen_copy(model) if self.regularizer == "distill" else None
@@ -130,7 +135,10 @@ class Unlearn:
                     clean_logits = logits[n_stamped:]
                     with torch.no_grad(), autocast(device):
                         teacher_logits = teacher(x[n_stamped:]).float()
-                    reg = self.distill_weight * distillation(clean_logits, teacher_logits, self.temperature)
+                    teacher_logits, rows = teacher_targets(teacher_logits, y[n_stamped:], suspected, self.distill_mode)
+                    if rows.any():
+                        reg = self.distill_weight * distillation(clean_logits[rows], teacher_logits[rows],
+                                                                 self.temperature)
                 elif anchor is not None:
                     reg = self.l2_weight * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
                 optimizer.zero_grad(set_to_none=True)
@@ -150,6 +158,12 @@ class Unlearn:
             log.append({"epoch": epoch, "ce": sums["ce"] / steps_per_epoch, "reg": sums["reg"] / steps_per_epoch,
                         "triggered_error_fit_val": objective})
         return log
+
+
+def _suspected_targets(ctx: Context, sources: list[dict]) -> list[int]:
+    """Target classes the fit-split audit or the scan pointed at (for ``distill_mode=suppress-target``)."""
+    targets = {e.get("suspected_target") for e in ctx.trigger_evidence} | {s.get("target") for s in sources}
+    return sorted(int(t) for t in targets if t is not None)
 
 
 @torch.no_grad()

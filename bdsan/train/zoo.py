@@ -294,7 +294,9 @@ def _store(result: Backdoored, entry: Path) -> None:
 def attack_metrics(network: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, attack: Attack,
                    num_classes: int, batch_size: int = 512, trigger=None) -> dict:
     """CA on clean images; ASR and RA with the attack's own trigger (SPEC §4); ``untriggered``: the same ASR count
-    on the images *without* the trigger (the rate no defense can go below by removing the trigger's effect alone).
+    on the images *without* the trigger (the rate no defense can go below by removing the trigger's effect alone);
+    ``target_recall``: clean accuracy on the target class's own images (a defense that simply stops predicting the
+    target would score ASR 0 and lose only that class's share of CA).
 
     all2one / clean_label: over images whose true label is not the target; ASR = predicted target, RA = predicted
     true label. all2all: over all images, ASR = predicted ``(y + 1) mod K``.
@@ -311,4 +313,5 @@ def attack_metrics(network: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, a
         return hits.float().mean().item() if len(hits) else math.nan
 
     return {"ca": ratio(clean_pred == y), "asr": ratio(triggered_pred == wanted), "ra": ratio(triggered_pred == y[keep]),
-            "untriggered": ratio(clean_pred[keep] == wanted), "n_clean": len(y), "n_triggered": int(keep.sum())}
+            "untriggered": ratio(clean_pred[keep] == wanted), "n_clean": len(y), "n_triggered": int(keep.sum()),
+            "target_recall": ratio(clean_pred[~keep] == attack.target), "n_target": int((~keep).sum())}
