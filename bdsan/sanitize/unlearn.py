@@ -9,6 +9,9 @@ Never the real trigger.
 Clean accuracy is kept by a regulariser on the clean half: ``distill`` (KL to the input model's softened outputs on
 the same clean images), ``l2`` (L2-SP: ``l2_weight``·‖θ − θ₀‖²) or ``none``; distillation kept 3.3–3.5 more
 CA points at the same ASR on the CPU benchmark models (BENCHMARKS.md "BatchNorm statistics of stamped batches").
+``distill_mode``: ``all`` (default), ``suppress-target`` (no teacher mass on the suspected targets for other
+classes' images: removes the backdoored model's extra clean answers into the target, and 20–25 points of the target
+class's recall on CIFAR-10 development models) or ``agree`` (distil where the teacher is right; no measurable effect).
 The fit-val guard keeps the epoch with the lowest triggered error among those within ``--max-acc-drop``.
 
 BatchNorm: running statistics are re-estimated at every checkpoint from augmented fit images, **stamped like the
