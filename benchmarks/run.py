@@ -259,8 +259,8 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    mean, std = _mean_std(values)
+def _mean_std_text(mean_std: tuple[float, float | None], scale: float = 100.0, digits: int = 1) -> str:
+    mean, std = mean_std
     if math.isnan(mean):
         return "—"
     text = f"{scale * mean:.{digits}f}"
@@ -308,10 +308,7 @@ def render_markdown(results: dict) -> str:
         row = {k: v for k, v in run_row.items()}
 
         def cell(key: str, scale: float = 100.0, digits: int = 1, row: dict = row) -> str:
-            mean, std = row[key]
-            if math.isnan(mean):
-                return "—"
-            return f"{scale * mean:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if std is not None else "")
+            return _mean_std_text(row[key], scale, digits)
 
         notes = []
         if row["errors"]:
@@ -332,7 +329,7 @@ def render_markdown(results: dict) -> str:
               "| attack | defense | untriggered before | untriggered after | target recall before | target recall after |",
               "|---|---|---|---|---|---|"]
     for row in summarize(results):
-        cells = [_fmt([row[key][0]]) for key in ("untriggered_before", "untriggered_after", "target_recall_before",
+        cells = [_mean_std_text(row[key]) for key in ("untriggered_before", "untriggered_after", "target_recall_before",
                                                    "target_recall_after")]
         lines.append(f"| {row['attack']} | {row['defense']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

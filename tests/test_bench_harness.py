@@ -45,6 +45,8 @@ def test_harness_runs_end_to_end_at_toy_scale(bench, tmp_path):
     assert [r["defense"] for r in saved["summary"]] == defenses
     table = (out / "results.md").read_text()
     assert "| badnets_grid | ft |" in table and "ASR before" in table
+    assert "target recall after" in table and table.count("| badnets_grid | ft |") == 2
+    assert 0.0 <= none["before"]["target_recall"] <= 1.0 and none["before"]["n_target"] > 0
     assert (out / "asr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     again = bench.main(argv[:-4] + ["--defenses", "none", "--out", str(tmp_path / "again"),
