@@ -4,7 +4,7 @@ Recipe choices are made here, never on the tables' test slice: the model comes f
 training arguments as ``run.py``), the defense runs through ``bdsan.sanitize.pipeline.sanitize`` with nothing
 written (``out_dir=None``), and the defended model — before any rollback, so the variant's own effect shows — is
 measured on ``x_test[5000:7000]`` (disjoint from the ``x_test[:2000]`` that ``run.py`` reports on), or on the
-slice ``--dev START:END`` gives (GTSRB's test split has 2,275 images: develop on ``1500:``, report on ``--test-n 1500``).
+slice ``--dev START:END`` gives (GTSRB's test split has 2,275 images: ``--dev 1500:``, on development seeds).
 
     python benchmarks/probe.py --data /work/shared/data/cifar10.npz --n-train 20000 --attack blend_noise \\
         --defense unlearn --param regularizer=l2
