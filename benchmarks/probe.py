@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     backdoored = train_backdoored(data, attack, recipe, n_train=args.n_train or None, seed=args.seed,
                                   device=device, cache_dir=args.cache)
     params = dict(p.split("=", 1) for p in args.param)
-    start, end = args.dev.split(":")
+    start, _, end = args.dev.partition(":")
     dev_slice = slice(int(start or 0), int(end) if end else None)
     x_dev, y_dev = data.x_test[dev_slice].to(device), data.y_test[dev_slice].to(device)
 

@@ -304,7 +304,8 @@ def render_markdown(results: dict) -> str:
              ("| attack | defense | CA before | CA after | ASR before | ASR after | RA before | RA after "
               "| suite ASR after | train s | defense s | notes |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for run_row in summarize(results):
+    summary = summarize(results)
+    for run_row in summary:
         row = {k: v for k, v in run_row.items()}
 
         def cell(key: str, scale: float = 100.0, digits: int = 1, row: dict = row) -> str:
@@ -328,7 +329,7 @@ def render_markdown(results: dict) -> str:
                    "removal goes below it); target recall = CA on the target class's own test images."), "",
               "| attack | defense | untriggered before | untriggered after | target recall before | target recall after |",
               "|---|---|---|---|---|---|"]
-    for row in summarize(results):
+    for row in summary:
         cells = [_mean_std_text(row[key]) for key in ("untriggered_before", "untriggered_after", "target_recall_before",
                                                    "target_recall_after")]
         lines.append(f"| {row['attack']} | {row['defense']} | " + " | ".join(cells) + " |")
@@ -338,11 +339,11 @@ def render_markdown(results: dict) -> str:
 def write_outputs(results: dict, out: Path) -> None:
     from bdsan.atomic import write_text_atomic
 
+    rows = summarize(results)
     results = {**results, "summary": [
-        {k: (list(v) if isinstance(v, tuple) else v) for k, v in row.items()} for row in summarize(results)]}
+        {k: (list(v) if isinstance(v, tuple) else v) for k, v in row.items()} for row in rows]}
     write_text_atomic(out / "results.json", json.dumps(json_safe(results), indent=2) + "\n")
     write_text_atomic(out / "results.md", render_markdown(results))
-    rows = summarize(results)
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
     if attacks:

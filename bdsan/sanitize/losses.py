@@ -26,14 +26,14 @@ def teacher_targets(teacher_logits: torch.Tensor, labels: torch.Tensor, suspecte
     model's extra clean-image answers into the target. ``agree``: distil only on images the input model labels
     correctly.
     """
-    rows = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
     if mode == "agree":
         return teacher_logits, teacher_logits.argmax(1) == labels
     if mode == "suppress-target" and suspected:
+        columns = torch.tensor(suspected, device=labels.device)
+        off_target = labels.view(-1, 1) != columns.view(1, -1)  # images × suspected targets
         teacher_logits = teacher_logits.clone()
-        for target in suspected:
-            teacher_logits[labels != target, target] = -1e4
-    return teacher_logits, rows
+        teacher_logits[:, columns] = teacher_logits[:, columns].masked_fill(off_target, -1e4)
+    return teacher_logits, torch.ones(len(labels), dtype=torch.bool, device=labels.device)
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
