@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from bdsan.detectors.audit import audit, gate_max_asr
-from bdsan.detectors.scan import scan, scan_section
+from bdsan.detectors.scan import ScanSettings, scan, scan_section
 from bdsan.io.data import Holdout, split_holdout
 from bdsan.train.fixtures import corner_square, top_left_patch, train_toy_model
 from bdsan.train.loop import predict
@@ -244,16 +244,27 @@ def main() -> None:
     summarise(runs, args)
 
 
+def gate_margin(run: dict, max_asr: float, anomaly_threshold: float) -> float:
+    """How far past its limit the most-exceeded gate of ``audit --scan`` is: max(suite ASR / ``max_asr``, scan score
+    / ``anomaly_threshold``), read from the report's gates (value / limit); > 1 means the gate fails there. It has
+    no parameter of its own: both limits are the product's defaults."""
+    return max(run["suite_asr"] / max_asr, run["score"] / anomaly_threshold)
+
+
 def gate_summary(positives: list[dict], negatives: list[dict], max_asr: float) -> str:
     """``audit --scan`` as a detector: the gate fails on the suite (largest ASR above ``max_asr``) or on the scan.
-    Its ranking puts every model the suite fails above every model it passes, then orders by the scan's score."""
+    Two rankings: the suite gate first, then the scan's score (every model the suite fails above every model it
+    passes); and the gate margin (:func:`gate_margin`)."""
     def combined(r: dict) -> float:
         return r["score"] + 1000.0 * r["suite_failed"]
 
     def flagged(r: dict) -> bool:
         return r["suite_failed"] or r["anomalous"]
 
+    threshold = ScanSettings().anomaly_threshold
     pos, neg = [combined(r) for r in positives], [combined(r) for r in negatives]
+    margin = ([gate_margin(r, max_asr, threshold) for r in positives],
+              [gate_margin(r, max_asr, threshold) for r in negatives])
     suite_pos = sum(r["suite_failed"] for r in positives)
     suite_neg = sum(r["suite_failed"] for r in negatives)
     suite = [r["suite_asr"] for r in positives], [r["suite_asr"] for r in negatives]
@@ -262,6 +273,9 @@ def gate_summary(positives: list[dict], negatives: list[dict], max_asr: float) -
          f"TPR at ≤5% FPR {tpr_at_fpr(pos, neg):.2f}; gate fails on {sum(map(flagged, positives))}/"
          f"{len(positives)} backdoored, {sum(map(flagged, negatives))}/{len(negatives)} clean "
          f"(suite alone: {suite_pos}/{len(positives)} and {suite_neg}/{len(negatives)})"),
+        (f"audit --scan gate margin (max of suite ASR / {max_asr:g}, scan score / {threshold:g}): "
+         f"ROC-AUC {roc_auc(*margin):.3f}, TPR at ≤5% FPR {tpr_at_fpr(*margin):.2f}; backdoored "
+         f"{min(margin[0]):.2f}–{max(margin[0]):.2f}, clean {min(margin[1]):.2f}–{max(margin[1]):.2f}"),
         f"suite max ASR as the score: ROC-AUC {roc_auc(*suite):.3f}, TPR at ≤5% FPR {tpr_at_fpr(*suite):.2f}"])
 
 
