@@ -18,6 +18,7 @@ from bdsan.detectors.scan import (
     scan_section,
 )
 from bdsan.detectors.triggers import Trigger
+from bdsan.device import channels_last
 
 SCAN_STEPS = 150  # early stopping usually ends sooner; toy scale
 TARGET = UNKNOWN_TARGET
@@ -85,6 +86,27 @@ def test_scan_is_seeded(unknown_patch_toy):
     first = scan(toy.model, toy.holdout, steps=5, seed=3, device="cpu", kinds=("patch",))
     second = scan(toy.model, toy.holdout, steps=5, seed=3, device="cpu", kinds=("patch",))
     assert first["mask_l1"] == second["mask_l1"]
+
+
+def test_scan_gives_the_model_back_in_its_own_memory_layout(unknown_patch_toy):
+    # The scan runs the model channels_last; pruning and safetensors export afterwards expect the usual layout.
+    toy = unknown_patch_toy
+    scan(toy.model, toy.holdout, steps=2, seed=0, device="cpu", kinds=("patch",))
+    four_d = [t for t in toy.model.module.state_dict().values() if t.dim() == 4]
+    assert four_d and all(t.is_contiguous() for t in four_d)
+
+
+def test_channels_last_keeps_outputs_and_restores_the_layout(unknown_patch_toy):
+    net = unknown_patch_toy.model.normalized().eval()
+    x = unknown_patch_toy.holdout.x[:16].float() / 255
+    with torch.no_grad():
+        before = net(x)
+        with channels_last(net):
+            weights = [p for p in net.parameters() if p.dim() == 4]
+            assert all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in weights)
+            inside = net(x)
+    assert torch.allclose(before, inside, atol=1e-5)
+    assert all(p.is_contiguous() for p in net.parameters())
 
 
 def test_anomaly_index_leaves_the_class_out_of_its_own_reference():

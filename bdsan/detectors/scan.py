@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..device import autocast, resolve_device
+from ..device import autocast, channels_last, resolve_device
 from ..errors import DataError, ModelRefused
 from ..io.data import Holdout, stratified_split, to_float
 from ..io.models import LoadedModel
@@ -160,8 +160,10 @@ def scan(model: LoadedModel, holdout: Holdout, *, steps: int = 200, batch_size: 
     for p in net.parameters():
         p.requires_grad_(False)
     try:
-        bank, trace = _optimise(net, opt, num_classes, cfg, batch_size, seed, device, progress)
-        flip = {kind: _flip_rates(net, bank[kind], kind, held, num_classes, batch_size, device) for kind in cfg.kinds}
+        with channels_last(net):
+            bank, trace = _optimise(net, opt, num_classes, cfg, batch_size, seed, device, progress)
+            flip = {kind: _flip_rates(net, bank[kind], kind, held, num_classes, batch_size, device)
+                    for kind in cfg.kinds}
     finally:
         for p, flag in zip(net.parameters(), requires_grad):
             p.requires_grad_(flag)
