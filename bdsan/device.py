@@ -48,7 +48,7 @@ def channels_last(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Run ``module`` with channels_last weights, then give its 4-D tensors back the layout they had.
 
     Convolutions pick the weight's layout, so inputs need no conversion. On the CPU (oneDNN) it makes the scan's
-    forward + input-gradient passes about 1.3× faster with the same outputs (to 1e-8; BENCHMARKS.md, scan time);
+    forward + input-gradient passes about 1.3× faster with the same outputs (to 1e-8; BENCHMARKS.md, "Scan and training with channels_last weights");
     on CUDA it is the usual speed setting. Restoring matters: the same module is pruned and exported afterwards.
     """
     tensors = [t for t in (*module.parameters(), *module.buffers()) if t.dim() == 4]
