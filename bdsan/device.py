@@ -43,6 +43,32 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU runs bf16 convolutions natively (oneDNN with AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def wants_bf16(device: torch.device, precision: str) -> bool:
+    """``precision`` for passes that only rank or search (FMP's ranking, the scan): ``auto`` is bf16 on CUDA and on
+    CPUs that run it natively (about 2× faster there; an emulated bf16 would be slower than fp32), else fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16())
+    return precision == "bf16"
+
+
+def precision_autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on ``device`` when ``bf16``, else fp32 (no autocast)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def channels_last(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Run ``module`` with channels_last weights, then give its 4-D tensors back the layout they had.

@@ -174,7 +174,7 @@ def scan_run(job: dict, seed: int, args) -> dict:
     cpu0, wall0 = time.process_time(), time.perf_counter()
     kinds = {"kinds": tuple(args.kinds)} if args.kinds else {}
     section = scan_section(scan(job["model"], job["holdout"], steps=args.steps, seed=seed, device=args.device,
-                                **kinds))
+                                precision=args.precision, **kinds))
     scan_wall, scan_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     scores = [s for s in section["score"] if s is not None]
     run = {"seed": seed, "attack": job["attack"], "target": job["target"], "where": job["where"],
@@ -183,6 +183,7 @@ def scan_run(job: dict, seed: int, args) -> dict:
            "score": max(scores) if scores else -10.0, "anomalous": section["anomalous"],
            "suspected_target": section["suspected_target"], "anomalous_classes": section["anomalous_classes"],
            "anomalous_kinds": section["anomalous_kinds"], "steps_run": section["steps_run"],
+           "bf16": section.get("bf16"),
            "mask_l1": section.get("mask_l1"), "patch_index": section.get("anomaly_index"),
            "patch_flip": section.get("flip_rate"), "blend": section.get("blend")}
     asr = job["implant_asr"]
@@ -206,6 +207,8 @@ def main() -> None:
     parser.add_argument("--cache", default=".cache/bdsan-bench")
     parser.add_argument("--steps", type=int, default=200, help="scan steps")
     parser.add_argument("--kinds", nargs="+", default=None, help="scan kinds (default: the scan's default)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="the scan's precision (auto: bf16 on CUDA and on CPUs with native bf16)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--clean-per-seed", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench_out/scan"))

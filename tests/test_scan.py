@@ -18,7 +18,8 @@ from bdsan.detectors.scan import (
     scan_section,
 )
 from bdsan.detectors.triggers import Trigger
-from bdsan.device import channels_last
+from bdsan.device import channels_last, cpu_supports_bf16, wants_bf16
+from bdsan.errors import DataError
 
 SCAN_STEPS = 150  # early stopping usually ends sooner; toy scale
 TARGET = UNKNOWN_TARGET
@@ -79,6 +80,30 @@ def test_clean_model_is_not_flagged(toy_clean):
                                 kinds=("patch",)))
     assert section["anomalous"] is False
     assert section["anomalous_classes"] == []
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_both_precisions_find_the_unknown_patch_target(unknown_patch_toy, precision):
+    # auto picks bf16 on CPUs with native bf16 and fp32 elsewhere: both must find the trigger wherever the tests run.
+    toy = unknown_patch_toy
+    section = scan_section(scan(toy.model, toy.holdout, steps=SCAN_STEPS, seed=0, device="cpu", kinds=("patch",),
+                                precision=precision))
+    assert section["bf16"] is (precision == "bf16")
+    assert section["params"]["precision"] == precision
+    assert section["anomalous_classes"] == [TARGET]
+
+
+def test_precision_auto_follows_the_cpu():
+    assert wants_bf16(torch.device("cpu"), "auto") is cpu_supports_bf16()
+    assert wants_bf16(torch.device("cuda"), "auto") is True
+    assert wants_bf16(torch.device("cpu"), "fp32") is False and wants_bf16(torch.device("cpu"), "bf16") is True
+    with pytest.raises(ValueError):
+        wants_bf16(torch.device("cpu"), "fp16")
+
+
+def test_unknown_precision_is_a_data_error(unknown_patch_toy):
+    with pytest.raises(DataError, match="precision"):
+        scan(unknown_patch_toy.model, unknown_patch_toy.holdout, steps=1, device="cpu", precision="fp16")
 
 
 def test_scan_is_seeded(unknown_patch_toy):

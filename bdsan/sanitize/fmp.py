@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import autocast
+from ..device import PRECISIONS, autocast, precision_autocast, wants_bf16
 from ..io.data import Holdout, to_float
 from ..train.augment import augment_batch
-from ..train.loop import cpu_supports_bf16
 from .batchnorm import check_bn_mode, checkpoint_bn, set_training
 from .context import Context, DefenseResult
 from .found_triggers import gather_triggers, scan_mode, stamp_leading, stamped_like_training
@@ -107,26 +106,19 @@ def _noisy_start(x: torch.Tensor, alpha: float, generator: torch.Generator) -> t
     return (x + alpha * torch.sign(u)).clamp_(0, 1)
 
 
-def _ranking_autocast(device: torch.device, bf16: bool):
-    """bf16 autocast for the ranking passes when asked (CUDA, or a CPU with native bf16), else fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else autocast(device)
-
-
-RANK_PRECISIONS = ("auto", "bf16", "fp32")
+RANK_PRECISIONS = PRECISIONS
 RANKINGS = ("fgsm", "triggers")
 
 
 def ranking_bf16(device: torch.device, precision: str) -> bool:
     """``rank_precision``: auto (bf16 on CUDA and on CPUs that run it natively), bf16, fp32."""
-    if precision == "auto":
-        return device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16())
-    return precision == "bf16"
+    return wants_bf16(device, precision)
 
 
 def _score(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, replicas: int, bf16: bool = False
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per replica: accuracy and mean logit margin (true logit − best other) on its adversarial batch."""
-    with torch.no_grad(), _ranking_autocast(x_adv.device, bf16):
+    with torch.no_grad(), precision_autocast(x_adv.device, bf16):
         logits = model(x_adv).float()
     logits = logits.view(replicas, len(y), -1)
     labels = y.view(1, -1).expand(replicas, -1)
@@ -149,7 +141,7 @@ def rank_channels(model: nn.Module, layers: list[tuple[str, nn.Module]], x: torc
     scores = {}
     total = len(layers)
     for index, (name, layer) in enumerate(layers):
-        with torch.no_grad(), _ranking_autocast(x.device, bf16):
+        with torch.no_grad(), precision_autocast(x.device, bf16):
             clean = activation(model, layer, x).float()
         channels_total = clean.shape[1]
         accuracy = torch.empty(channels_total, device=x.device)
@@ -158,7 +150,7 @@ def rank_channels(model: nn.Module, layers: list[tuple[str, nn.Module]], x: torc
             channels = torch.arange(start, min(channels_total, start + per_chunk), device=x.device)
             replicas = len(channels)
             x_rep = x0.repeat(replicas, 1, 1, 1).requires_grad_(True)
-            with _ranking_autocast(x.device, bf16):
+            with precision_autocast(x.device, bf16):
                 out = activation(model, layer, x_rep)
             out = out.float().view(replicas, n, *out.shape[1:])
             own = out[torch.arange(replicas, device=x.device), :, channels]  # replicas × n × h × w
@@ -187,7 +179,7 @@ def trigger_response(model: nn.Module, layers: list[tuple[str, nn.Module]], x: t
         lambda m, i, o, name=name: captured.__setitem__(name, o.float().mean(dim=(2, 3)))) for name, layer in layers]
     stamped_means: dict[str, list[torch.Tensor]] = {name: [] for name, _ in layers}
     try:
-        with _ranking_autocast(x.device, bf16):
+        with precision_autocast(x.device, bf16):
             model(x)
             clean = dict(captured)
             for trigger in triggers:  # one batched forward per trigger (few), all ranking images at once
@@ -217,13 +209,13 @@ def reference_ranking(model: nn.Module, layers: list[tuple[str, nn.Module]], x: 
         captured: dict[str, torch.Tensor] = {}
         handle = layer.register_forward_hook(lambda m, i, o, store=captured: store.__setitem__("out", o))
         try:
-            with torch.no_grad(), _ranking_autocast(x.device, bf16):
+            with torch.no_grad(), precision_autocast(x.device, bf16):
                 model(x)
                 clean = captured["out"].float()
             accuracy, margin = [], []
             for channel in range(clean.shape[1]):
                 x_start = x0.clone().requires_grad_(True)
-                with _ranking_autocast(x.device, bf16):
+                with precision_autocast(x.device, bf16):
                     model(x_start)
                 loss = F.mse_loss(captured["out"][:, channel].float(), clean[:, channel])
                 (grad,) = torch.autograd.grad(loss, x_start)

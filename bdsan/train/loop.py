@@ -49,14 +49,6 @@ def _training_autocast(device: torch.device, precision: str):
     raise ValueError(f"precision {precision!r} is not one of auto, bf16, fp32")
 
 
-def cpu_supports_bf16() -> bool:
-    """True when this CPU runs bf16 convolutions natively (oneDNN with AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def freeze_batchnorm(model: nn.Module) -> None:
     """Put every BatchNorm layer in eval mode: running statistics are used and no longer updated."""
     for module in model.modules():

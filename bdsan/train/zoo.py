@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_dir
+from ..device import cpu_supports_bf16
 from ..errors import DataError, UsageError
 from ..io.archs import build_arch
 from ..io.data import Holdout, stratified_split
 from ..io.models import LoadedModel, from_module, load_model
 from ..io.preprocess import Preprocessing
-from .loop import Progress, cpu_supports_bf16, predict, train_classifier
+from .loop import Progress, predict, train_classifier
 from .poison import POISON_MODES, poison_arrays, poisoned_labels
 from .synthetic import make_synthetic
 

@@ -10,12 +10,13 @@ def test_cli_scan_flags_poisoned_model_and_writes_pngs(run_cli, tmp_path, poison
     out_dir = tmp_path / "scan"
     report = tmp_path / "scan.json"
     result = run_cli("scan", poisoned_safetensors, "--holdout", holdout_npz, "--steps", SCAN_STEPS, "--kinds", "patch",
-                     "--device", "cpu", "--out-dir", out_dir, "-o", report, "--quiet")
+                     "--precision", "fp32", "--device", "cpu", "--out-dir", out_dir, "-o", report, "--quiet")
     assert result.code == 1, result.output
     assert "gate scan failed" in result.stderr
     data = json.loads(report.read_text())
     assert data["command"] == "scan" and data["scan"]["anomalous"] is True
     assert data["scan"]["suspected_target"] == 0  # the conftest backdoor targets class 0
+    assert data["scan"]["bf16"] is False and data["scan"]["params"]["precision"] == "fp32"
     assert next(g for g in data["gates"] if g["name"] == "scan")["passed"] is False
     assert (out_dir / "patch_class0_trigger.png").is_file()
     assert "reconstructed" not in data["scan"] and "images" not in data["scan"]
@@ -33,11 +34,16 @@ def test_cli_audit_scan_fails_the_gate_and_carries_the_scan_into_sarif(run_cli, 
                                                                       holdout_npz):
     sarif = tmp_path / "r.sarif"
     result = run_cli("audit", poisoned_safetensors, "--holdout", holdout_npz, "--triggers", "blend_strip", "--scan",
-                     "--scan-steps", SCAN_STEPS, "--device", "cpu", "-o", sarif, "--quiet")
+                     "--scan-steps", SCAN_STEPS, "--scan-precision", "bf16", "--device", "cpu", "-o", sarif, "--quiet")
     assert result.code == 1, result.output  # blend_strip does not fire on the corner-square backdoor; the scan does
     assert "gate scan failed" in result.stderr and "gate max_asr failed" not in result.stderr
     rules = [r["ruleId"] for r in json.loads(sarif.read_text())["runs"][0]["results"]]
     assert rules == ["bdsan/scan/anomalous-class"]
+
+
+def test_cli_scan_refuses_an_unknown_precision(run_cli, clean_safetensors, holdout_npz):
+    result = run_cli("scan", clean_safetensors, "--holdout", holdout_npz, "--precision", "fp16", "--device", "cpu")
+    assert result.code == 2 and "fp16" in result.stderr
 
 
 def test_junit_and_text_render_the_scan():
