@@ -9,6 +9,7 @@ import scan_helpers
 import torch
 from scan_helpers import UNKNOWN_TARGET
 
+from bdsan.cli import SCAN_PRECISIONS
 from bdsan.detectors.scan import (
     ScanSettings,
     _anomaly_index,
@@ -18,7 +19,7 @@ from bdsan.detectors.scan import (
     scan_section,
 )
 from bdsan.detectors.triggers import Trigger
-from bdsan.device import channels_last, cpu_supports_bf16, wants_bf16
+from bdsan.device import PRECISIONS, channels_last, cpu_supports_bf16, wants_bf16
 from bdsan.errors import DataError
 
 SCAN_STEPS = 150  # early stopping usually ends sooner; toy scale
@@ -99,6 +100,7 @@ def test_precision_auto_follows_the_cpu():
     assert wants_bf16(torch.device("cpu"), "fp32") is False and wants_bf16(torch.device("cpu"), "bf16") is True
     with pytest.raises(ValueError):
         wants_bf16(torch.device("cpu"), "fp16")
+    assert SCAN_PRECISIONS == PRECISIONS  # the CLI spells them out so that --help never imports torch
 
 
 def test_unknown_precision_is_a_data_error(unknown_patch_toy):
