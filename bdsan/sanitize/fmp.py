@@ -106,13 +106,7 @@ def _noisy_start(x: torch.Tensor, alpha: float, generator: torch.Generator) -> t
     return (x + alpha * torch.sign(u)).clamp_(0, 1)
 
 
-RANK_PRECISIONS = PRECISIONS
 RANKINGS = ("fgsm", "triggers")
-
-
-def ranking_bf16(device: torch.device, precision: str) -> bool:
-    """``rank_precision``: auto (bf16 on CUDA and on CPUs that run it natively), bf16, fp32."""
-    return wants_bf16(device, precision)
 
 
 def _score(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, replicas: int, bf16: bool = False
@@ -371,8 +365,8 @@ class FMP:
         check_bn_mode(self.bn)
         if self.rank not in RANKINGS:
             raise ValueError(f"rank must be one of {', '.join(RANKINGS)}, got {self.rank!r}")
-        if self.rank_precision not in RANK_PRECISIONS:
-            raise ValueError(f"rank_precision must be one of {', '.join(RANK_PRECISIONS)}, "
+        if self.rank_precision not in PRECISIONS:
+            raise ValueError(f"rank_precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {self.rank_precision!r}")
         self.scan = scan_mode("never" if paper else "auto") if self.scan is None else scan_mode(self.scan)
         if not 0.0 <= self.known_trigger_fraction <= 1.0:
@@ -416,15 +410,16 @@ class FMP:
         timings["setup"] += time.perf_counter() - started
 
         started = time.perf_counter()
+        bf16 = wants_bf16(device, self.rank_precision)
         ranked_by = "triggers" if self.rank == "triggers" and triggers else "fgsm"
         if self.rank == "triggers" and not triggers:
             log.warning("fmp: rank=triggers, but neither the audit nor the scan found a trigger; ranking by FGSM")
         if ranked_by == "triggers":
-            scores = trigger_response(model, layers, x_rank, triggers, bf16=ranking_bf16(device, self.rank_precision))
+            scores = trigger_response(model, layers, x_rank, triggers, bf16=bf16)
         else:
             scores = rank_channels(model, layers, x_rank, y_rank, alpha=self.alpha, epsilon=self.epsilon,
                                    generator=ctx.generator(1), chunk_images=chunk_images, progress=ctx.progress,
-                                   bf16=ranking_bf16(device, self.rank_precision))
+                                   bf16=bf16)
         selection = select_channels(scores, self.prune_ratio, self.min_per_layer)
         timings["ranking"] = time.perf_counter() - started
 
@@ -444,7 +439,7 @@ class FMP:
         pruned_now = _count_dead(model, selection)
         details = {
             "recipe": self.recipe, "ranked_by": ranked_by,
-            "rank_images": len(y_rank), "rank_bf16": ranking_bf16(device, self.rank_precision),
+            "rank_images": len(y_rank), "rank_bf16": bf16,
             "rank_class_counts": torch.bincount(y_rank, minlength=fit.num_classes).tolist(),
             "fit_train": len(train), "fit_val": len(fit_val),
             "layers": [{"name": name, "channels": len(scores[name]["accuracy"]), "bn": pairs[name],
