@@ -1,14 +1,13 @@
 """A fast training loop over device-resident uint8 data (bf16 autocast + channels_last on CUDA)."""
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import autocast, channels_last
+from ..device import autocast, channels_last, precision_autocast, wants_bf16
 from .augment import augment_batch
 
 Progress = Callable[[int, int], None]
@@ -40,13 +39,10 @@ def evaluate_accuracy(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, 
 
 
 def _training_autocast(device: torch.device, precision: str):
+    """Training's ``auto`` is bf16 on CUDA only (the harness asks for CPU bf16 itself); ``bf16``/``fp32`` as asked."""
     if precision == "auto":
         return autocast(device)
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    raise ValueError(f"precision {precision!r} is not one of auto, bf16, fp32")
+    return precision_autocast(device, wants_bf16(device, precision))
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
