@@ -64,6 +64,14 @@ def wants_bf16(device: torch.device, precision: str) -> bool:
     return precision == "bf16"
 
 
+def training_bf16(device: torch.device, precision: str) -> bool:
+    """``precision`` for passes that train (the harness's loop, unlearn's fine-tuning): ``auto`` is bf16 on CUDA only.
+
+    On a 2-core Xeon with AMX, unlearn's fine-tuning (batches of 128) ran slower in bf16 than in fp32 with the same
+    CA/ASR (BENCHMARKS.md, "Unlearn in bf16 on the CPU"); ``bf16``/``fp32`` as asked, as in :func:`wants_bf16`."""
+    return device.type == "cuda" if precision == "auto" else wants_bf16(device, precision)
+
+
 def precision_autocast(device: torch.device, bf16: bool):
     """bf16 autocast on ``device`` when ``bf16``, else fp32 (no autocast)."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()

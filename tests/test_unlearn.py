@@ -54,6 +54,19 @@ def test_unlearn_rejects_bad_parameters():
         get_method("unlearn", regularizer="magic")
     with pytest.raises(UsageError):
         get_method("unlearn", distill_mode="magic")
+    with pytest.raises(UsageError):
+        get_method("unlearn", precision="fp16")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_unlearn_fine_tunes_in_either_precision_and_gives_the_weight_layout_back(precision):
+    toy = scan_helpers.unknown_patch_toy()
+    fit, _ = split_holdout(toy.holdout, 0.5, 0)
+    model = copy.deepcopy(toy.model).normalized()
+    ctx = Context(device=torch.device("cpu"), seed=0, batch_size=256, max_acc_drop=100.0)
+    result = get_method("unlearn", epochs=1, scan_steps=50, precision=precision).run(model, fit, ctx)
+    assert len(result.details["epochs"]) == 1, "the fine-tuning ran"
+    assert all(p.is_contiguous() for p in result.model.parameters())  # channels_last was only for the passes
 
 
 def test_suppress_target_removes_the_teachers_target_mass_only_off_target():

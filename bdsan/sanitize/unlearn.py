@@ -19,6 +19,9 @@ training batches** (``bn_stamped``: the same fraction carries a found trigger). 
 (development images, same BENCHMARKS.md section): re-estimating from clean images only left a
 noise blend at 75% ASR and SIG at 15% (rolled back) — the network had unlearnt the trigger under the statistics of
 half-stamped batches and was judged under clean ones; stamped re-estimation took them to 3.9% and 4.5%.
+
+Speed: the fine-tuning runs with channels_last weights (same outputs); ``precision`` ``auto`` is bf16 autocast on
+CUDA and fp32 on the CPU, where bf16 gave the same CA/ASR but ran slower (BENCHMARKS.md "Unlearn in bf16 on the CPU").
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import autocast
+from ..device import PRECISIONS, channels_last, precision_autocast, training_bf16
 from ..io.data import Holdout, to_float
 from ..train.augment import augment_batch
 from ..train.loop import predict
@@ -67,12 +70,15 @@ class Unlearn:
     fit_val_fraction: float = 0.1
     bn: str = "reestimate-augmented"
     bn_stamped: bool = True
+    precision: str = "auto"
 
     def __post_init__(self):
         self.scan = scan_mode(self.scan)
         check_bn_mode(self.bn)
         if self.regularizer not in ("distill", "l2", "none"):
             raise ValueError("regularizer must be distill, l2 or none")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.distill_mode not in DISTILL_MODES:
             raise ValueError(f"distill_mode must be one of {', '.join(DISTILL_MODES)}")
         if not 0 < self.stamp_fraction < 1 or self.epochs < 0 or self.lr <= 0 or self.batch_size < 2:
@@ -99,7 +105,8 @@ class Unlearn:
         ft_started = time.perf_counter()
         suspected = _suspected_targets(ctx, sources)
         details["suspected_targets"] = suspected
-        epochs_log = self._finetune(model, train, triggers, suspected, guard, fit_val, ctx)
+        with channels_last(model):  # faster convolutions (oneDNN, CUDA); the layout is given back afterwards
+            epochs_log = self._finetune(model, train, triggers, suspected, guard, fit_val, ctx)
         timings["finetune"] = round(time.perf_counter() - ft_started, 3)
         selected = guard.restore_best(model)
         model.eval()
@@ -110,6 +117,7 @@ class Unlearn:
     def _finetune(self, model: nn.Module, train: Holdout, triggers: list, suspected: list[int], guard: FitValGuard,
                   fit_val: Holdout, ctx: Context) -> list[dict]:
         device = ctx.device
+        bf16 = training_bf16(device, self.precision)
         generator = ctx.generator(offset=31)
         teacher = frozen_copy(model) if self.regularizer == "distill" else None
         anchor = [p.detach().clone() for p in model.parameters()] if self.regularizer == "l2" else None
@@ -130,13 +138,13 @@ class Unlearn:
                 if self.augment:
                     x = augment_batch(x, generator)
                 inputs, n_stamped = stamp_leading(x, triggers, self.stamp_fraction, generator, self.jitter)
-                with autocast(device):
+                with precision_autocast(device, bf16):
                     logits = model(inputs).float()
                 ce = F.cross_entropy(logits, y)
                 reg = torch.zeros((), device=device)
                 if teacher is not None:
                     clean_logits = logits[n_stamped:]
-                    with torch.no_grad(), autocast(device):
+                    with torch.no_grad(), precision_autocast(device, bf16):
                         teacher_logits = teacher(x[n_stamped:]).float()
                     teacher_logits, rows = teacher_targets(teacher_logits, y[n_stamped:], suspected, self.distill_mode)
                     if rows.any():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import autocast, channels_last, precision_autocast, wants_bf16
+from ..device import autocast, channels_last, precision_autocast, training_bf16
 from .augment import augment_batch
 
 Progress = Callable[[int, int], None]
@@ -38,13 +38,6 @@ def evaluate_accuracy(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, 
     return (predict(model, x_uint8, batch_size) == y.to(x_uint8.device)).float().mean().item()
 
 
-def _training_autocast(device: torch.device, precision: str):
-    """Training's ``auto`` is bf16 on CUDA only (the harness asks for CPU bf16 itself); ``bf16``/``fp32`` as asked."""
-    if precision == "auto":
-        return autocast(device)
-    return precision_autocast(device, wants_bf16(device, precision))
-
-
 def freeze_batchnorm(model: nn.Module) -> None:
     """Put every BatchNorm layer in eval mode: running statistics are used and no longer updated."""
     for module in model.modules():
@@ -65,6 +58,7 @@ def train_classifier(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, *
     ``freeze_bn``: BatchNorm layers stay in eval mode (running statistics used, not updated).
     """
     device = next(model.parameters()).device
+    bf16 = training_bf16(device, precision)  # auto: CUDA only (the harness asks for CPU bf16 itself)
     x_uint8, y = x_uint8.to(device), y.to(device)
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = max(1, (len(y) + batch_size - 1) // batch_size)
@@ -89,7 +83,7 @@ def train_classifier(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, *
                     batch = augment_batch(batch, generator)
                 if device.type == "cuda":
                     batch = batch.contiguous(memory_format=torch.channels_last)
-                with _training_autocast(device, precision):
+                with precision_autocast(device, bf16):
                     loss = F.cross_entropy(model(batch), y[index], label_smoothing=label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
