@@ -19,7 +19,7 @@ from bdsan.detectors.scan import (
     scan_section,
 )
 from bdsan.detectors.triggers import Trigger
-from bdsan.device import PRECISIONS, channels_last, cpu_supports_bf16, wants_bf16
+from bdsan.device import PRECISIONS, channels_last, cpu_supports_bf16, training_bf16, wants_bf16
 from bdsan.errors import DataError
 
 SCAN_STEPS = 150  # early stopping usually ends sooner; toy scale
@@ -101,6 +101,14 @@ def test_precision_auto_follows_the_cpu():
     with pytest.raises(ValueError):
         wants_bf16(torch.device("cpu"), "fp16")
     assert SCAN_PRECISIONS == PRECISIONS  # the CLI spells them out so that --help never imports torch
+
+
+def test_training_precision_auto_is_bf16_on_cuda_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert training_bf16(cpu, "auto") is False and training_bf16(cuda, "auto") is True
+    assert training_bf16(cpu, "bf16") is True and training_bf16(cuda, "fp32") is False
+    with pytest.raises(ValueError):
+        training_bf16(cpu, "fp16")
 
 
 def test_unknown_precision_is_a_data_error(unknown_patch_toy):
