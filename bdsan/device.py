@@ -54,11 +54,16 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+def check_precision(precision: str, name: str = "precision") -> None:
+    """A ``ValueError`` naming ``name`` unless ``precision`` is one of :data:`PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"{name} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 def wants_bf16(device: torch.device, precision: str) -> bool:
     """``precision`` for passes that only rank or search (FMP's ranking, the scan): ``auto`` is bf16 on CUDA and on
     CPUs that run it natively (about 2× faster there; an emulated bf16 would be slower than fp32), else fp32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)
     if precision == "auto":
         return device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16())
     return precision == "bf16"
@@ -67,8 +72,9 @@ def wants_bf16(device: torch.device, precision: str) -> bool:
 def training_bf16(device: torch.device, precision: str) -> bool:
     """``precision`` for passes that train (the harness's loop, unlearn's fine-tuning): ``auto`` is bf16 on CUDA only.
 
-    On a 2-core Xeon with AMX, unlearn's fine-tuning (batches of 128) ran slower in bf16 than in fp32 with the same
-    CA/ASR (BENCHMARKS.md, "Unlearn in bf16 on the CPU"); ``bf16``/``fp32`` as asked, as in :func:`wants_bf16`."""
+    On a 2-core Xeon with AMX, unlearn's fine-tuning (batches of 128) ran 1.2–1.7× slower in bf16 than in fp32 with
+    the same CA/ASR (measured with another job on the cores; BENCHMARKS.md, "Unlearn in bf16 on the CPU");
+    ``bf16``/``fp32`` as asked, as in :func:`wants_bf16`."""
     return device.type == "cuda" if precision == "auto" else wants_bf16(device, precision)
 
 

@@ -116,6 +116,8 @@ def test_registry_converts_cli_strings_and_recipes():
         get_method("fmp", prune_rate="0.1")
     with pytest.raises(UsageError):
         get_method("fmp", recipe="nope")
+    with pytest.raises(UsageError, match="rank_precision must be one of"):
+        get_method("fmp", rank_precision="fp16")
 
 
 def test_fmp_hard_prune_keeps_pruned_channels_dead(toy_poisoned):

@@ -54,7 +54,7 @@ def test_unlearn_rejects_bad_parameters():
         get_method("unlearn", regularizer="magic")
     with pytest.raises(UsageError):
         get_method("unlearn", distill_mode="magic")
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="precision must be one of"):
         get_method("unlearn", precision="fp16")
 
 

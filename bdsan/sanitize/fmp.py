@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import PRECISIONS, autocast, precision_autocast, wants_bf16
+from ..device import autocast, check_precision, precision_autocast, wants_bf16
 from ..io.data import Holdout, to_float
 from ..train.augment import augment_batch
 from .batchnorm import check_bn_mode, checkpoint_bn, set_training
@@ -365,9 +365,7 @@ class FMP:
         check_bn_mode(self.bn)
         if self.rank not in RANKINGS:
             raise ValueError(f"rank must be one of {', '.join(RANKINGS)}, got {self.rank!r}")
-        if self.rank_precision not in PRECISIONS:
-            raise ValueError(f"rank_precision must be one of {', '.join(PRECISIONS)}, "
-                             f"got {self.rank_precision!r}")
+        check_precision(self.rank_precision, "rank_precision")
         self.scan = scan_mode("never" if paper else "auto") if self.scan is None else scan_mode(self.scan)
         if not 0.0 <= self.known_trigger_fraction <= 1.0:
             raise ValueError(f"known_trigger_fraction must be in [0, 1], got {self.known_trigger_fraction}")

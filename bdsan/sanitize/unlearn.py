@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import PRECISIONS, channels_last, precision_autocast, training_bf16
+from ..device import channels_last, check_precision, precision_autocast, training_bf16
 from ..io.data import Holdout, to_float
 from ..train.augment import augment_batch
 from ..train.loop import predict
@@ -77,8 +77,7 @@ class Unlearn:
         check_bn_mode(self.bn)
         if self.regularizer not in ("distill", "l2", "none"):
             raise ValueError("regularizer must be distill, l2 or none")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision)
         if self.distill_mode not in DISTILL_MODES:
             raise ValueError(f"distill_mode must be one of {', '.join(DISTILL_MODES)}")
         if not 0 < self.stamp_fraction < 1 or self.epochs < 0 or self.lr <= 0 or self.batch_size < 2:
