@@ -87,6 +87,23 @@ def split_defense(spec: str, params: dict[str, dict[str, str]]) -> tuple[str, di
     return method, merged
 
 
+def load_defenses(defenses: list[str], params: dict[str, dict[str, str]]) -> None:
+    """Build every requested method once before any model trains: a misspelt name or parameter fails in seconds,
+    not after an hour of training, and the method modules are imported from the code as it is at the start (a
+    file edited while a model trains is not picked up half-way)."""
+    import bdsan.sanitize.pipeline  # noqa: F401  (the pipeline and what it imports, loaded now)
+    from bdsan.errors import UsageError
+    from bdsan.sanitize.registry import get_method
+
+    for defense in defenses:
+        if defense != "none":
+            method, method_params = split_defense(defense, params)
+            try:
+                get_method(method, **method_params)
+            except (UsageError, ValueError) as exc:
+                raise SystemExit(f"--defenses {defense!r}: {exc}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -193,6 +210,7 @@ def run(args) -> dict:
     recipe = replace(recipe, **overrides)
     attacks = [Attack.parse(text, rate=args.rate, target=args.target) for text in args.attacks]
     params = parse_params(args.param)
+    load_defenses(args.defenses, params)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"schema": "bdsan.bench/1", "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

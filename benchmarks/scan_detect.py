@@ -196,9 +196,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="toy", help="'toy' (generated gratings, tiny_cnn) or a benchmark .npz "
                                                       "(harness models: --recipe, --n-train, cached)")
-    parser.add_argument("--attacks", nargs="+", default=["badnets_grid", "blend_noise", "sig", "trojan_patch",
+    parser.add_argument("--attacks", nargs="*", default=["badnets_grid", "blend_noise", "sig", "trojan_patch",
                                                          "random_patch", "unseen_blend"],
-                        help="with --data NPZ: harness attacks; random_patch/unseen_blend are outside the suite")
+                        help="with --data NPZ: harness attacks; random_patch/unseen_blend are outside the suite "
+                             "(none: only the clean twins)")
     parser.add_argument("--recipe", default="cpu")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (as run.py --epochs)")
     parser.add_argument("--n-train", type=int, default=20000)
@@ -278,8 +279,12 @@ def gate_summary(positives: list[dict], negatives: list[dict], max_asr: float) -
          f"(suite alone: {suite_pos}/{len(positives)} and {suite_neg}/{len(negatives)})"),
         (f"audit --scan gate margin (max of suite ASR / {max_asr:g}, scan score / {threshold:g}): "
          f"ROC-AUC {roc_auc(*margin):.3f}, TPR at ≤5% FPR {tpr_at_fpr(*margin):.2f}; backdoored "
-         f"{min(margin[0]):.2f}–{max(margin[0]):.2f}, clean {min(margin[1]):.2f}–{max(margin[1]):.2f}"),
+         f"{_span(margin[0])}, clean {_span(margin[1])}"),
         f"suite max ASR as the score: ROC-AUC {roc_auc(*suite):.3f}, TPR at ≤5% FPR {tpr_at_fpr(*suite):.2f}"])
+
+
+def _span(values: list[float]) -> str:
+    return f"{min(values):.2f}–{max(values):.2f}" if values else "none"
 
 
 def summarise(runs: list[dict], args) -> None:

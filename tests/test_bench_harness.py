@@ -54,6 +54,16 @@ def test_harness_runs_end_to_end_at_toy_scale(bench, tmp_path):
     assert again["runs"][0]["from_cache"] and again["runs"][0]["before"] == none["before"]
 
 
+@pytest.mark.parametrize("defense, message", [("unlern", "unlern"), ("ft:epochs=x", "epochs")])
+def test_harness_refuses_a_bad_defense_before_training(bench, tmp_path, defense, message):
+    pytest.importorskip("bdsan.sanitize.pipeline")
+    argv = ["--data", "synthetic", "--synthetic-n", "1200", "--recipe", "toy", "--defenses", "none", defense,
+            "--device", "cpu", "--out", str(tmp_path / "bench"), "--cache", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit, match=message):
+        bench.main(argv)
+    assert not (tmp_path / "cache").exists()  # nothing was trained
+
+
 def test_summary_mean_and_std_over_seeds(bench):
     results = {"runs": [
         {"seed": 0, "attack": "a", "defense": "ft", "train_seconds": 1.0, "from_cache": False, "defense_seconds": 2.0,
