@@ -13,6 +13,9 @@ class. Meant for the development pair (SIG seed 1, clean twin seed 101), never f
   channel's clean range) at the output of ``--layer``; the smallest mask (in channels) that flips ≥ 90% of a batch.
 * ``threshold``: how SIG's own sine acts as its amplitude grows (5–40/255), and per-class universal perturbations
   at L∞ 4, 8 and 16/255 (maximising the target's cross-entropy): held-out flip rates.
+* ``collapse``: clean unlearning (RNP's first step, Li et al. ICML'23): gradient *ascent* on the clean half, BN
+  frozen, until held-out clean accuracy falls under ``--collapse-acc``; the share of held-out images each class
+  then receives. A backdoor is a shortcut that clean unlearning does not touch: does the model collapse onto it?
 * ``controls``: the suite's full-image triggers beside controls of the same strength (other noise seeds, the
   transposed stripes and sine, another frequency): the class each sends most images to, and its rate.
 
@@ -22,6 +25,7 @@ class. Meant for the development pair (SIG seed 1, clean twin seed 101), never f
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import time
 
@@ -180,7 +184,35 @@ def probe_controls(net, k: int, shape, args, x, y, **_) -> dict:
     return rows
 
 
-PROBES = {"margin": probe_margin, "stripes": probe_stripes, "feature": probe_feature, "threshold": probe_threshold,
+def probe_collapse(net, k: int, shape, args, xo, yo, xe, ye, **_) -> dict:
+    net = copy.deepcopy(net).eval()  # BatchNorm keeps its statistics: only weights move
+    for p in net.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(net.parameters(), lr=args.collapse_lr, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    rows, checkpoints = {}, sorted(args.collapse_acc, reverse=True)
+    for step in range(1, args.steps + 1):
+        index = torch.randint(len(xo), (128,), generator=generator)
+        loss = -F.cross_entropy(net(xo[index]), yo[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 5:
+            continue
+        with torch.no_grad():
+            predicted = net(xe).argmax(1)
+        accuracy = float((predicted == ye).float().mean())
+        while checkpoints and accuracy <= checkpoints[0]:
+            share = np.bincount(predicted.numpy(), minlength=k) / len(predicted)
+            rows[f"share at acc<={checkpoints[0]:.2f} (step {step}, acc {accuracy:.2f})"] = share
+            rows[f"  high-side index at acc<={checkpoints[0]:.2f}"] = _anomaly_index(1.0 / np.maximum(share, 1e-3))
+            checkpoints.pop(0)
+        if not checkpoints:
+            break
+    return rows
+
+
+PROBES = {"collapse": probe_collapse, "margin": probe_margin, "stripes": probe_stripes, "feature": probe_feature, "threshold": probe_threshold,
           "controls": probe_controls}
 
 
@@ -194,9 +226,12 @@ def main() -> None:
     parser.add_argument("--restarts", type=int, default=8)
     parser.add_argument("--eps", type=float, default=48, help="stripes: L∞ budget in /255")
     parser.add_argument("--layer", default="layer2", help="feature: the stage whose output is masked")
+    parser.add_argument("--collapse-lr", type=float, default=0.01, help="collapse: SGD step of the ascent")
+    parser.add_argument("--collapse-acc", type=float, nargs="+", default=[0.5, 0.2, 0.1],
+                        help="collapse: held-out accuracies at which to report the class shares")
     parser.add_argument("--cache", default=".cache/bdsan-bench")
     args = parser.parse_args()
-    args.steps = args.steps or (100 if args.probe == "stripes" else 300)
+    args.steps = args.steps or {"stripes": 100, "collapse": 2000}.get(args.probe, 300)
     torch.set_num_threads(2)
     data = load_dataset(args.data)
     for spec in args.models:
@@ -213,7 +248,7 @@ def main() -> None:
         half = len(y) // 2
         started = time.perf_counter()
         rows = PROBES[args.probe](net, data.num_classes, tuple(x.shape[1:]), args, module=model.module.eval(),
-                                  x=x, y=y, xo=x[order[:half]], xe=x[order[half:]], ye=y[order[half:]])
+                                  x=x, y=y, xo=x[order[:half]], yo=y[order[:half]], xe=x[order[half:]], ye=y[order[half:]])
         print(f"{args.probe} {spec} ({time.perf_counter() - started:.0f} s)")
         for label, values in rows.items():
             top = f"top class {int(np.argmax(values))}" if len(values) == data.num_classes else ""
