@@ -205,15 +205,14 @@ def probe_collapse(net, k: int, shape, args, xo, yo, xe, ye, **_) -> dict:
         while checkpoints and accuracy <= checkpoints[0]:
             share = np.bincount(predicted.numpy(), minlength=k) / len(predicted)
             rows[f"share at acc<={checkpoints[0]:.2f} (step {step}, acc {accuracy:.2f})"] = share
-            rows[f"  high-side index at acc<={checkpoints[0]:.2f}"] = _anomaly_index(1.0 / np.maximum(share, 1e-3))
             checkpoints.pop(0)
         if not checkpoints:
             break
     return rows
 
 
-PROBES = {"collapse": probe_collapse, "margin": probe_margin, "stripes": probe_stripes, "feature": probe_feature, "threshold": probe_threshold,
-          "controls": probe_controls}
+PROBES = {"margin": probe_margin, "stripes": probe_stripes, "feature": probe_feature, "threshold": probe_threshold,
+          "controls": probe_controls, "collapse": probe_collapse}
 
 
 def main() -> None:
@@ -222,7 +221,7 @@ def main() -> None:
     parser.add_argument("--probe", required=True, choices=sorted(PROBES))
     parser.add_argument("--models", nargs="+", default=["sig:0.1:1", "badnets_grid:0.0:101"],
                         help="ATTACK:RATE:SEED of harness models (rate 0 = a clean twin)")
-    parser.add_argument("--steps", type=int, default=None, help="default: 300 (margin, feature), 100 (stripes)")
+    parser.add_argument("--steps", type=int, default=None, help="default: 300 (margin, feature), 100 (stripes), 2000 (collapse)")
     parser.add_argument("--restarts", type=int, default=8)
     parser.add_argument("--eps", type=float, default=48, help="stripes: L∞ budget in /255")
     parser.add_argument("--layer", default="layer2", help="feature: the stage whose output is masked")
