@@ -221,7 +221,8 @@ def main() -> None:
     parser.add_argument("--probe", required=True, choices=sorted(PROBES))
     parser.add_argument("--models", nargs="+", default=["sig:0.1:1", "badnets_grid:0.0:101"],
                         help="ATTACK:RATE:SEED of harness models (rate 0 = a clean twin)")
-    parser.add_argument("--steps", type=int, default=None, help="default: 300 (margin, feature), 100 (stripes), 2000 (collapse)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="default: 300 (margin, feature), 100 (stripes), 2000 (collapse)")
     parser.add_argument("--restarts", type=int, default=8)
     parser.add_argument("--eps", type=float, default=48, help="stripes: L∞ budget in /255")
     parser.add_argument("--layer", default="layer2", help="feature: the stage whose output is masked")
@@ -247,7 +248,8 @@ def main() -> None:
         half = len(y) // 2
         started = time.perf_counter()
         rows = PROBES[args.probe](net, data.num_classes, tuple(x.shape[1:]), args, module=model.module.eval(),
-                                  x=x, y=y, xo=x[order[:half]], yo=y[order[:half]], xe=x[order[half:]], ye=y[order[half:]])
+                                  x=x, y=y, xo=x[order[:half]], yo=y[order[:half]],
+                                  xe=x[order[half:]], ye=y[order[half:]])
         print(f"{args.probe} {spec} ({time.perf_counter() - started:.0f} s)")
         for label, values in rows.items():
             top = f"top class {int(np.argmax(values))}" if len(values) == data.num_classes else ""

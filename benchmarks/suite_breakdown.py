@@ -1,4 +1,4 @@
-"""The built-in suite, trigger by trigger, on one harness model: where does the `--max-asr` gate fail, and to which class?
+"""The built-in suite, trigger by trigger, on one harness model: where does the `--max-asr` gate fail, and where to?
 
 The model comes from the harness cache (same training arguments as ``run.py``; ``--attack clean`` is the clean twin,
 poison rate 0). Each suite trigger is audited (``bdsan.detectors.audit``) on the model's whole 5% holdout, on the
@@ -47,7 +47,8 @@ def main() -> None:
               "test": Holdout(data.x_test, data.y_test, list(data.classes), f"{data.name}:test")}
     result = {"attack": args.attack, "seed": args.seed, "train_seconds": round(model.train_seconds, 1),
               "from_cache": model.from_cache, "splits": {}}
-    print("| split | images | CA | trigger | ASR max | to class | ASR net | ASR into target |\n|---|---|---|---|---|---|---|---|")
+    print("| split | images | CA | trigger | ASR max | to class | ASR net | ASR into target |\n"
+          "|---|---|---|---|---|---|---|---|")
     for name, images in splits.items():
         report = audit(model.model, images, device="cpu")
         rows = {t["name"]: {"asr_max": t["asr_max"], "class": t["suspected_target"], "asr_net": t["asr_net"],
