@@ -4,7 +4,9 @@ Recipe choices are made here, never on the tables' test slice: the model comes f
 training arguments as ``run.py``), the defense runs through ``bdsan.sanitize.pipeline.sanitize`` with nothing
 written (``out_dir=None``), and the defended model — before any rollback, so the variant's own effect shows — is
 measured on ``x_test[5000:7000]`` (disjoint from the ``x_test[:2000]`` that ``run.py`` reports on), or on the
-slice ``--dev START:END`` gives (GTSRB's test split has 2,275 images: ``--dev 1500:``, on development seeds).
+slice ``--dev START:END`` gives (GTSRB's test split has 2,275 images: ``--dev 1500:``, on development seeds), or —
+``--dev rest``, for models trained on a subset — on the training images outside the model's subset (never seen in
+training, never in the holdout, not in any test split).
 
     python benchmarks/probe.py --data /work/shared/data/cifar10.npz --n-train 20000 --attack blend_noise \\
         --defense unlearn --param regularizer=l2
@@ -21,7 +23,14 @@ import torch
 
 from bdsan.device import resolve_device
 from bdsan.report import json_safe
-from bdsan.train.zoo import RECIPES, Attack, attack_metrics, load_dataset, train_backdoored
+from bdsan.train.zoo import (
+    RECIPES,
+    Attack,
+    attack_metrics,
+    load_dataset,
+    split_training_subset,
+    train_backdoored,
+)
 
 DEV = "5000:7000"
 
@@ -35,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recipe", default="cpu", choices=sorted(RECIPES))
     parser.add_argument("--n-train", type=int, default=20000, help="training subset size (0 = the whole split)")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (as run.py --epochs)")
-    parser.add_argument("--dev", default=DEV, metavar="START:END", help="development test slice (END may be empty)")
+    parser.add_argument("--dev", default=DEV, metavar="START:END", help="development test slice (END may be empty), or 'rest': the training images outside --n-train's subset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-acc-drop", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=2)
@@ -52,9 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     backdoored = train_backdoored(data, attack, recipe, n_train=args.n_train or None, seed=args.seed,
                                   device=device, cache_dir=args.cache)
     params = dict(p.split("=", 1) for p in args.param)
-    start, _, end = args.dev.partition(":")
-    dev_slice = slice(int(start or 0), int(end) if end else None)
-    x_dev, y_dev = data.x_test[dev_slice].to(device), data.y_test[dev_slice].to(device)
+    x_dev, y_dev = _dev_images(data, args.dev, args.n_train, args.seed)
+    x_dev, y_dev = x_dev.to(device), y_dev.to(device)
 
     def dev(model) -> dict:
         return attack_metrics(model.normalized().to(device).eval(), x_dev, y_dev, attack, data.num_classes)
@@ -78,6 +86,21 @@ def main(argv: list[str] | None = None) -> dict:
     if args.details:
         print(json.dumps(json_safe(data_out["defense"]["details"]), indent=1)[:6000])
     return result
+
+
+def _dev_images(data, dev: str, n_train: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The development images: a test slice, or ('rest') the training images outside the seeded subset."""
+    if dev == "rest":
+        if not n_train or n_train >= len(data.y_train):
+            raise SystemExit("--dev rest needs --n-train smaller than the training split")
+        train_index, holdout_index = split_training_subset(data, n_train, 0.05, seed)
+        unused = torch.ones(len(data.y_train), dtype=torch.bool)
+        unused[train_index] = False
+        unused[holdout_index] = False
+        return data.x_train[unused], data.y_train[unused]
+    start, _, end = dev.partition(":")
+    dev_slice = slice(int(start or 0), int(end) if end else None)
+    return data.x_test[dev_slice], data.y_test[dev_slice]
 
 
 if __name__ == "__main__":
