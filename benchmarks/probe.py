@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cache", default=".cache/bdsan-bench")
+    parser.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
+                        help="also measure ASR with the attack's trigger at other parameter values, e.g. alpha=0.1,0.3")
     parser.add_argument("--details", action="store_true", help="print the defense's details (epochs, triggers)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -83,9 +85,27 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  dev {phase:6s}: CA {100 * m['ca']:.1f}  ASR {100 * m['asr']:.1f}  RA {100 * m['ra']:.1f}  "
               f"target rate without trigger {100 * m['untriggered']:.1f}  "
               f"target recall {100 * m['target_recall']:.1f} (of {m['n_target']})")
+    if args.sweep:
+        result["sweep"] = _sweep(args.sweep, attack, [backdoored.model, report.defended], x_dev, y_dev,
+                                 data.num_classes)
     if args.details:
         print(json.dumps(json_safe(data_out["defense"]["details"]), indent=1)[:6000])
     return result
+
+
+def _sweep(spec: str, attack: Attack, models: list, x_dev: torch.Tensor, y_dev: torch.Tensor, num_classes: int
+           ) -> list[dict]:
+    """ASR before/after with the attack's trigger at each value of one parameter (printed as it goes)."""
+    key, _, values = spec.partition("=")
+    rows = []
+    for value in values.split(","):
+        variant = replace(attack, params=tuple(sorted((dict(attack.params) | {key: float(value)}).items())))
+        trigger = variant.build_trigger()
+        asr = [attack_metrics(m.normalized().to(x_dev.device).eval(), x_dev, y_dev, attack, num_classes,
+                              trigger=trigger)["asr"] for m in models]
+        rows.append({key: float(value), "asr_before": asr[0], "asr_after": asr[1]})
+        print(f"  sweep {key}={value}: ASR before {100 * asr[0]:.1f}  after {100 * asr[1]:.1f}")
+    return rows
 
 
 def _dev_images(data, dev: str, n_train: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
