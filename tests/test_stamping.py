@@ -28,3 +28,19 @@ def test_bn_transform_stamps_like_training():
     transform = stamped_like_training([get_trigger("patch", side=3, margin=0)], 0.5, torch.Generator())
     out = transform(x)
     assert (out[:3, :, -1, -1] == 1.0).all() and (out[3:] == 0.5).all()
+
+
+def test_strength_scales_full_image_triggers_per_image_and_leaves_patches():
+    x = torch.full((64, 3, 16, 16), 0.5)
+    generator = torch.Generator().manual_seed(0)
+    blend = get_trigger("blend_noise", alpha=0.2)
+    out, n = stamp_leading(x, [blend], 0.5, generator, strength=(0.5, 2.0))
+    change = (out[:n] - x[:n]).flatten(1)
+    exact = (blend.apply(x[:1]) - x[:1]).flatten()
+    factors = (change @ exact) / (exact @ exact)  # each row is the exact blend's change times one factor
+    assert torch.allclose(change, factors[:, None] * exact, atol=1e-5)
+    assert 0.5 - 1e-4 <= factors.min() < 0.8 and 1.7 < factors.max() <= 2.0 + 1e-4
+    assert (out[n:] == 0.5).all()
+    patch = get_trigger("patch", side=3, margin=0, content="white")
+    out, n = stamp_leading(x, [patch], 0.5, generator, strength=(0.5, 2.0))
+    assert torch.equal(out[:n], patch.apply(x[:n]))

@@ -13,6 +13,7 @@ from ..io.preprocess import Preprocessing
 from .context import Context
 
 SCAN_MODES = ("auto", "always", "never")
+FULL_IMAGE_PIXELS = 0.25  # a trigger that changes at least this share of the pixels is a full-image one (blend, SIG)
 
 
 def scan_mode(value: bool | str) -> str:
@@ -64,12 +65,15 @@ def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, a
     return found, summary
 
 
-def stamp_leading(x: torch.Tensor, triggers: list, fraction: float, generator: torch.Generator, jitter: int = 0
-                  ) -> tuple[torch.Tensor, int]:
+def stamp_leading(x: torch.Tensor, triggers: list, fraction: float, generator: torch.Generator, jitter: int = 0,
+                  strength: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, int]:
     """(images, n): the first n = round(``fraction``·len(x)) (at least 1 when ``fraction`` > 0) images of a
     random batch each stamped with one randomly chosen trigger, labels untouched. Reconstructed *patch* triggers
     are shifted by up to ``jitter`` px (roll, stamp, roll back): the scan locates a patch only to a pixel or so;
-    suite triggers and blends are stamped exactly, as found (a shifted noise blend is a different pattern)."""
+    suite triggers and blends are stamped exactly, as found (a shifted noise blend is a different pattern).
+
+    ``strength`` (lo, hi): a *full-image* trigger's change to each image (stamped − clean; a blend's alpha, SIG's
+    amplitude) is scaled by a factor drawn uniformly from [lo, hi] per image; patch triggers are left as found."""
     n = max(1, round(fraction * len(x))) if fraction > 0 and triggers else 0
     if n == 0:
         return x, 0
@@ -84,13 +88,24 @@ def stamp_leading(x: torch.Tensor, triggers: list, fraction: float, generator: t
             shifted = torch.roll(x[rows], shifts=(-dy, -dx), dims=(2, 3))
             out[rows] = torch.roll(trigger.apply(shifted), shifts=(dy, dx), dims=(2, 3))
         else:
-            out[rows] = trigger.apply(x[rows])
+            out[rows] = _scaled(x[rows], trigger.apply(x[rows]), strength, generator)
     return out, n
 
 
-def stamped_like_training(triggers: list, fraction: float, generator: torch.Generator, jitter: int = 0):
+def _scaled(clean: torch.Tensor, stamped: torch.Tensor, strength: tuple[float, float], generator: torch.Generator
+            ) -> torch.Tensor:
+    """``clean + s·(stamped − clean)`` with s ~ U[lo, hi] per image, for triggers that change most pixels."""
+    lo, hi = strength
+    if lo == hi == 1.0 or (stamped != clean).any(dim=1).float().mean() < FULL_IMAGE_PIXELS:
+        return stamped
+    factor = (lo + (hi - lo) * torch.rand(len(clean), 1, 1, 1, generator=generator)).to(clean)
+    return (clean + factor * (stamped - clean)).clamp_(0.0, 1.0)
+
+
+def stamped_like_training(triggers: list, fraction: float, generator: torch.Generator, jitter: int = 0,
+                          strength: tuple[float, float] = (1.0, 1.0)):
     """Batch → batch stamped as the fine-tuning batches are: for BN re-estimation (``bn_stamped``)."""
-    return lambda x: stamp_leading(x, triggers, fraction, generator, jitter)[0]
+    return lambda x: stamp_leading(x, triggers, fraction, generator, jitter, strength)[0]
 
 
 def _is_reconstructed_patch(trigger) -> bool:

@@ -58,6 +58,8 @@ class Unlearn:
     min_steps_per_epoch: int = 10
     stamp_fraction: float = 0.5
     jitter: int = 1
+    strength_min: float = 1.0
+    strength_max: float = 1.0
     regularizer: str = "distill"
     distill_weight: float = 1.0
     temperature: float = 2.0
@@ -82,6 +84,12 @@ class Unlearn:
             raise ValueError(f"distill_mode must be one of {', '.join(DISTILL_MODES)}")
         if not 0 < self.stamp_fraction < 1 or self.epochs < 0 or self.lr <= 0 or self.batch_size < 2:
             raise ValueError("need 0 < stamp_fraction < 1, epochs ≥ 0, lr > 0, batch_size ≥ 2")
+        if not 0 < self.strength_min <= self.strength_max:
+            raise ValueError("need 0 < strength_min ≤ strength_max")
+
+    @property
+    def _strength(self) -> tuple[float, float]:
+        return self.strength_min, self.strength_max
 
     def run(self, model: nn.Module, fit: Holdout, ctx: Context) -> DefenseResult:
         started = time.perf_counter()
@@ -136,7 +144,8 @@ class Unlearn:
                 x, y = to_float(train.x[index]), train.y[index]
                 if self.augment:
                     x = augment_batch(x, generator)
-                inputs, n_stamped = stamp_leading(x, triggers, self.stamp_fraction, generator, self.jitter)
+                inputs, n_stamped = stamp_leading(x, triggers, self.stamp_fraction, generator, self.jitter,
+                                                  self._strength)
                 with precision_autocast(device, bf16):
                     logits = model(inputs).float()
                 ce = F.cross_entropy(logits, y)
@@ -159,7 +168,7 @@ class Unlearn:
                 sums["ce"] += float(ce.detach())
                 sums["reg"] += float(reg.detach())
                 ctx.report("unlearn", step, total)
-            stamp = stamped_like_training(triggers, self.stamp_fraction, generator, self.jitter)
+            stamp = stamped_like_training(triggers, self.stamp_fraction, generator, self.jitter, self._strength)
             checkpoint_bn(model, self.bn, train, ctx.batch_size, self.augment, generator,
                           transform=stamp if self.bn_stamped else None)
             model.eval()
