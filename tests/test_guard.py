@@ -49,3 +49,24 @@ def test_guard_tolerates_noise_but_rejects_a_large_drop():
     strict.start(_FixedPredictions(torch.zeros(n, dtype=torch.long)))
     assert not strict.check(_FixedPredictions(slightly_worse), "noisy")
     assert guard.history[1]["tolerance_points"] > 0 and guard.summary()["rejected"] == ["wrecked"]
+
+
+def test_objectives_within_one_standard_error_of_the_lowest_pick_the_latest_state():
+    n = 50
+    x = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous()
+    holdout = Holdout(x, torch.zeros(n, dtype=torch.long), ["a", "b"], "mem")
+    states = [_FixedPredictions(torch.zeros(n, dtype=torch.long)) for _ in range(4)]
+    for index, model in enumerate(states):
+        model.weight.data.fill_(float(index))
+
+    def chosen(objectives: list[float], se: float) -> tuple[str, float]:
+        guard = FitValGuard(holdout, max_acc_drop=3.0)
+        guard.start(states[0])
+        for index, objective in enumerate(objectives, start=1):
+            guard.check(states[index], f"epoch {index}", objective=objective, objective_se=se)
+        target = _FixedPredictions(torch.zeros(n, dtype=torch.long))
+        return guard.restore_best(target), target.weight.item()
+
+    assert chosen([0.30, 0.24, 0.27], se=0.0) == ("epoch 2", 2.0)  # the lowest
+    assert chosen([0.30, 0.24, 0.27], se=0.04) == ("epoch 3", 3.0)  # within one SE of it: the latest
+    assert chosen([0.24, 0.30, 0.35], se=0.04) == ("epoch 1", 1.0)  # later ones are worse by more than one SE

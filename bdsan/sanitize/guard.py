@@ -22,7 +22,9 @@ class FitValGuard:
     """Tracks fit-val clean accuracy; keeps the best state whose drop stays within the limit.
 
     Among accepted states the one with the lowest ``objective`` wins (ties and ``None``: the latest), so a method
-    without an objective gets its latest acceptable checkpoint. The input state is the fallback.
+    without an objective gets its latest acceptable checkpoint. The input state is the fallback. With an
+    ``objective_se`` (the objective's standard error), states within one SE of the lowest count as ties: the
+    latest of them wins, so a noisy minimum on a small fit-val slice does not pick an early, half-trained epoch.
 
     Fit-val is small (10% of the fit split: 50 images for a 1,000-image holdout, where one image is 2 points), so a
     state is rejected only when its drop exceeds ``max_acc_drop`` by more than ``tolerance_se`` standard errors of
@@ -38,7 +40,7 @@ class FitValGuard:
         self.history: list[dict] = []
         self._baseline_correct: torch.Tensor | None = None
         self._best_state: dict[str, torch.Tensor] | None = None
-        self._best_key: tuple[float, int] | None = None
+        self._candidates: list[tuple[float, float, str, dict[str, torch.Tensor]]] = []
         self._best_label = "input"
 
     def correct(self, model: nn.Module) -> torch.Tensor:
@@ -55,8 +57,9 @@ class FitValGuard:
         self.history.append({"label": "input", "ca_fit_val": self.baseline, "accepted": True})
         return self.baseline
 
-    def check(self, model: nn.Module, label: str, objective: float | None = None) -> bool:
-        """Evaluate ``model`` now; remember its state if accepted and best so far. Returns accepted."""
+    def check(self, model: nn.Module, label: str, objective: float | None = None, objective_se: float = 0.0
+              ) -> bool:
+        """Evaluate ``model`` now; remember its state if accepted and possibly best. Returns accepted."""
         correct = self.correct(model)
         n = len(correct)
         ca = correct.float().mean().item() if n else float("nan")
@@ -71,13 +74,18 @@ class FitValGuard:
             entry["objective"] = float(objective)
         self.history.append(entry)
         if accepted:
-            key = (float(objective) if objective is not None else 0.0, -len(self.history))
-            if self._best_key is None or key <= self._best_key:
-                self._best_key, self._best_state, self._best_label = key, _copy_state(model), label
+            value = float(objective) if objective is not None else 0.0
+            # an earlier state no better than this later one can never be chosen again
+            self._candidates = [c for c in self._candidates if c[0] < value]
+            self._candidates.append((value, float(objective_se), label, _copy_state(model)))
         return accepted
 
     def restore_best(self, model: nn.Module) -> str:
         """Load the best accepted state (or the input state) into ``model``; returns its label."""
+        if self._candidates:
+            lowest = min(self._candidates, key=lambda c: c[0])
+            chosen = [c for c in self._candidates if c[0] <= lowest[0] + lowest[1] + 1e-12][-1]
+            self._best_label, self._best_state = chosen[2], chosen[3]
         if self._best_state is not None:
             model.load_state_dict(self._best_state)
         if self._best_label == "input" and len(self.history) > 1:

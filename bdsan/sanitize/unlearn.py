@@ -44,6 +44,8 @@ from .guard import FitValGuard
 from .losses import DISTILL_MODES, distillation, frozen_copy, teacher_targets
 from .registry import register_method
 
+SELECT_MODES = ("latest-within-se", "lowest")
+
 
 @register_method("unlearn", "Fine-tune with found triggers (suite + scan) stamped on clean images, true labels")
 @dataclass
@@ -72,6 +74,7 @@ class Unlearn:
     fit_val_fraction: float = 0.1
     bn: str = "reestimate-augmented"
     bn_stamped: bool = True
+    select: str = "latest-within-se"
     precision: str = "auto"
 
     def __post_init__(self):
@@ -84,8 +87,16 @@ class Unlearn:
             raise ValueError(f"distill_mode must be one of {', '.join(DISTILL_MODES)}")
         if not 0 < self.stamp_fraction < 1 or self.epochs < 0 or self.lr <= 0 or self.batch_size < 2:
             raise ValueError("need 0 < stamp_fraction < 1, epochs ≥ 0, lr > 0, batch_size ≥ 2")
+        if self.select not in SELECT_MODES:
+            raise ValueError(f"select must be one of {', '.join(SELECT_MODES)}")
         if not 0 < self.strength_min <= self.strength_max:
             raise ValueError("need 0 < strength_min ≤ strength_max")
+
+    def _objective_se(self, objective: float, n: int) -> float:
+        """Binomial standard error of the triggered error (``select=latest-within-se``), else 0: the lowest wins."""
+        if self.select == "lowest" or n == 0 or math.isnan(objective):
+            return 0.0
+        return math.sqrt(objective * (1 - objective) / n)
 
     @property
     def _strength(self) -> tuple[float, float]:
@@ -173,7 +184,8 @@ class Unlearn:
                           transform=stamp if self.bn_stamped else None)
             model.eval()
             objective = _triggered_error(model, fit_val, triggers, ctx.batch_size)
-            guard.check(model, f"epoch {epoch}", objective=objective)
+            guard.check(model, f"epoch {epoch}", objective=objective,
+                        objective_se=self._objective_se(objective, len(fit_val) * len(triggers)))
             log.append({"epoch": epoch, "ce": sums["ce"] / steps_per_epoch, "reg": sums["reg"] / steps_per_epoch,
                         "triggered_error_fit_val": objective})
         return log
