@@ -12,7 +12,17 @@ CA points at the same ASR on the CPU benchmark models (BENCHMARKS.md "BatchNorm 
 ``distill_mode``: ``all`` (default), ``suppress-target`` (no teacher mass on the suspected targets for other
 classes' images: removes the backdoored model's extra clean answers into the target, and 20–25 points of the target
 class's recall on CIFAR-10 development models) or ``agree`` (distil where the teacher is right; no measurable effect).
-The fit-val guard keeps the epoch with the lowest triggered error among those within ``--max-acc-drop``.
+The fit-val guard keeps the epoch with the lowest triggered error among those within ``--max-acc-drop``
+(``select=lowest``, the default), or with ``select=latest-within-se`` the latest epoch whose triggered error is
+within one binomial standard error of the lowest: on a 110-image fit-val slice the epochs' errors differ by a few
+images, and the lowest was a half-trained epoch 3 that cost 2 dev CA points and was rolled back by the verify check,
+where epoch 10 cost 1 (BENCHMARKS.md "Unlearn's epoch choice and trigger strength", one development model).
+
+``strength_min``/``strength_max``: full-image found triggers (blends, SIG: changing ≥ 25% of the pixels) are stamped
+with their change scaled by a factor drawn per image from that range; patches as found. Unlearning at the found
+strength only attenuates a noise blend (dev ASR 2.7% at alpha 0.2, 9.6% at 0.3, 29% at 0.4); stamping up to twice
+as strong took it to 1.9% / 3.2% for 0.4 more CA points (same section). Default 1–1: not measured on the evaluation
+models yet.
 
 BatchNorm: running statistics are re-estimated at every checkpoint from augmented fit images, **stamped like the
 training batches** (``bn_stamped``: the same fraction carries a found trigger). Measured on the CPU benchmark models
@@ -74,7 +84,7 @@ class Unlearn:
     fit_val_fraction: float = 0.1
     bn: str = "reestimate-augmented"
     bn_stamped: bool = True
-    select: str = "latest-within-se"
+    select: str = "lowest"
     precision: str = "auto"
 
     def __post_init__(self):
