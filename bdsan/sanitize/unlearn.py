@@ -20,9 +20,10 @@ where epoch 10 cost 1 (BENCHMARKS.md "Unlearn's epoch choice and trigger strengt
 
 ``strength_min``/``strength_max``: full-image found triggers (blends, SIG: changing ≥ 25% of the pixels) are stamped
 with their change scaled by a factor drawn per image from that range; patches as found. Unlearning at the found
-strength only attenuates a noise blend (dev ASR 2.7% at alpha 0.2, 9.6% at 0.3, 29% at 0.4); stamping up to twice
-as strong took it to 1.9% / 3.2% for 0.4 more CA points (same section). Default 1–1: not measured on the evaluation
-models yet.
+strength only attenuates a noise blend (dev ASR 1.5 / 5.1 / 29% at alpha 0.2 / 0.3 / 0.4 after the default run);
+stamping up to twice as strong took the epoch-10 model from 2.7% / 9.6% (alpha 0.2 / 0.3) to 1.9% / 3.2% for 0.4
+more CA points, and with ``lr=0.005`` to 2.0% at −0.9 points (same section). Default 1–1 (and lr 0.01): one
+development model, not measured on the evaluation models yet.
 
 BatchNorm: running statistics are re-estimated at every checkpoint from augmented fit images, **stamped like the
 training batches** (``bn_stamped``: the same fraction carries a found trigger). Measured on the CPU benchmark models
