@@ -22,8 +22,9 @@ where epoch 10 cost 1 (BENCHMARKS.md "Unlearn's epoch choice and trigger strengt
 with their change scaled by a factor drawn per image from that range; patches as found. Unlearning at the found
 strength only attenuates a noise blend (dev ASR 1.5 / 5.1 / 29% at alpha 0.2 / 0.3 / 0.4 after the default run);
 stamping up to twice as strong took the epoch-10 model from 2.7% / 9.6% (alpha 0.2 / 0.3) to 1.9% / 3.2% for 0.4
-more CA points, and with ``lr=0.005`` to 2.0% at −0.9 points (same section). Default 1–1 (and lr 0.01): one
-development model, not measured on the evaluation models yet.
+more CA points, and with ``lr=0.005`` to 2.0% at −0.9 points (same section). On the 86% evaluation model that
+variant (with ``select=latest-within-se``) reached 1.9% but cost 1.5 CA points (defaults: 2.9% at −0.8), so the
+defaults stay 1–1, lr 0.01, ``select=lowest``.
 
 BatchNorm: running statistics are re-estimated at every checkpoint from augmented fit images, **stamped like the
 training batches** (``bn_stamped``: the same fraction carries a found trigger). Measured on the CPU benchmark models
