@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recipe", default="cpu", choices=sorted(RECIPES))
     parser.add_argument("--n-train", type=int, default=20000, help="training subset size (0 = the whole split)")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (as run.py --epochs)")
-    parser.add_argument("--dev", default=DEV, metavar="START:END", help="development test slice (END may be empty), or 'rest': the training images outside --n-train's subset")
+    parser.add_argument("--dev", default=DEV, metavar="START:END",
+                        help="development test slice (END may be empty), or 'rest': the training images outside "
+                             "--n-train's subset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-acc-drop", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=2)
