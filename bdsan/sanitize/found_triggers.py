@@ -66,11 +66,13 @@ def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, a
 
 
 def stamp_leading(x: torch.Tensor, triggers: list, fraction: float, generator: torch.Generator, jitter: int = 0,
-                  strength: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, int]:
+                  strength: tuple[float, float] = (1.0, 1.0), jitter_suite: bool = False) -> tuple[torch.Tensor, int]:
     """(images, n): the first n = round(``fraction``·len(x)) (at least 1 when ``fraction`` > 0) images of a
     random batch each stamped with one randomly chosen trigger, labels untouched. Reconstructed *patch* triggers
     are shifted by up to ``jitter`` px (roll, stamp, roll back): the scan locates a patch only to a pixel or so;
-    suite triggers and blends are stamped exactly, as found (a shifted noise blend is a different pattern).
+    suite triggers and blends are stamped exactly, as found (a shifted noise blend is a different pattern) —
+    unless ``jitter_suite``: then suite *patches* (changing < 25% of the pixels) are shifted too (D-BR's randomised
+    variants, ALGORITHMS §3b.2; the shift wraps around the border).
 
     ``strength`` (lo, hi): a *full-image* trigger's change to each image (stamped − clean; a blend's alpha, SIG's
     amplitude) is scaled by a factor drawn uniformly from [lo, hi] per image; patch triggers are left as found."""
@@ -83,7 +85,7 @@ def stamp_leading(x: torch.Tensor, triggers: list, fraction: float, generator: t
         rows = torch.nonzero(choice == index).flatten().to(x.device)
         if not len(rows):
             continue
-        if jitter > 0 and _is_reconstructed_patch(trigger):
+        if jitter > 0 and (_is_reconstructed_patch(trigger) or jitter_suite and _is_patch(trigger, x[rows[:1]])):
             dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
             shifted = torch.roll(x[rows], shifts=(-dy, -dx), dims=(2, 3))
             out[rows] = torch.roll(trigger.apply(shifted), shifts=(dy, dx), dims=(2, 3))
@@ -103,9 +105,14 @@ def _scaled(clean: torch.Tensor, stamped: torch.Tensor, strength: tuple[float, f
 
 
 def stamped_like_training(triggers: list, fraction: float, generator: torch.Generator, jitter: int = 0,
-                          strength: tuple[float, float] = (1.0, 1.0)):
+                          strength: tuple[float, float] = (1.0, 1.0), jitter_suite: bool = False):
     """Batch → batch stamped as the fine-tuning batches are: for BN re-estimation (``bn_stamped``)."""
-    return lambda x: stamp_leading(x, triggers, fraction, generator, jitter, strength)[0]
+    return lambda x: stamp_leading(x, triggers, fraction, generator, jitter, strength, jitter_suite)[0]
+
+
+def _is_patch(trigger, example: torch.Tensor) -> bool:
+    """Does ``trigger`` change less than ``FULL_IMAGE_PIXELS`` of ``example``'s pixels (a patch, not a blend)?"""
+    return bool((trigger.apply(example) != example).any(dim=1).float().mean() < FULL_IMAGE_PIXELS)
 
 
 def _is_reconstructed_patch(trigger) -> bool:

@@ -25,3 +25,23 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, fli
         flip_mask = (torch.rand(n, generator=generator) < 0.5).to(x.device)
         x = torch.where(flip_mask.view(n, 1, 1, 1), x.flip(3), x)
     return x
+
+
+def cutmix(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """CutMix for one batch (ALGORITHMS §2a.4, β = 1): (mixed images, partner permutation, λ).
+
+    λ ~ Beta(1, 1) = U(0, 1); a box of side W·√(1−λ) × H·√(1−λ) centred uniformly, clipped to the image, is pasted from a
+    shuffled copy of the batch; λ is recomputed as 1 − box area / image area. Loss: λ·L(y) + (1−λ)·L(y[perm]).
+    """
+    n, _, h, w = x.shape
+    lam = float(torch.rand((), generator=generator))
+    cut = (1.0 - lam) ** 0.5
+    cy, cx = (int(v) for v in (torch.rand(2, generator=generator) * torch.tensor([h, w])))
+    half_h, half_w = int(h * cut) // 2, int(w * cut) // 2
+    top, bottom = max(cy - half_h, 0), min(cy + half_h, h)
+    left, right = max(cx - half_w, 0), min(cx + half_w, w)
+    perm = torch.randperm(n, generator=generator).to(x.device)
+    mixed = x.clone()
+    mixed[:, :, top:bottom, left:right] = x[perm, :, top:bottom, left:right]
+    lam = 1.0 - (bottom - top) * (right - left) / (h * w)
+    return mixed, perm, lam
