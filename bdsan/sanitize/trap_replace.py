@@ -30,6 +30,7 @@ from ..io.data import Holdout, to_float
 from ..train.augment import augment_batch, cutmix
 from .context import Context, DefenseResult
 from .guard import FitValGuard
+from .losses import distillation, frozen_copy
 from .registry import register_method
 
 _STAGE = re.compile(r"(^|\.)layer(\d+)$")
@@ -49,6 +50,8 @@ class TrapReplace:
     cutmix: bool = True
     augment: bool = True
     stem_end: str = "auto"
+    distill_weight: float = 0.0
+    temperature: float = 2.0
     fit_val_fraction: float = 0.1
     precision: str = "auto"
 
@@ -56,6 +59,8 @@ class TrapReplace:
         check_precision(self.precision)
         if self.epochs < 0 or self.lr <= 0 or self.batch_size < 2 or not 0 <= self.dropout < 1:
             raise ValueError("need epochs ≥ 0, lr > 0, batch_size ≥ 2 and 0 ≤ dropout < 1")
+        if self.distill_weight < 0 or self.temperature <= 0:
+            raise ValueError("need distill_weight ≥ 0 and temperature > 0")
 
     def run(self, model: nn.Module, fit: Holdout, ctx: Context) -> DefenseResult:
         started = time.perf_counter()
@@ -65,13 +70,14 @@ class TrapReplace:
         split = head_split(model, example, self.stem_end)
         guard = FitValGuard(fit_val, ctx.max_acc_drop, ctx.batch_size)
         guard.start(model)
+        teacher = frozen_copy(model) if self.distill_weight > 0 else None
         reinitialise(split.head, ctx.generator(offset=53))
         frozen = [p for p in model.parameters() if p.requires_grad and not _is_head_param(p, split.head)]
         for p in frozen:
             p.requires_grad_(False)
         try:
             with channels_last(model):
-                log = self._train_head(model, split, train, guard, ctx)
+                log = self._train_head(model, split, train, guard, ctx, teacher)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -84,8 +90,8 @@ class TrapReplace:
                    "timings_s": {"total": round(time.perf_counter() - started, 3)}}
         return DefenseResult(model, details, guard=guard.summary())
 
-    def _train_head(self, model: nn.Module, split: HeadSplit, train: Holdout, guard: FitValGuard, ctx: Context
-                    ) -> list[dict]:
+    def _train_head(self, model: nn.Module, split: HeadSplit, train: Holdout, guard: FitValGuard, ctx: Context,
+                    teacher: nn.Module | None) -> list[dict]:
         device = ctx.device
         bf16 = training_bf16(device, self.precision)
         generator = ctx.generator(offset=59)
@@ -108,7 +114,7 @@ class TrapReplace:
                     if self.augment:
                         x = augment_batch(x, generator)
                     with precision_autocast(device, bf16):
-                        loss = self._loss(model, x, y, generator)
+                        loss = self._loss(model, x, y, generator, teacher)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -122,15 +128,24 @@ class TrapReplace:
             log.append({"epoch": epoch, "loss": loss_sum / steps_per_epoch, "ca_fit_val": ca})
         return log
 
-    def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Label-smoothed CE, on a CutMix batch (λ-weighted over both labels) when ``cutmix``."""
+    def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+              teacher: nn.Module | None) -> torch.Tensor:
+        """Label-smoothed CE, on a CutMix batch (λ-weighted over both labels) when ``cutmix``; plus, with a
+        teacher, ``distill_weight``·KD to the input model's outputs on the same (clean, mixed) images."""
         smoothing = self.label_smoothing
-        if not self.cutmix:
-            return F.cross_entropy(model(x).float(), y, label_smoothing=smoothing)
-        x, partner, lam = cutmix(x, generator)
+        if self.cutmix:
+            x, partner, lam = cutmix(x, generator)
         logits = model(x).float()
-        return lam * F.cross_entropy(logits, y, label_smoothing=smoothing) + (1 - lam) * F.cross_entropy(
-            logits, y[partner], label_smoothing=smoothing)
+        if self.cutmix:
+            loss = lam * F.cross_entropy(logits, y, label_smoothing=smoothing) + (1 - lam) * F.cross_entropy(
+                logits, y[partner], label_smoothing=smoothing)
+        else:
+            loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(x).float()
+            loss = loss + self.distill_weight * distillation(logits, target, self.temperature)
+        return loss
 
 
 @contextlib.contextmanager
