@@ -72,3 +72,5 @@ def test_dbr_rejects_bad_parameters():
         get_method("dbr", mode="forget")
     with pytest.raises(UsageError):
         get_method("dbr", strength_min=2.0, strength_max=1.0)
+    with pytest.raises(UsageError, match="needs mode=relabel"):
+        get_method("dbr", suspect_classes="all")

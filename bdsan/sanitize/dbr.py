@@ -56,6 +56,7 @@ class DBR:
     batch_size: int = 128
     mode: str = "ascent"
     max_ascent_ce: float | None = None
+    suspect_classes: str = "others"
     strength_min: float = 0.5
     strength_max: float = 1.5
     jitter: int = 2
@@ -72,6 +73,10 @@ class DBR:
         check_precision(self.precision)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        if self.suspect_classes not in ("others", "all"):
+            raise ValueError("suspect_classes must be others (§3b) or all")
+        if self.suspect_classes == "all" and self.mode != "relabel":
+            raise ValueError("suspect_classes=all needs mode=relabel (ascent would unlearn the target class itself)")
         if self.epochs < 0 or self.lr <= 0 or self.batch_size < 2:
             raise ValueError("need epochs ≥ 0, lr > 0 and batch_size ≥ 2")
         if not 0 < self.strength_min <= self.strength_max:
@@ -161,12 +166,13 @@ class DBR:
 
     def _suspects(self, train: Holdout, used: list[tuple], generator: torch.Generator,
                   strength: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Synthetic D̂_p for one epoch: augmented fit images of other classes, each stamped with one flagged
-        trigger (randomised variant) and labelled with its target; at most as many as fit images (§3b.2)."""
+        """Synthetic D̂_p for one epoch: augmented fit images of other classes (``suspect_classes=all``: of every
+        class), each stamped with one flagged trigger (randomised variant) and labelled with its target, their true
+        labels kept for ``relabel``; at most as many as fit images (§3b.2)."""
         per_trigger = max(1, len(train) // len(used))
         xs, ys, trues = [], [], []
         for trigger, target in used:
-            others = torch.nonzero(train.y != target).flatten()
+            others = torch.nonzero((train.y != target) | (self.suspect_classes == "all")).flatten()
             pick = others[torch.randperm(len(others), generator=generator)[:per_trigger].to(others.device)]
             x = to_float(train.x[pick])
             if self.augment:
