@@ -80,3 +80,15 @@ def test_new_head_removes_the_toy_backdoor_and_keeps_the_stem(replaced):
 def test_trap_replace_rejects_bad_parameters():
     with pytest.raises(UsageError):
         get_method("trap-replace", dropout=1.0)
+
+
+def test_distillation_variant_trains_the_head_only(toy_poisoned):
+    fit, _ = split_holdout(toy_poisoned.holdout, 0.5, 0)
+    model = copy.deepcopy(toy_poisoned.model).normalized()
+    head = ("model.11.", "model.12.", "model.16.")  # tiny_cnn: last conv, its BN, the classifier
+    stem = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(head)}
+    result = get_method("trap-replace", epochs=2, distill_weight=1.0).run(model, fit, Context(seed=0))
+    assert [e["epoch"] for e in result.details["epochs"]] == [1, 2]
+    assert all(torch.equal(result.model.state_dict()[k], v) for k, v in stem.items())
+    with pytest.raises(UsageError):
+        get_method("trap-replace", temperature=0)
