@@ -20,6 +20,12 @@ the suspects' share is stamped (as unlearn: clean-only statistics misjudge a mod
 The fit-val guard keeps the epoch with the lowest synthetic-suspect ASR on fit-val (ties: the latest) among those
 within ``--max-acc-drop`` (§0.2). The verify audit afterwards uses the canonical suite triggers, so it measures the
 same trigger family that was unlearned: ``bdsan scan`` on the result is the honest cross-check (§3b limits).
+
+Measured on 86% CIFAR-10 models with a 2,500-image holdout (BENCHMARKS.md "D-BR and Trap and Replace next to unlearn
+and FMP"): ``relabel`` took ``badnets_grid`` to 1.5% ASR at −1.00 CA point (unlearn: 1.3% at −0.29); ascent cost
+1.9–3.0 points and took the target class's recall from 89% to 64% there; on the noise blend both modes cost 2.7–3.0
+points. ``suspect_classes=all`` (relabel only) kept the target class's recall on a development model but not the
+overall CA; the default stays §3b's ``others``.
 """
 from __future__ import annotations
 

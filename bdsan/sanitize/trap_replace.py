@@ -11,6 +11,12 @@ Split (``stem_end``): ``auto`` = the head starts at the last block of the last `
 layer4[-1] → pool → classifier) or, for other networks, at the last convolution; ``stem_end=MODULE`` = everything
 executed after that module is the head. Selection: the fit-val guard keeps the accepted epoch with the highest fit-val
 CA (ties: the latest) — never test accuracy, which is what the original repo selects on (§0.1).
+
+``distill_weight`` > 0 (not in the paper; default 0) adds KD to the input model's outputs on the same clean images.
+Measured (BENCHMARKS.md "D-BR and Trap and Replace next to unlearn and FMP"): on ``small_resnet`` the auto head is
+75% of the parameters; re-trained from 1,130 fit images it cost the 86% noise-blend model 11.5 test-CA points
+(ASR 0.1%) and was rolled back. On a development model KD won back 8.3 of 11.6 points, but there the blend lives in
+the stem (ASR 90.7% without KD, 98.6% with): a new head is no defense against a backdoor in the stem.
 """
 from __future__ import annotations
 
