@@ -11,7 +11,8 @@ reconstructed trigger flips ≥ 50% of held-out images) and its time. Detection:
 
 CIFAR scale (``--data cifar10.npz``): the harness's models (``bdsan.train.zoo``, same recipe and cache as
 ``benchmarks/run.py``) for each ``--attacks`` entry — ``random_patch`` (a 4×4 random-colour patch at a seeded random
-position) and ``unseen_blend`` (a noise blend with a noise seed the suite does not use) are outside the suite — and
+position), ``unseen_blend`` (a noise blend with a noise seed the suite does not use) and ``unseen_sine`` (SIG's sine
+along the rows, 5 periods) are outside the suite — and
 clean twins (poison rate 0, other seeds); the implant ASR is measured on ``x_test[:--test-n]``, the scan runs on the
 model's 5% clean holdout, as ``bdsan scan MODEL --holdout H`` would.
 
@@ -138,12 +139,13 @@ def toy_jobs(seed: int, args):
 
 
 def zoo_attacks(seed: int, names: list[str]) -> list[str]:
-    """The harness attacks plus, for ``random_patch``, a 4×4 random-colour patch at a seeded random position and,
-    for ``unseen_blend``, the noise blend with a noise seed the suite does not use."""
+    """The harness attacks plus, for ``random_patch``, a 4×4 random-colour patch at a seeded random position, for
+    ``unseen_blend``, the noise blend with a noise seed the suite does not use and, for ``unseen_sine``, SIG's sine
+    turned to run down the rows, with 5 periods (the suite's and the sweep's sines run across the columns)."""
     generator = torch.Generator().manual_seed(1000 + seed)
     top, left = (int(v) for v in torch.randint(0, 29, (2,), generator=generator))
     outside = {"random_patch": f"patch:side=4,top={top},left={left},content=random,seed={1000 + seed}",
-               "unseen_blend": "blend_noise:seed=4242"}
+               "unseen_blend": "blend_noise:seed=4242", "unseen_sine": "sig:axis=rows,frequency=5"}
     return [outside.get(name, name) for name in names]
 
 
@@ -198,7 +200,8 @@ def main() -> None:
                                                       "(harness models: --recipe, --n-train, cached)")
     parser.add_argument("--attacks", nargs="*", default=["badnets_grid", "blend_noise", "sig", "trojan_patch",
                                                          "random_patch", "unseen_blend"],
-                        help="with --data NPZ: harness attacks; random_patch/unseen_blend are outside the suite "
+                        help="with --data NPZ: harness attacks; random_patch/unseen_blend/unseen_sine are outside "
+                             "the suite "
                              "(none: only the clean twins)")
     parser.add_argument("--recipe", default="cpu")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (as run.py --epochs)")

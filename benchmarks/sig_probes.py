@@ -16,6 +16,8 @@ class. Meant for the development pair (SIG seed 1, clean twin seed 101), never f
 * ``collapse``: clean unlearning (RNP's first step, Li et al. ICML'23): gradient *ascent* on the clean half, BN
   frozen, until held-out clean accuracy falls under ``--collapse-acc``; the share of held-out images each class
   then receives. A backdoor is a shortcut that clean unlearning does not touch: does the model collapse onto it?
+* ``spectral``: per class a universal perturbation at L∞ ``--eps``; its share of spectral power in its 4 strongest
+  frequency bins, and its held-out flip rate when reduced to its 2/4/8 strongest bins (SIG's trigger is one sine).
 * ``controls``: the suite's full-image triggers beside controls of the same strength (other noise seeds, the
   transposed stripes and sine, another frequency): the class each sends most images to, and its rate.
 
@@ -211,8 +213,66 @@ def probe_collapse(net, k: int, shape, args, xo, yo, xe, ye, **_) -> dict:
     return rows
 
 
+def _spectral_share(delta: torch.Tensor, bins: int) -> torch.Tensor:
+    """Per perturbation (N, C, H, W): the share of its non-DC spectral power (channel mean) in its ``bins`` strongest
+    frequency bins (a real pattern's ± pair counts as two)."""
+    power = torch.fft.fft2(delta.mean(1)).abs().pow(2).flatten(1)
+    power[:, 0] = 0
+    return power.topk(bins, dim=1).values.sum(1) / power.sum(1).clamp_min(1e-12)
+
+
+def _keep_strongest(delta: torch.Tensor, bins: int) -> torch.Tensor:
+    """Each perturbation reduced to its ``bins`` strongest frequency bins (per channel), rescaled to the same L∞."""
+    spectrum = torch.fft.fft2(delta)
+    flat = spectrum.flatten(2)
+    keep = flat.abs().mean(1, keepdim=True).topk(bins, dim=2).indices.expand(-1, flat.shape[1], -1)
+    reduced = torch.zeros_like(flat).scatter(2, keep, flat.gather(2, keep)).view_as(spectrum)
+    out = torch.fft.ifft2(reduced).real
+    scale = delta.flatten(1).abs().amax(1) / out.flatten(1).abs().amax(1).clamp_min(1e-12)
+    return out * scale.view(-1, 1, 1, 1)
+
+
+def probe_spectral(net, k: int, shape, args, xo, xe, ye, **_) -> dict:
+    """Is a class's universal perturbation a few frequencies (SIG: one sine), and does it keep working when reduced
+    to them? Per class, a universal perturbation at L∞ ``--eps`` (as ``threshold``) on one half; on the other:
+    its flip rate, its spectral share in the 4 strongest bins, and the flip rate of it reduced to those bins."""
+    rows: dict[str, np.ndarray] = {}
+    eps = args.eps / 255
+    target = torch.arange(k).repeat_interleave(24)
+    generator = torch.Generator().manual_seed(0)
+    delta = torch.zeros(k, *shape).requires_grad_()
+    optimizer = torch.optim.Adam([delta], lr=0.01)
+    for _ in range(args.steps):
+        index = torch.randint(len(xo), (24,), generator=generator)
+        stamped = (xo[index][None] + eps * torch.tanh(delta)[:, None]).clamp(0, 1).flatten(0, 1)
+        loss = F.cross_entropy(net(stamped), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    universal = (eps * torch.tanh(delta)).detach()
+
+    def flips(perturbation: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return np.array([float((net((xe[ye != c] + perturbation[c]).clamp(0, 1)).argmax(1) == c).float().mean())
+                             for c in range(k)])
+    rows[f"universal L∞ {args.eps:g}/255 flip"] = flips(universal)
+    share = _spectral_share(universal, 4).numpy()
+    rows["share of power in 4 bins"] = share
+    rows["share index"] = _anomaly_index(1.0 / np.maximum(share, 1e-6))
+    for bins in (2, 4, 8):
+        rows[f"reduced to {bins} bins: flip"] = flips(_keep_strongest(universal, bins))
+    gradients = []
+    for c in range(k):
+        x = xe[ye != c][:200].clone().requires_grad_()
+        loss = F.cross_entropy(net(x), torch.full((len(x),), c))
+        gradients.append(-torch.autograd.grad(loss, x)[0].mean(0))
+    rows["mean-gradient share in 4 bins"] = _spectral_share(torch.stack(gradients), 4).numpy()
+    return rows
+
+
 PROBES = {"margin": probe_margin, "stripes": probe_stripes, "feature": probe_feature, "threshold": probe_threshold,
-          "controls": probe_controls, "collapse": probe_collapse}
+          "controls": probe_controls, "collapse": probe_collapse,
+          "spectral": probe_spectral}
 
 
 def main() -> None:

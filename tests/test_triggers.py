@@ -111,6 +111,16 @@ def test_sig_is_additive_sine():
     assert torch.allclose(out, expected, atol=1e-6)
 
 
+def test_sig_along_rows_is_the_transposed_sine():
+    x = torch.full((1, 1, 32, 32), 0.5)
+    rows = get_trigger("sig", axis="rows", frequency=3).apply(x)
+    columns = get_trigger("sig", frequency=3).apply(x)
+    assert torch.allclose(rows, columns.transpose(-1, -2))
+    assert not torch.allclose(rows, columns)
+    with pytest.raises(UsageError, match="axis"):
+        get_trigger("sig", axis="diagonal").apply(x)
+
+
 def test_blends_use_fixed_patterns_independent_of_global_seed():
     torch.manual_seed(1)
     a = get_trigger("blend_noise").apply(images())

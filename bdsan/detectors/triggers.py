@@ -228,11 +228,15 @@ def blend_strip(x: torch.Tensor, alpha: float = 0.2, period: int | None = None) 
 
 @register_trigger("sig", "SIG: add a vertical sine of amplitude 40/255 and 6 periods across the width "
                   "(BackdoorBench)")
-def sig(x: torch.Tensor, delta: float = 40 / 255, frequency: float = 6.0) -> torch.Tensor:
-    width = x.shape[-1]
-    columns = torch.arange(width, device=x.device, dtype=torch.float32)
-    wave = delta * torch.sin(2 * math.pi * columns * frequency / width)
-    return x + wave.to(x.dtype).view(1, 1, 1, width)
+def sig(x: torch.Tensor, delta: float = 40 / 255, frequency: float = 6.0, axis: str = "columns") -> torch.Tensor:
+    """``axis``: ``columns`` (the sine runs across the width, constant down each column: SIG) or ``rows``."""
+    if axis not in ("columns", "rows"):
+        raise UsageError(f"sig axis {axis!r} is not one of columns, rows")
+    length = x.shape[-1] if axis == "columns" else x.shape[-2]
+    positions = torch.arange(length, device=x.device, dtype=torch.float32)
+    wave = delta * torch.sin(2 * math.pi * positions * frequency / length)
+    shape = (1, 1, 1, length) if axis == "columns" else (1, 1, length, 1)
+    return x + wave.to(x.dtype).view(shape)
 
 
 @functools.lru_cache(maxsize=32)
