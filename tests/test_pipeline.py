@@ -48,8 +48,8 @@ def test_fmp_removes_the_toy_backdoor_and_ships_verified_files(fmp_run, toy_pois
     assert 100 * (data["audit_before"]["ca"] - data["audit_export"]["ca"]) <= 3.0
     gates = {g["name"]: g for g in data["gates"]}
     assert gates["max_asr"]["judged_on"] == "audit_export" and gates["max_acc_drop"]["passed"]
-    small = data["holdout"]["verify"] < 250  # the toy's verify split: the report warns that the gate is noisy
-    assert small == any("verify split has only" in w for w in data["warnings"])
+    small = data["holdout"]["verify"] < 1112  # ±100/√n ≥ 3 points (--max-acc-drop): the report warns
+    assert small and any("verify split has only" in w for w in data["warnings"])
     assert data["holdout"]["n"] == 400 and data["holdout"]["fit"] + data["holdout"]["verify"] == 400
     assert data["audit_before"]["n"] == data["holdout"]["verify"]
     defense = data["defense"]
@@ -83,6 +83,15 @@ def test_guard_rolls_back_a_destructive_defense(toy_poisoned, tmp_path):
     assert data["audit_export"] is None and data["artifacts"] == []
     assert sorted(p.name for p in out.iterdir()) == ["report.json"]  # nothing that looks like a fixed model
     assert all(torch.equal(before[k], v) for k, v in toy_poisoned.model.module.state_dict().items())
+
+
+def test_small_verify_warning_follows_the_drop_gate(toy_poisoned):
+    # 200 verify images measure accuracy to about ±7 points: a warning under a 3-point gate, none under a 50-point one
+    for limit, warned in ((3.0, True), (50.0, False)):
+        data = sanitize(toy_poisoned.model, toy_poisoned.holdout, "test-wreck", {}, None, triggers=TRIGGERS[:1],
+                        max_acc_drop=limit).to_dict()
+        assert data["holdout"]["verify"] == 200
+        assert warned == any("verify split has only 200 images" in w for w in data["warnings"])
 
 
 def test_existing_output_is_refused_and_inputs_are_protected(toy_poisoned, tmp_path):

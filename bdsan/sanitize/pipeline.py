@@ -28,9 +28,13 @@ from .registry import get_method
 log = logging.getLogger("bdsan.sanitize")
 
 KNOWN_TRIGGER_MIN_NET_ASR = 0.5
-# Below this many verify images a few images decide the accuracy-drop gate (measured: a 4.9-point test-set drop
-# read as 1.0 on a 100-image verify split, BENCHMARKS.md "1% holdout").
-SMALL_VERIFY = 250
+
+
+def verify_uncertainty(n: int) -> float:
+    """About two standard errors (p = 0.5), in points, of an accuracy measured on ``n`` images: the report warns
+    when this reaches ``--max-acc-drop`` (measured: a 4.9-point test-set drop read as 1.0 on a 100-image verify
+    split, 3.1 read as 0.8 on 250 images; BENCHMARKS.md "1% holdout")."""
+    return 100 / max(n, 1) ** 0.5
 
 
 def sanitize(model: LoadedModel, holdout: Holdout, method: str, params: dict | None = None,
@@ -65,11 +69,12 @@ def sanitize(model: LoadedModel, holdout: Holdout, method: str, params: dict | N
     with _phase(timings_s, "split"):
         holdout = holdout.to(device)
         fit, verify = split_holdout(holdout, fit_fraction, seed)
-    if len(verify) < SMALL_VERIFY:
+    if verify_uncertainty(len(verify)) >= max_acc_drop:
         report.warnings.append(
             f"the verify split has only {len(verify)} images: the clean-accuracy drop it measures is uncertain by "
-            f"about ±{100 / len(verify) ** 0.5:.0f} points, comparable to --max-acc-drop {max_acc_drop:g}; "
-            "a larger holdout (5% of the training set) makes the guard and the gates trustworthy")
+            f"about ±{verify_uncertainty(len(verify)):.0f} points, as large as --max-acc-drop {max_acc_drop:g}; "
+            f"{int((100 / max_acc_drop) ** 2) + 1} or more verify images (a larger holdout) make the guard and "
+            "the gates trustworthy")
     report.holdout = {"path": holdout.path, "n": len(holdout), "fit": len(fit), "verify": len(verify),
                       "fit_fraction": fit_fraction, "classes": list(holdout.classes),
                       "fit_class_counts": fit.class_counts(), "verify_class_counts": verify.class_counts()}
