@@ -174,7 +174,7 @@ def zoo_jobs(seed: int, args, data):
 def scan_run(job: dict, seed: int, args) -> dict:
     """Scan one model (and, with ``--defend`` on a toy model that implanted, run the defenses): its results row."""
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    kinds = {"kinds": tuple(args.kinds)} if args.kinds else {}
+    kinds = ({"kinds": tuple(args.kinds)} if args.kinds else {}) | {"keep": args.keep}
     section = scan_section(scan(job["model"], job["holdout"], steps=args.steps, seed=seed, device=args.device,
                                 precision=args.precision, **kinds))
     scan_wall, scan_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
@@ -211,6 +211,8 @@ def main() -> None:
     parser.add_argument("--cache", default=".cache/bdsan-bench")
     parser.add_argument("--steps", type=int, default=200, help="scan steps")
     parser.add_argument("--kinds", nargs="+", default=None, help="scan kinds (default: the scan's default)")
+    parser.add_argument("--keep", default="after-step", choices=("after-step", "measured"),
+                        help="the scan's ScanSettings.keep (experimental: which trigger tensors a successful batch keeps)")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                         help="the scan's precision (auto: bf16 on CUDA and on CPUs with native bf16)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

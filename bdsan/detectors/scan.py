@@ -62,6 +62,10 @@ class ScanSettings:
     anomaly_threshold: float = 2.0
     flip_threshold: float = 0.5
     max_norm_ratio: float = 0.3
+    # "after-step": keep the tensors as they are after the optimiser step that followed a successful batch (the
+    # default, what every benchmark measured); "measured": keep the ones the batch's success was measured on
+    # (experimental, BENCHMARKS.md "Why the noise blend's reconstruction did not generalise").
+    keep: str = "after-step"
     kinds: tuple[str, ...] = KINDS
     precision: str = "auto"
 
@@ -149,6 +153,8 @@ def scan(model: LoadedModel, holdout: Holdout, *, steps: int = 200, batch_size: 
     unknown = set(cfg.kinds) - set(KINDS)
     if unknown or not cfg.kinds:
         raise DataError(f"scan kinds must be among {KINDS}, got {cfg.kinds}")
+    if cfg.keep not in ("after-step", "measured"):
+        raise DataError(f"scan keep must be after-step or measured, got {cfg.keep!r}")
     if cfg.precision not in PRECISIONS:
         raise DataError(f"scan precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     started = time.perf_counter()
@@ -235,17 +241,25 @@ def _optimise(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_size
         # The size penalty: λ_r · norm_r, summed over rows (each row's CE is already a per-row mean).
         norms = torch.cat([bank.norms(kind, bank.parts(kind)) for kind in kinds])
         (cost * norms).sum().backward()
+        measured = None
+        if cfg.keep == "measured":
+            measured = {kind: {n: t.detach().clone() for n, t in bank.parts(kind).items()} for kind in kinds}
+            measured_norms = norms.detach()
         optimizer.step()
         with torch.no_grad():
             success = hits / counts
-            norms = torch.cat([bank.norms(kind, bank.parts(kind)) for kind in kinds])
+            if measured is None:
+                norms = torch.cat([bank.norms(kind, bank.parts(kind)) for kind in kinds])
+            else:
+                norms = measured_norms
             improved = (success >= cfg.success) & (norms < best_norm * 0.99)
             if improved.any():
                 last_improved = step
                 for kind_index, kind in enumerate(kinds):
                     rows_k = torch.nonzero(improved[kind_index * num_classes:(kind_index + 1) * num_classes]).flatten()
                     if len(rows_k):
-                        for name, tensor in bank.parts(kind).items():
+                        kept = bank.parts(kind) if measured is None else measured[kind]
+                        for name, tensor in kept.items():
                             best[kind][name][rows_k] = tensor[rows_k].detach()
                 best_norm = torch.where(improved, norms, best_norm)
             reached = success >= cfg.success
