@@ -87,7 +87,7 @@ def test_guard_rolls_back_a_destructive_defense(toy_poisoned, tmp_path):
 
 def test_small_verify_warning_follows_the_drop_gate(toy_poisoned):
     # 200 verify images measure accuracy to about ±7 points: a warning under a 3-point gate, none under a 50-point one
-    for limit, warned in ((3.0, True), (50.0, False)):
+    for limit, warned in ((3.0, True), (50.0, False), (0.0, True)):
         data = sanitize(toy_poisoned.model, toy_poisoned.holdout, "test-wreck", {}, None, triggers=TRIGGERS[:1],
                         max_acc_drop=limit).to_dict()
         assert data["holdout"]["verify"] == 200

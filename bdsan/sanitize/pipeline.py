@@ -70,11 +70,12 @@ def sanitize(model: LoadedModel, holdout: Holdout, method: str, params: dict | N
         holdout = holdout.to(device)
         fit, verify = split_holdout(holdout, fit_fraction, seed)
     if verify_uncertainty(len(verify)) >= max_acc_drop:
+        needed = (f"{int((100 / max_acc_drop) ** 2) + 1} or more verify images" if max_acc_drop > 0
+                  else "a larger verify split")
         report.warnings.append(
             f"the verify split has only {len(verify)} images: the clean-accuracy drop it measures is uncertain by "
             f"about ±{verify_uncertainty(len(verify)):.0f} points, as large as --max-acc-drop {max_acc_drop:g}; "
-            f"{int((100 / max_acc_drop) ** 2) + 1} or more verify images (a larger holdout) make the guard and "
-            "the gates trustworthy")
+            f"{needed} (a larger holdout) make the guard and the gates trustworthy")
     report.holdout = {"path": holdout.path, "n": len(holdout), "fit": len(fit), "verify": len(verify),
                       "fit_fraction": fit_fraction, "classes": list(holdout.classes),
                       "fit_class_counts": fit.class_counts(), "verify_class_counts": verify.class_counts()}
