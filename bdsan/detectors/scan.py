@@ -241,17 +241,15 @@ def _optimise(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_size
         # The size penalty: λ_r · norm_r, summed over rows (each row's CE is already a per-row mean).
         norms = torch.cat([bank.norms(kind, bank.parts(kind)) for kind in kinds])
         (cost * norms).sum().backward()
-        measured = None
-        if cfg.keep == "measured":
-            measured = {kind: {n: t.detach().clone() for n, t in bank.parts(kind).items()} for kind in kinds}
-            measured_norms = norms.detach()
+        # keep=measured: the tensors (and sizes) this batch's success was measured on, before the step shrinks them
+        measured = ({kind: {n: t.detach().clone() for n, t in bank.parts(kind).items()} for kind in kinds}
+                    if cfg.keep == "measured" else None)
+        norms = norms.detach()
         optimizer.step()
         with torch.no_grad():
             success = hits / counts
             if measured is None:
                 norms = torch.cat([bank.norms(kind, bank.parts(kind)) for kind in kinds])
-            else:
-                norms = measured_norms
             improved = (success >= cfg.success) & (norms < best_norm * 0.99)
             if improved.any():
                 last_improved = step

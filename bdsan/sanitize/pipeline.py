@@ -71,7 +71,7 @@ def sanitize(model: LoadedModel, holdout: Holdout, method: str, params: dict | N
         fit, verify = split_holdout(holdout, fit_fraction, seed)
     if verify_uncertainty(len(verify)) >= max_acc_drop:
         needed = (f"{int((100 / max_acc_drop) ** 2) + 1} or more verify images" if max_acc_drop > 0
-                  else "a larger verify split")
+                  else "many more verify images")
         report.warnings.append(
             f"the verify split has only {len(verify)} images: the clean-accuracy drop it measures is uncertain by "
             f"about ±{verify_uncertainty(len(verify)):.0f} points, as large as --max-acc-drop {max_acc_drop:g}; "
