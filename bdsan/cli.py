@@ -554,6 +554,93 @@ def sanitize_command(model_path, arch, num_classes, trust_code, preset, mean, st
     return emit(report, output_format, report_path, text_renderer=render_sanitize_text)
 
 
+@cli.command("trap-train")
+@click.option("--data", "data_path", required=True, type=click.Path(),
+              help="Suspect training data (possibly poisoned): ImageFolder dir or .npz. Keep the holdout out of it.")
+@click.option("--data-split", "suspect_split", type=click.Choice(["train", "test"]), default=None,
+              help="For a --data .npz with x_train/x_test keys.")
+@holdout_options
+@click.option("--arch", required=True, help="Architecture to train (`bdsan archs`), file.py:factory or "
+              "pkg.module:factory.")
+@click.option("--num-classes", type=click.IntRange(1), default=None, help="Default: the suspect data's classes.")
+@click.option("--preset", type=click.Choice(["cifar10", "imagenet", "none"]), default=None,
+              help="Normalisation (default: the suspect data's own per-channel mean and std).")
+@click.option("--mean", default=None, help="Per-channel mean, e.g. 0.4914,0.4822,0.4465.")
+@click.option("--std", default=None, help="Per-channel std, e.g. 0.2470,0.2435,0.2616.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="New directory for model.onnx, model.safetensors and report.json (refused if it exists, unless "
+                   "--force).")
+@click.option("--epochs", type=click.IntRange(1), default=200, show_default=True,
+              help="Stage-1 (trap) epochs over the suspect data; the paper's CIFAR/GTSRB recipe.")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True,
+              help="adam: cosine annealing (the paper's); sgd: nesterov one-cycle (use --lr about 0.1-0.2).")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True,
+              help="Stage-1 learning rate.")
+@click.option("--train-batch-size", type=click.IntRange(2), default=256, show_default=True,
+              help="Stage-1 training batch.")
+@click.option("--recon-weight", type=click.FloatRange(0), default=10.0, show_default=True,
+              help="Weight of the decoder's reconstruction MSE (the trap's bait).")
+@click.option("--tv-weight", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Weight of the reconstruction's total variation.")
+@click.option("--stem-end", default="auto", show_default=True,
+              help="Last module of the stem (auto: the head is the last residual block + classifier).")
+@click.option("--param", "param_pairs", multiple=True, metavar="KEY=VALUE",
+              help="Replace-stage (trap-replace) hyper-parameter, repeatable (e.g. --param epochs=50).")
+@click.option("--max-asr", type=click.FloatRange(0, 1), default=0.2, show_default=True,
+              help="Gate: exit 1 when any trigger's ASR on the exported model is above this.")
+@click.option("--max-acc-drop", type=click.FloatRange(0), default=3.0, show_default=True,
+              help="Gate and guard, in points, against the trapped model: a larger drop rolls the replace back.")
+@click.option("--fit-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+              show_default=True, help="Share of the holdout the replace stage trains on; the rest only verifies.")
+@click.option("--target", type=click.IntRange(0), default=None, help="Known target class for the audits.")
+@click.option("--triggers", "trigger_names", default=None,
+              help="Comma-separated suite triggers for the audits (default: the whole suite).")
+@click.option("--bake-preprocessing", is_flag=True, help="ONNX: put (x - mean) / std into the graph.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
+              help="Where stage 1 checkpoints every epoch (default: OUT.checkpoint beside --out); removed after "
+                   "success.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
+@click.option("--force", is_flag=True, help="Replace an existing --out directory (after success only) and start "
+              "over from scratch when a checkpoint exists without --resume.")
+@common_options
+def trap_train_command(data_path, suspect_split, holdout, data_split, classes, arch, num_classes, preset, mean, std,
+                       out_dir, epochs, optimizer, lr, train_batch_size, recon_weight, tv_weight, stem_end,
+                       param_pairs, max_asr, max_acc_drop, fit_fraction, target, trigger_names, bake_preprocessing,
+                       checkpoint_dir, resume, force, device, seed, batch_size, output_format, report_path, quiet,
+                       debug):
+    """Train ARCH from scratch on untrusted data with Trap and Replace (ALGORITHMS §2b): stage 1 trains with a
+    reconstruction decoder on the stem (CE + 10·MSE + 1·TV), checkpointing every epoch; stage 2 replaces the light
+    head on the holdout's fit split, audits before (the trapped model) and after on the verify split, exports ONNX
+    + safetensors and audits the export. Exit 1 when a gate fails."""
+    from .device import resolve_device
+    from .io.data import load_holdout
+    from .report import render_sanitize_text
+    from .sanitize.pipeline import check_output
+    from .sanitize.registry import parse_params
+    from .sanitize.trap_train import trap_train
+    from .train.trap import TrapSettings
+
+    settings = TrapSettings(epochs=epochs, optimizer=optimizer, lr=lr, batch_size=train_batch_size,
+                            recon_weight=recon_weight, tv_weight=tv_weight, stem_end=stem_end, seed=seed)
+    params = parse_params(param_pairs)
+    check_output(Path(out_dir), force)
+    torch_device = resolve_device(device)
+    preprocessing = preprocessing_from_options(preset, mean, std, None)
+    class_names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    suspect = load_holdout(data_path, device=torch_device, split=suspect_split, classes=class_names)
+    clean = load_holdout(holdout, device=torch_device, split=data_split, classes=class_names)
+    report = trap_train(suspect, clean, arch, out_dir, settings=settings, num_classes=num_classes,
+                        preprocessing=preprocessing, replace_params=params, checkpoint_dir=checkpoint_dir,
+                        resume=resume, force=force, device=torch_device, max_asr=max_asr, max_acc_drop=max_acc_drop,
+                        fit_fraction=fit_fraction, batch_size=batch_size,
+                        triggers=_parse_names(trigger_names, "--triggers"), target=target,
+                        bake_preprocessing=bake_preprocessing)
+    for gate in report.gates:
+        if not gate["passed"]:
+            click.echo(f"gate {gate['name']} failed: {gate['value']} (limit {gate['limit']})", err=True)
+    return emit(report, output_format, report_path, text_renderer=render_sanitize_text)
+
+
 def _list_methods(ctx: click.Context) -> None:
     from .sanitize.registry import get_method, list_methods, method_fields
 

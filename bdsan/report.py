@@ -36,6 +36,8 @@ class Report:
     # In memory only, never serialised: the defended model before the guard's decision (benchmarks evaluate it to
     # show what a rolled-back defense would have shipped).
     defended: Any = field(default=None, repr=False, compare=False)
+    # In memory only: the model a training command trained (trap-train's stage-1 network, before the replace).
+    trained: Any = field(default=None, repr=False, compare=False)
 
     def add_gate(self, name: str, limit: float, value: float, passed: bool, **extra: Any) -> None:
         self.gates.append({"name": name, "limit": limit, "value": value, "passed": bool(passed), **extra})
@@ -375,6 +377,13 @@ def render_sanitize_text(report: Report) -> str:
         h = data["holdout"]
         lines.append(f"holdout: {h.get('path') or '(in memory)'} — {h.get('n')} images: {h.get('fit')} fit "
                      f"(defense), {h.get('verify')} verify (audits)")
+    trap = (data.get("details") or {}).get("trap")
+    if trap:
+        last = (trap.get("epochs") or [{}])[-1]
+        lines.append(f"trap stage: {len(trap.get('epochs') or [])} epochs on {trap['suspect']['n']} suspect images"
+                     f"{' (resumed after epoch ' + str(trap['resumed_from_epoch']) + ')' if trap.get('resumed_from_epoch') else ''}"
+                     f", decoder on the input of {trap['decoder_reads']}; last epoch: loss {last.get('loss', 0):.3f}, "
+                     f"reconstruction MSE {last.get('recon_mse', 0):.4f}; 'before' below is the trapped model")
     names = _class_names(data)
     audits = [(title, data.get(key)) for key, title in (("audit_before", "before"), ("audit_after", "after"),
                                                         ("audit_export", "export"))]

@@ -42,12 +42,14 @@ def sanitize(model: LoadedModel, holdout: Holdout, method: str, params: dict | N
              device: str | torch.device | None = None, force: bool = False, fit_fraction: float = 0.5,
              batch_size: int = 256, triggers: list | None = None, target: int | None = None,
              slim: bool | None = None, bake_preprocessing: bool = False, timings: dict | None = None,
-             progress=None) -> Report:
+             progress=None, command: str = "sanitize", details: dict | None = None) -> Report:
     """Defend ``model`` with ``method`` on the fit split and prove the result on the verify split.
 
     ``out_dir`` receives ``model.onnx``, ``model.safetensors`` and ``report.json`` atomically (None: nothing is
     written, the ONNX audit is skipped). ``slim`` exports hard-pruned channels physically removed (default: when
     the method reports ``hard_pruned`` channels). The report's ``exit_code`` is 1 when a gate failed.
+    ``command``/``details``: the report's command name and extra ``details`` (``bdsan trap-train`` runs its
+    replace stage through here and records its training stage there).
     """
     device = resolve_device(device)
     timings_s = dict(timings or {})
@@ -62,7 +64,7 @@ def sanitize(model: LoadedModel, holdout: Holdout, method: str, params: dict | N
     from ..detectors.audit import audit
     from ..detectors.triggers import resolve_triggers
 
-    report = Report("sanitize", seed=seed, device=describe_device(device))
+    report = Report(command, seed=seed, device=describe_device(device), details=dict(details or {}))
     report.model = model.info()
     trigger_objects = resolve_triggers(triggers)
 

@@ -168,12 +168,14 @@ def dropout_at(split: HeadSplit, p: float):
 
 @dataclass
 class HeadSplit:
-    """The head's leaf modules in execution order, where dropout goes, and the stem's last module."""
+    """The head's leaf modules in execution order, where dropout goes, the stem's last module, and the first leaf
+    that runs in the head (its input is the stem's output: what the trap stage's decoder reads)."""
 
     head: list[tuple[str, nn.Module]]
     dropout_sites: list[str]
     stem_end: str
     modules: dict[str, nn.Module]
+    first_leaf: str = ""
 
 
 def head_split(model: nn.Module, example: torch.Tensor, stem_end: str = "auto") -> HeadSplit:
@@ -206,8 +208,10 @@ def head_split(model: nn.Module, example: torch.Tensor, stem_end: str = "auto") 
                   or isinstance(modules[n], nn.modules.batchnorm._BatchNorm)]
     if not head_names:
         raise UsageError("the head after stem_end has no parameters to replace")
+    if first >= len(order):
+        raise UsageError(f"nothing runs after stem_end {stem_end!r}: no head to replace")
     return HeadSplit([(n, modules[n]) for n in head_names], _dropout_sites(modules, order[first:]), stem_end,
-                     modules)
+                     modules, order[first])
 
 
 def _auto_head_start(modules: dict[str, nn.Module], order: list[str]) -> str:

@@ -45,6 +45,26 @@ def freeze_batchnorm(model: nn.Module) -> None:
             module.eval()
 
 
+def make_optimizer(params, kind: str, lr: float, weight_decay: float, total_steps: int, momentum: float = 0.9,
+                   schedule: str | None = None):
+    """(optimizer, per-step scheduler): ``sgd`` (nesterov when momentum > 0) with a one-cycle schedule (25% warm-up)
+    or ``schedule="cosine"``; ``adam`` with cosine annealing over ``total_steps``."""
+    total_steps = max(1, total_steps)
+    if kind == "adam":
+        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        schedule = schedule or "cosine"
+    else:
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                    nesterov=momentum > 0)
+        schedule = schedule or "onecycle"
+    if schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps,
+                                                        pct_start=0.25)
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return optimizer, scheduler
+
+
 def train_classifier(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, *, epochs: int = 10,
                      lr: float = 0.1, batch_size: int = 128, weight_decay: float = 5e-4,
                      momentum: float = 0.9, schedule: str = "onecycle", augment: bool = True, seed: int = 0,
@@ -63,12 +83,8 @@ def train_classifier(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, *
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = max(1, (len(y) + batch_size - 1) // batch_size)
     total = epochs * steps_per_epoch
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                nesterov=momentum > 0)
-    if schedule == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=0.25)
-    else:
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    optimizer, scheduler = make_optimizer(model.parameters(), "sgd", lr, weight_decay, total, momentum=momentum,
+                                          schedule=schedule)
     with channels_last(model):  # faster convolutions on CPU (oneDNN) and CUDA; layout restored after
         model.train()
         if freeze_bn:
