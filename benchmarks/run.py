@@ -95,13 +95,29 @@ def load_defenses(defenses: list[str], params: dict[str, dict[str, str]]) -> Non
     from bdsan.errors import UsageError
     from bdsan.sanitize.registry import get_method
 
+    import bdsan.train.trap  # noqa: F401
+
     for defense in defenses:
         if defense != "none":
             method, method_params = split_defense(defense, params)
             try:
+                if method == TRAP_TRAIN:
+                    trap, method_params = split_trap_params(method_params)
+                    bdsan.train.trap.TrapSettings(**trap)
+                    method = "trap-replace"
                 get_method(method, **method_params)
-            except (UsageError, ValueError) as exc:
+            except (UsageError, ValueError, TypeError) as exc:
                 raise SystemExit(f"--defenses {defense!r}: {exc}") from None
+
+
+TRAP_TRAIN = "trap-train"  # not a sanitize method: a trapped twin trained on the same poisoned data, then replaced
+TRAP_FIELDS = ("recon_weight", "tv_weight", "stem_end")
+
+
+def split_trap_params(params: dict[str, str]) -> tuple[dict, dict[str, str]]:
+    """``trap-train``'s parameters: the trap stage's (``TRAP_FIELDS``, typed) and the replace stage's (the rest)."""
+    trap = {k: (v if k == "stem_end" else float(v)) for k, v in params.items() if k in TRAP_FIELDS}
+    return trap, {k: v for k, v in params.items() if k not in TRAP_FIELDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +188,27 @@ def run_defense(backdoored, defense: str, params: dict, args, device: torch.devi
             "suite_before": _suite_summary(data.get("audit_before")),
             "suite_after": _suite_summary(data.get("audit_after")),
             "details_summary": _details_summary(defense_info.get("details") or {})}
+
+
+def trapped_twin(data: Dataset, attack: Attack, recipe, args, device: torch.device, seed: int, trap: dict):
+    """The stage-1 Trap and Replace model on the same poisoned data, recipe and holdout as the backdoored model
+    (cached like it), and ``{"trapped": its test metrics …}`` for the row (whose "before" stays the normal model's,
+    so the CA drop is against normal training, SPEC §7)."""
+    log.info("[seed %d] %s: training the trapped twin", seed, attack.label)
+    trapped = train_backdoored(data, attack, recipe, n_train=args.n_train or None,
+                               holdout_fraction=args.holdout_fraction, seed=seed, device=device,
+                               cache_dir=args.cache or None, trap=trap)
+    trapped.model.module.to(device).eval()
+    if args.holdout_n and args.holdout_n < len(trapped.holdout):
+        keep, _ = stratified_split(trapped.holdout.y.cpu(), args.holdout_n / len(trapped.holdout), seed,
+                                   trapped.holdout.num_classes)
+        trapped.holdout = trapped.holdout.subset(keep.to(trapped.holdout.y.device))
+    metrics = evaluate(trapped.model, data, attack, args.test_n)
+    log.info("[seed %d] %s: trapped twin CA %.3f ASR %.3f (train %.0fs%s)", seed, attack.label, metrics["ca"],
+             metrics["asr"], trapped.train_seconds, ", cached" if trapped.from_cache else "")
+    return trapped, {"trapped": {"metrics": metrics, "train_seconds": trapped.train_seconds,
+                                 "model_key": trapped.key, "from_cache": trapped.from_cache,
+                                 "details": trapped.details}}
 
 
 def _suite_summary(audit: dict | None) -> dict | None:
@@ -246,7 +283,12 @@ def run(args) -> dict:
                     log.info("[seed %d] %s: %s …", seed, attack.label, defense)
                     try:
                         method, method_params = split_defense(defense, params)
-                        outcome = run_defense(backdoored, method, method_params, args, device, seed)
+                        defended, trap_info = backdoored, {}
+                        if method == TRAP_TRAIN:
+                            trap, method_params = split_trap_params(method_params)
+                            defended, trap_info = trapped_twin(data, attack, recipe, args, device, seed, trap)
+                            method = "trap-replace"
+                        outcome = run_defense(defended, method, method_params, args, device, seed)
                     except Exception as exc:  # a failing defense is a result, not the end of the benchmark
                         log.exception("%s failed", defense)
                         results["runs"].append({**base, "defense": defense, "error": f"{type(exc).__name__}: {exc}"})
@@ -262,7 +304,7 @@ def run(args) -> dict:
                              defense, after["ca"], after["asr"], after["ra"], outcome["seconds"],
                              outcome["exit_code"])
                     results["runs"].append({**base, "defense": defense, "after": after,
-                                            "defense_seconds": outcome.pop("seconds"), **outcome})
+                                            "defense_seconds": outcome.pop("seconds"), **outcome, **trap_info})
                 write_outputs(results, out)
     write_outputs(results, out)
     return results
@@ -351,6 +393,17 @@ def render_markdown(results: dict) -> str:
         cells = [_mean_std_text(row[key]) for key in ("untriggered_before", "untriggered_after", "target_recall_before",
                                                    "target_recall_after")]
         lines.append(f"| {row['attack']} | {row['defense']} | " + " | ".join(cells) + " |")
+    trapped = [r for r in results["runs"] if r.get("trapped")]
+    if trapped:
+        lines += ["", ("Trapped twins (`trap-train`, stage 1 only: the same poisoned data and recipe plus the "
+                       "reconstruction decoder), test split, per seed:"), "",
+                  "| seed | attack | normal CA | trapped CA | trapped ASR | trapped untriggered | trapped train s |",
+                  "|---|---|---|---|---|---|---|"]
+        for run in trapped:
+            m = run["trapped"]["metrics"]
+            lines.append(f"| {run['seed']} | {run['attack']} | {100 * run['before']['ca']:.1f} | {100 * m['ca']:.1f} | "
+                         f"{100 * m['asr']:.1f} | {100 * m['untriggered']:.1f} | "
+                         f"{run['trapped']['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

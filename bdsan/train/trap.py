@@ -50,6 +50,7 @@ class TrapSettings:
     lr: float = 1e-3
     weight_decay: float = 5e-4
     batch_size: int = 256
+    label_smoothing: float = 0.0
     recon_weight: float = 10.0
     tv_weight: float = 1.0
     augment: bool = True
@@ -63,8 +64,8 @@ class TrapSettings:
             raise UsageError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.epochs < 1 or self.lr <= 0 or self.batch_size < 2 or self.weight_decay < 0:
             raise UsageError("trap-train needs epochs ≥ 1, lr > 0, batch size ≥ 2 and weight decay ≥ 0")
-        if self.recon_weight < 0 or self.tv_weight < 0:
-            raise UsageError("the reconstruction and TV weights must be ≥ 0")
+        if self.recon_weight < 0 or self.tv_weight < 0 or not 0 <= self.label_smoothing < 1:
+            raise UsageError("the reconstruction and TV weights must be ≥ 0, label smoothing in [0, 1)")
 
 
 @dataclass
@@ -181,7 +182,7 @@ def train_trap(network: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, setti
                 with precision_autocast(device, bf16):
                     logits = network(x).float()
                     recon = decoder(tap.take()).float()
-                ce = F.cross_entropy(logits, target)
+                ce = F.cross_entropy(logits, target, label_smoothing=settings.label_smoothing)
                 mse = F.mse_loss(recon, x)
                 tv = total_variation(recon)
                 loss = ce + settings.recon_weight * mse + settings.tv_weight * tv

@@ -227,11 +227,14 @@ def config_key(config: dict) -> str:
 
 def train_backdoored(data: Dataset, attack: Attack, recipe: Recipe, *, n_train: int | None = None,
                      holdout_fraction: float = 0.05, seed: int = 0, device: torch.device | str = "cpu",
-                     cache_dir: str | Path | None = None, progress: Progress | None = None) -> Backdoored:
+                     cache_dir: str | Path | None = None, progress: Progress | None = None,
+                     trap: dict | None = None) -> Backdoored:
     """Poison the training subset (minus the holdout) with ``attack``, train ``recipe`` on it, cache the result.
 
     The cache key covers the dataset fingerprint, attack, recipe (with the precision actually used), subset size,
     holdout fraction, seed and ``ZOO_VERSION``; a hit loads the weights instead of training.
+    ``trap``: train with Trap and Replace's stage 1 instead (``bdsan.train.trap``; these ``TrapSettings`` fields
+    over the recipe's one-cycle SGD, epochs, learning rate and batch), on the same poisoned data; part of the key.
     """
     device = torch.device(device)
     if attack.target >= data.num_classes:
@@ -243,6 +246,8 @@ def train_backdoored(data: Dataset, attack: Attack, recipe: Recipe, *, n_train: 
     config = {"zoo_version": ZOO_VERSION, "dataset": data.fingerprint, "attack": attack.to_dict(),
               "recipe": {**dataclasses.asdict(recipe), "precision": precision}, "n_train": len(train_index),
               "holdout": len(holdout_index), "holdout_fraction": holdout_fraction, "seed": seed}
+    if trap is not None:
+        config["trap"] = dict(sorted(trap.items()))
     key = config_key(config)
     holdout = Holdout(data.x_train[holdout_index].to(device), data.y_train[holdout_index].to(device),
                       list(data.classes), f"{data.name}:train-holdout")
@@ -265,16 +270,28 @@ def train_backdoored(data: Dataset, attack: Attack, recipe: Recipe, *, n_train: 
     if device.type == "cuda" or precision == "bf16":
         network = network.to(memory_format=torch.channels_last)
     start = time.perf_counter()
-    train_classifier(network, x_poisoned.to(device), y_poisoned.to(device), epochs=recipe.epochs, lr=recipe.lr,
-                     batch_size=recipe.batch_size, weight_decay=recipe.weight_decay,
-                     label_smoothing=recipe.label_smoothing, augment=recipe.augment, seed=seed,
-                     precision=precision, progress=progress)
+    details: dict = {"precision": precision}
+    if trap is not None:
+        from .trap import TrapSettings, train_trap
+
+        settings = TrapSettings(**{"epochs": recipe.epochs, "optimizer": "sgd", "lr": recipe.lr,
+                                   "batch_size": recipe.batch_size, "weight_decay": recipe.weight_decay,
+                                   "label_smoothing": recipe.label_smoothing, "augment": recipe.augment,
+                                   "precision": precision, "seed": seed, **trap})
+        trapped = train_trap(network, x_poisoned.to(device), y_poisoned.to(device), settings,
+                             progress=(lambda done, total, _: progress(done, total)) if progress else None)
+        details["trap"] = {k: v for k, v in trapped.details().items() if k != "epochs"} | {
+            "last_epoch": trapped.log[-1]}
+    else:
+        train_classifier(network, x_poisoned.to(device), y_poisoned.to(device), epochs=recipe.epochs, lr=recipe.lr,
+                         batch_size=recipe.batch_size, weight_decay=recipe.weight_decay,
+                         label_smoothing=recipe.label_smoothing, augment=recipe.augment, seed=seed,
+                         precision=precision, progress=progress)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - start
     module.to(memory_format=torch.contiguous_format).eval()
-    result = Backdoored(model, holdout, attack, recipe, key, config, train_seconds, int(mask.sum()), False,
-                        {"precision": precision})
+    result = Backdoored(model, holdout, attack, recipe, key, config, train_seconds, int(mask.sum()), False, details)
     if entry is not None:
         _store(result, entry)
     return result
