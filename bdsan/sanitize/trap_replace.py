@@ -81,8 +81,9 @@ class TrapReplace:
         frozen = [p for p in model.parameters() if p.requires_grad and not _is_head_param(p, split.head)]
         for p in frozen:
             p.requires_grad_(False)
-        try:
-            with channels_last(model):
+        try:  # dropout draws from the global RNG: seed it from --seed, and give the caller's state back after
+            with channels_last(model), torch.random.fork_rng(devices=_cuda_devices(ctx.device)):
+                torch.manual_seed(ctx.seed * 1_000_003 + 61)
                 log = self._train_head(model, split, train, guard, ctx, teacher)
         finally:
             for p in frozen:
@@ -241,6 +242,10 @@ def _dropout_hook(p: float):
         return (F.dropout(inputs[0], p, training=True), *inputs[1:])
 
     return hook
+
+
+def _cuda_devices(device: torch.device) -> list[int]:
+    return [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
 
 
 def _is_head_param(p: torch.Tensor, head: list[tuple[str, nn.Module]]) -> bool:

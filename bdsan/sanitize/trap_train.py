@@ -73,9 +73,18 @@ def trap_train(suspect: Holdout, holdout: Holdout, arch: str, out_dir: str | Pat
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     network = model.normalized().to(device)
-    with _progress_bar(progress) as report_progress:
-        trapped = train_trap(network, suspect.x, suspect.y, settings, checkpoint=checkpoint_dir / "trap.pt",
-                             resume=resume, progress=report_progress)
+    checkpoint = checkpoint_dir / "trap.pt"
+    try:
+        with _progress_bar(progress) as report_progress:
+            trapped = train_trap(network, suspect.x, suspect.y, settings, checkpoint=checkpoint, resume=resume,
+                                 progress=report_progress)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            checkpoint_dir.rmdir()  # only when empty: a written checkpoint stays for --resume
+        if checkpoint.exists():
+            log.warning("trap-train stopped; its checkpoint %s is kept: the same command with --resume continues "
+                        "it", checkpoint)
+        raise
     module.eval()
     details = {"trap": {"settings": dataclasses.asdict(settings), "suspect": {"path": suspect.path, "n": len(suspect)},
                         "checkpoint_dir": str(checkpoint_dir), **trapped.details()}}

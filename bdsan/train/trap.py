@@ -153,7 +153,7 @@ def train_trap(network: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, setti
     device = next(network.parameters()).device
     bf16 = training_bf16(device, settings.precision)
     split = head_split(network, to_float(x_uint8[:2]), settings.stem_end)
-    decoder = _decoder_for(network, split, to_float(x_uint8[:2])).to(device)
+    decoder = _decoder_for(network, split, to_float(x_uint8[:2]), settings.seed).to(device)
     batch = min(settings.batch_size, len(y))
     steps_per_epoch = math.ceil(len(y) / batch)
     total = settings.epochs * steps_per_epoch
@@ -209,7 +209,7 @@ def train_trap(network: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, setti
 
 
 @torch.no_grad()
-def _decoder_for(network: nn.Module, split: HeadSplit, example: torch.Tensor) -> nn.Sequential:
+def _decoder_for(network: nn.Module, split: HeadSplit, example: torch.Tensor, seed: int) -> nn.Sequential:
     was_training = network.training
     with StemTap(split) as tap:
         network.eval()(example)
@@ -218,13 +218,20 @@ def _decoder_for(network: nn.Module, split: HeadSplit, example: torch.Tensor) ->
     if features.ndim != 4:
         raise UsageError(f"the stem's output has shape {tuple(features.shape)}, not a feature map: the decoder needs "
                          "one", hint="choose an earlier --stem-end")
-    return build_decoder(features.shape[1], tuple(features.shape[2:]), tuple(example.shape[2:]), example.shape[1])
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights, the caller's global RNG untouched
+        torch.manual_seed(seed)
+        return build_decoder(features.shape[1], tuple(features.shape[2:]), tuple(example.shape[2:]),
+                             example.shape[1])
 
 
 def _fingerprint(settings: TrapSettings, network: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor) -> str:
-    """What a checkpoint must match to be continued: the settings, the network's shapes and the data."""
+    """What a checkpoint must match to be continued: the settings, the network's shapes, its buffers before
+    training (the normalisation among them) and the data."""
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode())
     digest.update(json.dumps({k: list(v.shape) for k, v in network.state_dict().items()}).encode())
+    for name, buffer in network.named_buffers():
+        digest.update(name.encode())
+        digest.update(buffer.detach().float().cpu().contiguous().numpy().tobytes())
     digest.update(x_uint8.cpu().contiguous().numpy().tobytes())
     digest.update(y.cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
