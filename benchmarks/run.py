@@ -91,11 +91,10 @@ def load_defenses(defenses: list[str], params: dict[str, dict[str, str]]) -> Non
     """Build every requested method once before any model trains: a misspelt name or parameter fails in seconds,
     not after an hour of training, and the method modules are imported from the code as it is at the start (a
     file edited while a model trains is not picked up half-way)."""
-    import bdsan.sanitize.pipeline  # noqa: F401  (the pipeline and what it imports, loaded now)
+    import bdsan.sanitize.pipeline
+    import bdsan.train.trap
     from bdsan.errors import UsageError
     from bdsan.sanitize.registry import get_method
-
-    import bdsan.train.trap  # noqa: F401
 
     for defense in defenses:
         if defense != "none":

@@ -95,3 +95,11 @@ def test_trap_then_replace_removes_the_toy_backdoor(tmp_path):
         replaced = report.defended.normalized().eval()
         assert (replaced(corner_square(x)).argmax(1) == 0).float().mean() <= 0.2  # the new head has not
         assert (replaced(holdout.x.float().div(255)).argmax(1) == holdout.y).float().mean() >= 0.9
+
+
+def test_a_corrupt_checkpoint_is_refused_not_unpickled(tmp_path):
+    suspect = _toy_suspect(64)
+    checkpoint = tmp_path / "trap.pt"
+    checkpoint.write_bytes(b"not a checkpoint")
+    with pytest.raises(OutputError, match="cannot read"):
+        train_trap(_network(), suspect.x, suspect.y, SMALL, checkpoint=checkpoint, resume=True)

@@ -18,10 +18,12 @@ import dataclasses
 import hashlib
 import json
 import math
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import torch
 import torch.nn.functional as F
@@ -124,7 +126,7 @@ class StemTap:
         self.module = split.modules[split.first_leaf]
         self.features: torch.Tensor | None = None
 
-    def __enter__(self) -> StemTap:
+    def __enter__(self) -> Self:
         self.handle = self.module.register_forward_pre_hook(self._keep)
         return self
 
@@ -251,7 +253,7 @@ def _load_checkpoint(path: Path, fingerprint: str, network: nn.Module, decoder: 
     try:
         state = torch.load(path, map_location=device, weights_only=True)
         stored = state["fingerprint"]
-    except Exception as exc:  # a truncated or foreign file: say which, never unpickle anything else
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as exc:  # truncated, foreign
         raise OutputError(f"cannot read the trap-train checkpoint {path}: {exc}",
                           hint="--force starts over (the checkpoint is deleted)") from None
     if stored != fingerprint:
