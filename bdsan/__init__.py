@@ -1,7 +1,7 @@
 """bdsan — a backdoor sanitizer for image classifiers.
 
 The CLI is a thin layer over this API: ``load_model``, ``load_holdout``, ``audit``, ``scan``, ``sanitize``,
-``export_onnx``, ``export_safetensors``. Heavy modules load on first use, so ``import bdsan`` stays cheap.
+``export_onnx``, ``export_safetensors``, ``trap_train``. Heavy modules load on first use, so ``import bdsan`` stays cheap.
 """
 from __future__ import annotations
 
@@ -22,13 +22,14 @@ _API = {
     "audit": "bdsan.detectors.audit",
     "scan": "bdsan.detectors.scan",
     "sanitize": "bdsan.sanitize",
+    "trap_train": "bdsan.sanitize.trap_train",
     "export_onnx": "bdsan.exporters.onnx",
     "export_safetensors": "bdsan.exporters.safetensors",
 }
 
 __all__ = ["Holdout", "LoadedModel", "Preprocessing", "__version__", "audit", "check_holdout_matches",
            "export_onnx", "export_safetensors", "inspect_model", "load_holdout", "load_model", "sanitize", "scan",
-           "split_holdout"]
+           "split_holdout", "trap_train"]
 
 
 def __getattr__(name: str) -> Any:

@@ -9,6 +9,7 @@ import torch
 from bdsan.errors import UsageError
 from bdsan.io.archs import build_arch
 from bdsan.io.data import split_holdout
+from bdsan.io.preprocess import Normalized, Preprocessing
 from bdsan.sanitize.context import Context
 from bdsan.sanitize.registry import get_method, list_methods
 from bdsan.sanitize.trap_replace import head_split
@@ -34,6 +35,9 @@ def test_explicit_stem_end_and_bad_names():
     assert [n for n, _ in split.head] == ["linear"] and split.dropout_sites == ["avgpool"]
     with pytest.raises(UsageError, match="not a module"):
         head_split(build_arch("cifar_resnet18", 10), EXAMPLE, stem_end="layer9")
+    wrapped = Normalized(build_arch("cifar_resnet18", 10), Preprocessing())  # what the pipeline defends
+    split = head_split(wrapped, EXAMPLE, stem_end="layer4")  # the model's own names work inside the wrapper
+    assert [n for n, _ in split.head] == ["model.linear"] and split.stem_end == "model.layer4"
 
 
 def test_cutmix_pastes_one_box_and_weights_by_its_area():

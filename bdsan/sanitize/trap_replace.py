@@ -33,6 +33,7 @@ from torch import nn
 from ..device import channels_last, check_precision, precision_autocast, training_bf16
 from ..errors import UsageError
 from ..io.data import Holdout, to_float
+from ..io.preprocess import Normalized
 from ..train.augment import augment_batch, cutmix
 from .context import Context, DefenseResult
 from .guard import FitValGuard
@@ -198,6 +199,8 @@ def head_split(model: nn.Module, example: torch.Tensor, stem_end: str = "auto") 
         first = next(i for i, n in enumerate(order) if n == start or n.startswith(start + "."))
         stem_end = order[first - 1] if first > 0 else ""
     else:
+        if stem_end not in modules and isinstance(model, Normalized) and f"model.{stem_end}" in modules:
+            stem_end = f"model.{stem_end}"  # the user's name, inside bdsan's normalising wrapper
         if stem_end not in modules:
             raise UsageError(f"stem_end {stem_end!r} is not a module of the model "
                              f"(leaf modules in order: {', '.join(order[-8:])}, …)")
