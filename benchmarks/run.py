@@ -114,9 +114,10 @@ TRAP_FIELDS = ("recon_weight", "tv_weight", "stem_end")
 
 
 def split_trap_params(params: dict[str, str]) -> tuple[dict, dict[str, str]]:
-    """``trap-train``'s parameters: the trap stage's (``TRAP_FIELDS``, typed) and the replace stage's (the rest)."""
+    """``trap-train``'s parameters: the trap stage's (``TRAP_FIELDS``, typed) and the replace stage's (the rest, and
+    ``stem_end``: both stages cut the network at the same place)."""
     trap = {k: (v if k == "stem_end" else float(v)) for k, v in params.items() if k in TRAP_FIELDS}
-    return trap, {k: v for k, v in params.items() if k not in TRAP_FIELDS}
+    return trap, {k: v for k, v in params.items() if k not in TRAP_FIELDS or k == "stem_end"}
 
 
 def build_parser() -> argparse.ArgumentParser:
