@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..device import resolve_device
 from ..errors import DataError
 from ..io.archs import build_arch
 from ..io.data import Holdout, check_holdout_matches
@@ -42,12 +43,13 @@ def trap_train(suspect: Holdout, holdout: Holdout, arch: str, out_dir: str | Pat
                settings: TrapSettings | None = None, num_classes: int | None = None,
                preprocessing: Preprocessing | None = None, replace_params: dict | None = None,
                checkpoint_dir: str | Path | None = None, resume: bool = False, force: bool = False,
-               device: str | torch.device = "cpu", progress=None, **pipeline_options) -> Report:
+               device: str | torch.device | None = None, progress=None, **pipeline_options) -> Report:
     """Train ``arch`` on ``suspect`` with the trap, replace its head on ``holdout``, export into ``out_dir``.
 
     ``pipeline_options`` go to ``bdsan.sanitize`` (``max_asr``, ``max_acc_drop``, ``fit_fraction``,
-    ``batch_size``, ``triggers``, ``target``, ``bake_preprocessing``); ``settings.seed`` seeds both stages. The checkpoint directory is
-    removed after success and kept otherwise (``resume`` continues it; ``force`` deletes it and starts over).
+    ``batch_size``, ``triggers``, ``target``, ``bake_preprocessing``); ``settings.seed`` seeds both stages. The
+    checkpoint directory is removed after success and kept otherwise (``resume`` continues it — a run stopped after
+    stage 1 goes straight to the replace stage; ``force`` deletes it and starts over).
     """
     settings = settings or TrapSettings()
     out_dir = Path(out_dir)
@@ -59,7 +61,7 @@ def trap_train(suspect: Holdout, holdout: Holdout, arch: str, out_dir: str | Pat
     if len(suspect) == 0 or int(suspect.y.max()) >= num_classes:
         raise DataError(f"suspect data {suspect.path}: no images, or labels beyond its {num_classes} classes",
                         hint="check --data and --num-classes")
-    device = torch.device(device)
+    device = resolve_device(device)  # None: CUDA when there is one
     suspect = suspect.to(device)
     preprocessing = preprocessing or channel_stats(suspect.x)
     with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's global RNG
