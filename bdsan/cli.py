@@ -204,6 +204,8 @@ def cli():
       bdsan inspect model.safetensors              what is this file? is it safe to load?
       bdsan audit MODEL --holdout DIR              CA / ASR / RA, exit 1 when a trigger fires
       bdsan sanitize MODEL --holdout DIR --method fmp --out OUT
+      bdsan scan MODEL --holdout DIR               reverse-engineer unknown triggers
+      bdsan trap-train --data SUSPECT --holdout DIR --arch A --out OUT   train on data you do not trust
 
     Exit codes: 0 ok, 1 gate failed, 2 usage error, 3 input refused or invalid, 4 run failed, 130 interrupted.
     """
