@@ -172,7 +172,8 @@ def run_defense(backdoored, defense: str, params: dict, args, device: torch.devi
         seconds = time.perf_counter() - started
         data = report.to_dict()
         defense_info = data.get("defense") or {}
-        weights = [a["path"] for a in data["artifacts"] if str(a["path"]).endswith(".safetensors")]
+        weights = [a["path"] for a in data["artifacts"] if str(a["path"]).endswith(".safetensors")
+                   and not a.get("role")]  # the sanitized model, not a copy of the input
         if weights:
             path = Path(weights[0]) if Path(weights[0]).is_absolute() else out_dir / weights[0]
             sanitized = load_model(path)

@@ -7,7 +7,7 @@ import torch
 from bdsan.errors import OutputError, UsageError
 from bdsan.io.archs import build_arch
 from bdsan.io.data import Holdout
-from bdsan.io.models import from_module
+from bdsan.io.models import from_module, load_model
 from bdsan.sanitize.trap_train import default_checkpoint_dir, trap_train
 from bdsan.train.fixtures import TOY_PREPROCESSING, corner_square
 from bdsan.train.poison import poison_arrays
@@ -85,7 +85,11 @@ def test_trap_then_replace_removes_the_toy_backdoor(tmp_path):
     assert report.command == "trap-train" and report.exit_code == 0
     trap = report.details["trap"]
     assert len(trap["epochs"]) == 6 and trap["decoder_reads"].endswith("11")  # tiny_cnn's head: the last conv on
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.safetensors", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.safetensors", "report.json",
+                                                      "trapped.safetensors"]
+    stage1 = load_model(out / "trapped.safetensors")  # the trapped model, kept: the only copy of stage 1
+    for key, value in report.trained.module.state_dict().items():
+        assert torch.equal(stage1.module.state_dict()[key], value), key
     assert not default_checkpoint_dir(out).exists()
     others = holdout.y != 0
     x = holdout.x[others].float().div(255)

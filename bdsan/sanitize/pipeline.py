@@ -42,14 +42,16 @@ def sanitize(model: LoadedModel, holdout: Holdout, method: str, params: dict | N
              device: str | torch.device | None = None, force: bool = False, fit_fraction: float = 0.5,
              batch_size: int = 256, triggers: list | None = None, target: int | None = None,
              slim: bool | None = None, bake_preprocessing: bool = False, timings: dict | None = None,
-             progress=None, command: str = "sanitize", details: dict | None = None) -> Report:
+             progress=None, command: str = "sanitize", details: dict | None = None,
+             save_input: str | None = None) -> Report:
     """Defend ``model`` with ``method`` on the fit split and prove the result on the verify split.
 
     ``out_dir`` receives ``model.onnx``, ``model.safetensors`` and ``report.json`` atomically (None: nothing is
     written, the ONNX audit is skipped). ``slim`` exports hard-pruned channels physically removed (default: when
     the method reports ``hard_pruned`` channels). The report's ``exit_code`` is 1 when a gate failed.
     ``command``/``details``: the report's command name and extra ``details`` (``bdsan trap-train`` runs its
-    replace stage through here and records its training stage there).
+    replace stage through here and records its training stage there); ``save_input``: also write the input model
+    into ``out_dir`` under this file name (trap-train's stage-1 model exists nowhere else), after the artifacts.
     """
     device = resolve_device(device)
     timings_s = dict(timings or {})
@@ -127,7 +129,8 @@ def sanitize(model: LoadedModel, holdout: Holdout, method: str, params: dict | N
 
     if out_path is not None:
         _export(report, shipped, defended, result.details, verify, out_path, force, guard, timings_s, device,
-                batch_size, seed, slim, bake_preprocessing, trigger_objects, target, max_asr, max_acc_drop)
+                batch_size, seed, slim, bake_preprocessing, trigger_objects, target, max_asr, max_acc_drop,
+                save_input=(model, save_input) if save_input else None)
     else:
         _gates(report, report.audit_after if not guard["rolled_back"] else report.audit_before, "audit_after",
                max_asr, max_acc_drop, guard)
@@ -142,7 +145,7 @@ def sanitize(model: LoadedModel, holdout: Holdout, method: str, params: dict | N
 def _export(report: Report, shipped: LoadedModel, defended: LoadedModel, details: dict, verify: Holdout,
             out_path: Path, force: bool, guard: dict, timings_s: dict, device, batch_size: int, seed: int,
             slim: bool | None, bake_preprocessing: bool, triggers: list, target: int | None, max_asr: float,
-            max_acc_drop: float) -> None:
+            max_acc_drop: float, save_input: tuple[LoadedModel, str] | None = None) -> None:
     """Write the artifacts into an atomic directory and audit the exported ONNX (skipped after a rollback)."""
     from ..detectors.audit import audit
     from ..exporters.safetensors import export_safetensors
@@ -168,6 +171,10 @@ def _export(report: Report, shipped: LoadedModel, defended: LoadedModel, details
                 judged, judged_on = report.audit_export, "audit_export"
         else:
             report.warnings.append("the clean-accuracy guard rolled back the defense; no model was exported")
+        if save_input is not None:
+            source, name = save_input
+            path = export_safetensors(source, tmp / name, extra_metadata={"bdsan.role": "input, not sanitized"})
+            report.artifacts.append({**_artifact(path, "safetensors"), "role": "input (not sanitized)"})
         _gates(report, judged, judged_on, max_asr, max_acc_drop, guard)
         report.details["out_dir"] = str(out_path)
         write_text_atomic(tmp / "report.json", render_json(report))

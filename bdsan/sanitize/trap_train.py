@@ -4,7 +4,9 @@ Stage 1 trains ``arch`` from scratch on the suspect data with the trap loss (``b
 every epoch beside the output directory; stage 2 is the ordinary sanitize pipeline with ``trap-replace`` on the
 holdout (fit split: the new head; verify split: audits before and after, guard, export, export audit). The report
 is the pipeline's, with ``command: "trap-train"`` and the training stage under ``details.trap``; its
-``audit_before`` is the trapped model (the stage-1 network with its original head).
+``audit_before`` is the trapped model (the stage-1 network with its original head), which is also written as
+``trapped.safetensors`` — not sanitized, but the only copy of the training run when the guard rolls the replace
+back.
 
 The holdout should not be part of the suspect data (the paper removes it from stage 1); the suspect data's own
 channel statistics become the model's normalisation unless one is given.
@@ -31,6 +33,9 @@ from ..train.zoo import channel_stats
 from .pipeline import check_output, sanitize
 
 log = logging.getLogger("bdsan.sanitize")
+
+
+TRAPPED_FILE = "trapped.safetensors"  # stage 1's model, kept beside the sanitized one (even after a rollback)
 
 
 def default_checkpoint_dir(out_dir: str | Path) -> Path:
@@ -93,7 +98,7 @@ def trap_train(suspect: Holdout, holdout: Holdout, arch: str, out_dir: str | Pat
     params = {"stem_end": settings.stem_end, **(replace_params or {})}
     report = sanitize(model, holdout, "trap-replace", params, out_dir, device=device, force=force,
                       command="trap-train", details=details, seed=settings.seed,
-                      timings={"trap_train": trapped.seconds}, **pipeline_options)
+                      timings={"trap_train": trapped.seconds}, save_input=TRAPPED_FILE, **pipeline_options)
     report.trained = model
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return report

@@ -44,7 +44,9 @@ def test_trap_train_writes_the_outputs_and_removes_its_checkpoint(run_cli, suspe
     assert report["command"] == "trap-train" and report["defense"]["method"] == "trap-replace"
     assert [e["epoch"] for e in report["details"]["trap"]["epochs"]] == [1, 2, 3]
     assert report["details"]["trap"]["resumed_from_epoch"] == 0 and "trap_train" in report["timings_s"]
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.safetensors", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.safetensors", "report.json",
+                                                      "trapped.safetensors"]
+    assert [a.get("role") for a in report["artifacts"]] == [None, None, "input (not sanitized)"]
     assert not out.with_name("out.checkpoint").exists()
     again = run_cli("trap-train", "--data", suspect[0], "--holdout", holdout_npz, *STAGE1, "--out", out, *FAST)
     assert again.code == 3 and "already exists" in again.stderr
