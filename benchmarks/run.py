@@ -110,7 +110,7 @@ def load_defenses(defenses: list[str], params: dict[str, dict[str, str]]) -> Non
 
 
 TRAP_TRAIN = "trap-train"  # not a sanitize method: a trapped twin trained on the same poisoned data, then replaced
-TRAP_FIELDS = ("recon_weight", "tv_weight", "stem_end")
+TRAP_FIELDS = ("recon_weight", "tv_weight", "stem_ce_scale", "stem_end")
 
 
 def split_trap_params(params: dict[str, str]) -> tuple[dict, dict[str, str]]:

@@ -107,3 +107,17 @@ def test_a_corrupt_checkpoint_is_refused_not_unpickled(tmp_path):
     checkpoint.write_bytes(b"not a checkpoint")
     with pytest.raises(OutputError, match="cannot read"):
         train_trap(_network(), suspect.x, suspect.y, SMALL, checkpoint=checkpoint, resume=True)
+
+
+def test_stem_ce_scale_zero_keeps_the_classification_loss_out_of_the_stem():
+    suspect = _toy_suspect(128)
+    network = _network()
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    settings = TrapSettings(epochs=1, optimizer="sgd", lr=0.05, batch_size=64, weight_decay=0.0, recon_weight=0.0,
+                            tv_weight=0.0, stem_ce_scale=0.0, augment=False)
+    result = train_trap(network, suspect.x, suspect.y, settings)
+    head = {name for name, _ in result.split.head}
+    for key, value in network.state_dict().items():
+        module = key.rsplit(".", 1)[0]
+        if key.endswith(("weight", "bias")):  # parameters: only the head's moved (BN statistics move everywhere)
+            assert torch.equal(value, before[key]) == (module not in head), key

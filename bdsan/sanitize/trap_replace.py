@@ -170,14 +170,15 @@ def dropout_at(split: HeadSplit, p: float):
 
 @dataclass
 class HeadSplit:
-    """The head's leaf modules in execution order, where dropout goes, the stem's last module, and the first leaf
-    that runs in the head (its input is the stem's output: what the trap stage's decoder reads)."""
+    """The head's leaf modules in execution order, where dropout goes, the stem's last module, and the head's entry:
+    the outermost module that starts the head and holds nothing of the stem (its input is the stem's output, on
+    every path: what the trap stage's decoder reads)."""
 
     head: list[tuple[str, nn.Module]]
     dropout_sites: list[str]
     stem_end: str
     modules: dict[str, nn.Module]
-    first_leaf: str = ""
+    entry: str = ""
 
 
 def head_split(model: nn.Module, example: torch.Tensor, stem_end: str = "auto") -> HeadSplit:
@@ -215,7 +216,21 @@ def head_split(model: nn.Module, example: torch.Tensor, stem_end: str = "auto") 
     if first >= len(order):
         raise UsageError(f"nothing runs after stem_end {stem_end!r}: no head to replace")
     return HeadSplit([(n, modules[n]) for n in head_names], _dropout_sites(modules, order[first:]), stem_end,
-                     modules, order[first])
+                     modules, _entry(order, first))
+
+
+def _entry(order: list[str], first: int) -> str:
+    """The largest name prefix of the head's first leaf under which no stem leaf ran (a residual block, not its
+    first convolution, so that the shortcut's input is the same tensor)."""
+    stem = order[:first]
+    entry = order[first]
+    parts = entry.split(".")
+    for length in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:length])
+        if any(n == prefix or n.startswith(prefix + ".") for n in stem):
+            break
+        entry = prefix
+    return entry
 
 
 def _auto_head_start(modules: dict[str, nn.Module], order: list[str]) -> str:

@@ -45,7 +45,9 @@ TrapProgress = Callable[[int, int, dict], None]
 class TrapSettings:
     """Stage-1 hyper-parameters. ``adam`` with cosine annealing is the paper's CIFAR/GTSRB recipe (lr 1e-3, 200
     epochs, batch 256); ``sgd`` is the benchmark zoo's one-cycle SGD (nesterov, momentum 0.9), for comparing with a
-    model trained normally on the same recipe."""
+    model trained normally on the same recipe. ``stem_ce_scale`` [ours, not the paper]: the factor on the
+    classification loss's gradient into the stem (1: the paper; 0: the stem learns from the reconstruction alone,
+    so only the head can learn a trigger→target shortcut)."""
 
     epochs: int = 200
     optimizer: str = "adam"
@@ -55,6 +57,7 @@ class TrapSettings:
     label_smoothing: float = 0.0
     recon_weight: float = 10.0
     tv_weight: float = 1.0
+    stem_ce_scale: float = 1.0
     augment: bool = True
     stem_end: str = "auto"
     precision: str = "auto"
@@ -66,8 +69,10 @@ class TrapSettings:
             raise UsageError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.epochs < 1 or self.lr <= 0 or self.batch_size < 2 or self.weight_decay < 0:
             raise UsageError("trap-train needs epochs ≥ 1, lr > 0, batch size ≥ 2 and weight decay ≥ 0")
-        if self.recon_weight < 0 or self.tv_weight < 0 or not 0 <= self.label_smoothing < 1:
-            raise UsageError("the reconstruction and TV weights must be ≥ 0, label smoothing in [0, 1)")
+        if self.recon_weight < 0 or self.tv_weight < 0 or not 0 <= self.label_smoothing < 1 or not \
+                0 <= self.stem_ce_scale <= 1:
+            raise UsageError("the reconstruction and TV weights must be ≥ 0, label smoothing in [0, 1), "
+                             "stem_ce_scale in [0, 1]")
 
 
 @dataclass
@@ -81,7 +86,7 @@ class TrapResult:
     seconds: float
 
     def details(self) -> dict:
-        return {"stem_end": self.split.stem_end, "decoder_reads": self.split.first_leaf,
+        return {"stem_end": self.split.stem_end, "decoder_reads": self.split.entry,
                 "decoder": [type(m).__name__ for m in self.decoder],
                 "decoder_parameters": sum(p.numel() for p in self.decoder.parameters()),
                 "resumed_from_epoch": self.resumed_from, "seconds": round(self.seconds, 3), "epochs": self.log}
@@ -120,10 +125,12 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 
 
 class StemTap:
-    """While active, keeps the input of the head's first leaf module from each forward pass (the stem's output)."""
+    """While active, keeps the input of the head's entry module from each forward pass (the stem's output); with
+    ``ce_scale`` < 1 the head receives it with that factor on its gradient (the decoder's copy keeps it whole)."""
 
-    def __init__(self, split: HeadSplit):
-        self.module = split.modules[split.first_leaf]
+    def __init__(self, split: HeadSplit, ce_scale: float = 1.0):
+        self.module = split.modules[split.entry]
+        self.ce_scale = ce_scale
         self.features: torch.Tensor | None = None
 
     def __enter__(self) -> Self:
@@ -134,9 +141,14 @@ class StemTap:
         self.handle.remove()
         return False
 
-    def _keep(self, module: nn.Module, inputs: tuple) -> None:
-        if self.features is None:  # a leaf called twice in one pass (a shared ReLU): the first call is the stem's
-            self.features = inputs[0]
+    def _keep(self, module: nn.Module, inputs: tuple) -> tuple | None:
+        if self.features is not None:  # a module called twice in one pass: the first call is the stem's output
+            return None
+        self.features = features = inputs[0]
+        if self.ce_scale == 1:
+            return None
+        scaled = features * self.ce_scale + features.detach() * (1 - self.ce_scale)  # same values
+        return (scaled, *inputs[1:])
 
     def take(self) -> torch.Tensor:
         features, self.features = self.features, None
@@ -171,7 +183,7 @@ def train_trap(network: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, setti
         done, log = _load_checkpoint(checkpoint, fingerprint, network, decoder, optimizer, scheduler, generator,
                                      device)
     resumed_from = done
-    with StemTap(split) as tap, channels_last(network):
+    with StemTap(split, settings.stem_ce_scale) as tap, channels_last(network):
         for epoch in range(done + 1, settings.epochs + 1):
             network.train()
             decoder.train()
