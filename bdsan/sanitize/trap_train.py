@@ -120,7 +120,8 @@ def _progress_bar(progress):
             bar = progress_bar(total, "trap-train", unit="step")
         bar.update(done - bar.n)
         if done % 10 == 0 or done == total:
-            bar.set_postfix(epoch=stats["epoch"], loss=f"{stats['loss']:.3f}", recon=f"{stats['recon_mse']:.4f}")
+            bar.set_postfix(epoch=stats["epoch"], loss=f"{float(stats['loss']):.3f}",
+                            recon=f"{float(stats['recon_mse']):.4f}")
 
     try:
         yield update

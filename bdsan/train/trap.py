@@ -38,7 +38,7 @@ from .augment import augment_batch
 from .loop import make_optimizer
 
 OPTIMIZERS = ("adam", "sgd")
-TrapProgress = Callable[[int, int, dict], None]
+TrapProgress = Callable[[int, int, dict], None]  # (step, total, {"epoch", "loss" and "recon_mse" as 0-dim tensors})
 
 
 @dataclass
@@ -204,13 +204,12 @@ def train_trap(network: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, setti
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                with torch.no_grad():
-                    correct = (logits.argmax(1) == target).sum()
-                    sums += torch.stack([loss, ce, mse, tv, correct]).detach() * torch.tensor(
-                        [len(index)] * 4 + [1], device=device)
-                if progress is not None:
+                with torch.no_grad():  # device-side sums: no synchronisation per step
+                    sums[:4] += torch.stack([loss, ce, mse, tv]) * len(index)
+                    sums[4] += (logits.argmax(1) == target).sum()
+                if progress is not None:  # tensors: a progress bar reads them only when it redraws
                     progress((epoch - 1) * steps_per_epoch + step, total,
-                             {"epoch": epoch, "loss": float(loss.detach()), "recon_mse": float(mse.detach())})
+                             {"epoch": epoch, "loss": loss.detach(), "recon_mse": mse.detach()})
             mean = (sums / len(y)).tolist()
             log.append({"epoch": epoch, "loss": mean[0], "ce": mean[1], "recon_mse": mean[2], "tv": mean[3],
                         "train_accuracy": mean[4]})
