@@ -160,6 +160,13 @@ def load_holdout_from_options(holdout, data_split, classes, device, input_size=N
     return check_holdout_matches(model, data) if model is not None else data
 
 
+def echo_failed_gates(report: Report) -> None:
+    """One stderr line per failed gate (sanitize, trap-train)."""
+    for gate in report.gates:
+        if not gate["passed"]:
+            click.echo(f"gate {gate['name']} failed: {gate['value']} (limit {gate['limit']})", err=True)
+
+
 def check_report_path(report_path: str) -> None:
     """Refuse an unwritable ``-o`` before any work is done (exit 3, nothing written)."""
     from .atomic import check_writable_dir
@@ -550,9 +557,7 @@ def sanitize_command(model_path, arch, num_classes, trust_code, preset, mean, st
                       device=torch_device, force=force, fit_fraction=fit_fraction, batch_size=batch_size,
                       triggers=_parse_names(trigger_names, "--triggers"), target=target, slim=slim,
                       bake_preprocessing=bake_preprocessing, timings={"load": load_seconds})
-    for gate in report.gates:
-        if not gate["passed"]:
-            click.echo(f"gate {gate['name']} failed: {gate['value']} (limit {gate['limit']})", err=True)
+    echo_failed_gates(report)
     return emit(report, output_format, report_path, text_renderer=render_sanitize_text)
 
 
@@ -615,7 +620,6 @@ def trap_train_command(data_path, suspect_split, holdout, data_split, classes, a
     head on the holdout's fit split, audits before (the trapped model) and after on the verify split, exports ONNX
     + safetensors and audits the export. Exit 1 when a gate fails."""
     from .device import resolve_device
-    from .io.data import load_holdout
     from .report import render_sanitize_text
     from .sanitize.pipeline import check_output
     from .sanitize.registry import parse_params
@@ -628,18 +632,15 @@ def trap_train_command(data_path, suspect_split, holdout, data_split, classes, a
     check_output(Path(out_dir), force)
     torch_device = resolve_device(device)
     preprocessing = preprocessing_from_options(preset, mean, std, None)
-    class_names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    suspect = load_holdout(data_path, device=torch_device, split=suspect_split, classes=class_names)
-    clean = load_holdout(holdout, device=torch_device, split=data_split, classes=class_names)
+    suspect = load_holdout_from_options(data_path, suspect_split, classes, torch_device)
+    clean = load_holdout_from_options(holdout, data_split, classes, torch_device)
     report = trap_train(suspect, clean, arch, out_dir, settings=settings, num_classes=num_classes,
                         preprocessing=preprocessing, replace_params=params, checkpoint_dir=checkpoint_dir,
                         resume=resume, force=force, device=torch_device, max_asr=max_asr, max_acc_drop=max_acc_drop,
                         fit_fraction=fit_fraction, batch_size=batch_size,
                         triggers=_parse_names(trigger_names, "--triggers"), target=target,
                         bake_preprocessing=bake_preprocessing)
-    for gate in report.gates:
-        if not gate["passed"]:
-            click.echo(f"gate {gate['name']} failed: {gate['value']} (limit {gate['limit']})", err=True)
+    echo_failed_gates(report)
     return emit(report, output_format, report_path, text_renderer=render_sanitize_text)
 
 

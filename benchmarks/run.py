@@ -191,6 +191,14 @@ def run_defense(backdoored, defense: str, params: dict, args, device: torch.devi
             "details_summary": _details_summary(defense_info.get("details") or {})}
 
 
+def limit_holdout(backdoored, holdout_n: int, seed: int) -> None:
+    """``--holdout-n``: give the defenses only a stratified ``holdout_n``-image subset of the model's holdout."""
+    holdout = backdoored.holdout
+    if holdout_n and holdout_n < len(holdout):
+        keep, _ = stratified_split(holdout.y.cpu(), holdout_n / len(holdout), seed, holdout.num_classes)
+        backdoored.holdout = holdout.subset(keep.to(holdout.y.device))
+
+
 def trapped_twin(data: Dataset, attack: Attack, recipe, args, device: torch.device, seed: int, trap: dict):
     """The stage-1 Trap and Replace model on the same poisoned data, recipe and holdout as the backdoored model
     (cached like it), and ``{"trapped": its test metrics …}`` for the row (whose "before" stays the normal model's,
@@ -200,10 +208,7 @@ def trapped_twin(data: Dataset, attack: Attack, recipe, args, device: torch.devi
                                holdout_fraction=args.holdout_fraction, seed=seed, device=device,
                                cache_dir=args.cache or None, trap=trap)
     trapped.model.module.to(device).eval()
-    if args.holdout_n and args.holdout_n < len(trapped.holdout):
-        keep, _ = stratified_split(trapped.holdout.y.cpu(), args.holdout_n / len(trapped.holdout), seed,
-                                   trapped.holdout.num_classes)
-        trapped.holdout = trapped.holdout.subset(keep.to(trapped.holdout.y.device))
+    limit_holdout(trapped, args.holdout_n, seed)
     metrics = evaluate(trapped.model, data, attack, args.test_n)
     log.info("[seed %d] %s: trapped twin CA %.3f ASR %.3f (train %.0fs%s)", seed, attack.label, metrics["ca"],
              metrics["asr"], trapped.train_seconds, ", cached" if trapped.from_cache else "")
@@ -265,10 +270,7 @@ def run(args) -> dict:
                                           holdout_fraction=args.holdout_fraction, seed=seed, device=device,
                                           cache_dir=args.cache or None)
             backdoored.model.module.to(device).eval()
-            if args.holdout_n and args.holdout_n < len(backdoored.holdout):
-                holdout = backdoored.holdout
-                keep, _ = stratified_split(holdout.y.cpu(), args.holdout_n / len(holdout), seed, holdout.num_classes)
-                backdoored.holdout = holdout.subset(keep.to(holdout.y.device))
+            limit_holdout(backdoored, args.holdout_n, seed)
             before = evaluate(backdoored.model, data, attack, args.test_n)
             log.info("[seed %d] %s: CA %.3f ASR %.3f RA %.3f (train %.0fs%s)", seed, attack.label, before["ca"],
                      before["asr"], before["ra"], backdoored.train_seconds, ", cached" if backdoored.from_cache else "")
