@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "--n-train's subset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-acc-drop", type=float, default=3.0)
+    parser.add_argument("--fit-fraction", type=float, default=0.5,
+                        help="share of the holdout the defense fits on (sanitize --fit-fraction)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cache", default=".cache/bdsan-bench")
@@ -75,13 +77,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     started = time.perf_counter()
     report = sanitize(backdoored.model, backdoored.holdout, args.defense, params, None, seed=args.seed,
-                      device=device, max_acc_drop=args.max_acc_drop, progress=lambda *a: None)
+                      device=device, max_acc_drop=args.max_acc_drop, fit_fraction=args.fit_fraction,
+                      progress=lambda *a: None)
     seconds = time.perf_counter() - started
     data_out = report.to_dict()
-    result = {"attack": attack.label, "defense": args.defense, "params": params, "seconds": round(seconds, 1),
+    result = {"attack": attack.label, "defense": args.defense, "params": params, "fit_fraction": args.fit_fraction, "seconds": round(seconds, 1),
               "before": dev(backdoored.model), "after": dev(report.defended),
               "rolled_back": bool((data_out["defense"].get("guard") or {}).get("rolled_back"))}
-    print(json.dumps(json_safe({k: result[k] for k in ("attack", "defense", "params", "seconds", "rolled_back")})))
+    print(json.dumps(json_safe({k: result[k] for k in ("attack", "defense", "params", "fit_fraction", "seconds", "rolled_back")})))
     for phase in ("before", "after"):
         m = result[phase]
         print(f"  dev {phase:6s}: CA {100 * m['ca']:.1f}  ASR {100 * m['asr']:.1f}  RA {100 * m['ra']:.1f}  "

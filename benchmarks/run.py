@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--max-asr", type=float, default=0.2)
     parser.add_argument("--max-acc-drop", type=float, default=3.0)
+    parser.add_argument("--fit-fraction", type=float, default=0.5,
+                        help="share of the holdout the defenses fit on, the rest verifies (sanitize --fit-fraction)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--batch-size", type=int, default=256, help="pipeline batch size (audits, defenses)")
@@ -168,7 +170,7 @@ def run_defense(backdoored, defense: str, params: dict, args, device: torch.devi
         out_dir = Path(tmp) / "out"
         started = time.perf_counter()
         report = sanitize(model, backdoored.holdout, defense, params, out_dir, max_asr=args.max_asr,
-                          max_acc_drop=args.max_acc_drop, seed=seed, device=device)
+                          max_acc_drop=args.max_acc_drop, seed=seed, device=device, fit_fraction=args.fit_fraction)
         seconds = time.perf_counter() - started
         data = report.to_dict()
         defense_info = data.get("defense") or {}
@@ -185,6 +187,7 @@ def run_defense(backdoored, defense: str, params: dict, args, device: torch.devi
     rolled_back = bool((defense_info.get("guard") or {}).get("rolled_back"))
     return {"model": sanitized, "unguarded_model": report.defended if rolled_back else None, "seconds": seconds, "exit_code": data["exit_code"],
             "timings_s": data["timings_s"], "gates": data["gates"],
+            "holdout_split": {k: data["holdout"][k] for k in ("fit", "verify")},
             "guard": defense_info.get("guard"), "params": defense_info.get("params"),
             "suite_before": _suite_summary(data.get("audit_before")),
             "suite_after": _suite_summary(data.get("audit_after")),
@@ -262,7 +265,8 @@ def run(args) -> dict:
                "machine": machine_description(device), "torch": torch.__version__, "dataset": data.name,
                "dataset_fingerprint": data.fingerprint, "recipe": recipe.__dict__, "n_train": args.n_train,
                "holdout_fraction": args.holdout_fraction, "holdout_n": args.holdout_n, "test_n": args.test_n or len(data.y_test),
-               "max_asr": args.max_asr, "max_acc_drop": args.max_acc_drop, "params": params, "runs": []}
+               "max_asr": args.max_asr, "max_acc_drop": args.max_acc_drop, "fit_fraction": args.fit_fraction,
+               "params": params, "runs": []}
     for seed in args.seeds:
         for attack in attacks:
             log.info("[seed %d] %s: training %s", seed, attack.label, recipe.arch)
@@ -343,7 +347,8 @@ def summarize(results: dict) -> list[dict]:
         for when in ("before", "after"):
             for metric in METRICS:
                 row[f"{metric}_{when}"] = _mean_std([r[when].get(metric) for r in ok])
-        row["train_seconds"] = _mean_std([r["train_seconds"] for r in runs if not r["from_cache"]])
+        row["train_seconds"] = _mean_std([r["train_seconds"] for r in runs])  # a cached model's: from its meta.json
+        row["train_cached"] = any(r["from_cache"] for r in runs)
         row["defense_seconds"] = _mean_std([r["defense_seconds"] for r in ok])
         row["suite_max_asr_after"] = _mean_std([(r.get("suite_after") or {}).get("max_asr") for r in ok])
         unguarded = [r["after_unguarded"] for r in ok if r.get("after_unguarded")]
@@ -358,7 +363,8 @@ def summarize(results: dict) -> list[dict]:
 def render_markdown(results: dict) -> str:
     lines = [f"Dataset `{results['dataset']}`, {results['recipe']['arch']} ({results['recipe']['epochs']} epochs), "
              f"training subset {results['n_train'] or 'all'}, holdout {100 * results['holdout_fraction']:g}% of it"
-             + (f" (defenses given {results['holdout_n']} of those images)" if results.get("holdout_n") else "") + ", "
+             + (f" (defenses given {results['holdout_n']} of those images)" if results.get("holdout_n") else "")
+             + (f", fit fraction {results['fit_fraction']:g}" if results.get("fit_fraction", 0.5) != 0.5 else "") + ", "
              f"test images {results['test_n']}; seeds {sorted({r['seed'] for r in results['runs']})}.",
              f"Machine: {results['machine']}. Created {results['created']}.", "",
              ("CA / ASR / RA in % on the test split with the attack's own trigger (mean ± std over seeds). "
@@ -384,9 +390,10 @@ def render_markdown(results: dict) -> str:
         if any(code not in (0, None) for code in row["exit_codes"]):
             notes.append("exit " + ",".join(str(c) for c in row["exit_codes"]))
         suite = "—" if row["defense"] == "none" else cell("suite_max_asr_after")
+        train = cell("train_seconds", 1, 0) + (" (cached)" if row["train_cached"] else "")
         lines.append(f"| {row['attack']} | {row['defense']} | {cell('ca_before')} | {cell('ca_after')} | "
                      f"{cell('asr_before')} | {cell('asr_after')} | {cell('ra_before')} | {cell('ra_after')} | "
-                     f"{suite} | {cell('train_seconds', 1, 0)} | {cell('defense_seconds', 1, 0)} | "
+                     f"{suite} | {train} | {cell('defense_seconds', 1, 0)} | "
                      f"{' '.join(notes)} |")
     lines += ["", ("Untriggered = non-target test images predicted as the target *without* the trigger (no trigger "
                    "removal goes below it); target recall = CA on the target class's own test images."), "",

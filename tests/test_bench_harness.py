@@ -40,6 +40,7 @@ def test_harness_runs_end_to_end_at_toy_scale(bench, tmp_path):
         assert 0.0 <= run["after"]["asr"] <= 1.0
         assert run["defense_seconds"] > 0 and run["timings_s"]
         assert run["suite_before"]["max_asr"] is not None
+        assert run["holdout_split"] == {"fit": 150, "verify": 150}
 
     saved = json.loads((out / "results.json").read_text())
     assert [r["defense"] for r in saved["summary"]] == defenses
@@ -49,9 +50,13 @@ def test_harness_runs_end_to_end_at_toy_scale(bench, tmp_path):
     assert 0.0 <= none["before"]["target_recall"] <= 1.0 and none["before"]["n_target"] > 0
     assert (out / "asr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    again = bench.main(argv[:-4] + ["--defenses", "none", "--out", str(tmp_path / "again"),
-                                    "--cache", str(tmp_path / "cache")])
+    again = bench.main(argv[:-4] + ["--defenses", "none", "ft", "--fit-fraction", "0.8",
+                                    "--out", str(tmp_path / "again"), "--cache", str(tmp_path / "cache")])
     assert again["runs"][0]["from_cache"] and again["runs"][0]["before"] == none["before"]
+    assert again["fit_fraction"] == 0.8 and again["runs"][1]["holdout_split"] == {"fit": 240, "verify": 60}
+    table = (tmp_path / "again" / "results.md").read_text()
+    assert "fit fraction 0.8" in table
+    assert f"| {none['train_seconds']:.0f} (cached) |" in table  # the cached model's training time, from its meta
 
 
 @pytest.mark.parametrize("defense, message", [("unlern", "unknown method 'unlern'"),
