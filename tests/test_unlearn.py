@@ -89,3 +89,17 @@ def test_agree_distils_only_where_the_teacher_is_right():
     logits = torch.tensor([[3.0, 1.0, 0.0], [3.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
     _, rows = teacher_targets(logits, torch.tensor([1, 0, 2]), [0], "agree")
     assert rows.tolist() == [False, True, False]
+
+
+def test_consistency_on_stamped_images_removes_the_trigger_too():
+    """``stamped_loss=consistency``: stamped images are pulled to the input model's clean-image answers (no labels)."""
+    toy = scan_helpers.unknown_patch_toy()
+    fit, verify = split_holdout(toy.holdout, 0.5, 0)
+    model = copy.deepcopy(toy.model).normalized()
+    assert trigger_asr(model, verify.x, verify.y) > 0.8
+    ctx = Context(device=torch.device("cpu"), seed=0, batch_size=256, max_acc_drop=3.0)
+    result = get_method("unlearn", epochs=5, scan_steps=150, stamped_loss="consistency").run(model, fit, ctx)
+    assert result.details["guard"]["selected"] != "input"
+    assert trigger_asr(result.model, verify.x, verify.y) <= 0.2
+    with pytest.raises(Exception, match="stamped_loss must be one of"):
+        get_method("unlearn", stamped_loss="kl")

@@ -57,6 +57,7 @@ from .losses import DISTILL_MODES, distillation, frozen_copy, teacher_targets
 from .registry import register_method
 
 SELECT_MODES = ("latest-within-se", "lowest")
+STAMPED_LOSSES = ("ce", "consistency")
 
 
 @register_method("unlearn", "Fine-tune with found triggers (suite + scan) stamped on clean images, true labels")
@@ -87,6 +88,7 @@ class Unlearn:
     bn: str = "reestimate-augmented"
     bn_stamped: bool = True
     select: str = "lowest"
+    stamped_loss: str = "ce"
     precision: str = "auto"
 
     def __post_init__(self):
@@ -101,6 +103,8 @@ class Unlearn:
             raise ValueError("need 0 < stamp_fraction < 1, epochs ≥ 0, lr > 0, batch_size ≥ 2")
         if self.select not in SELECT_MODES:
             raise ValueError(f"select must be one of {', '.join(SELECT_MODES)}")
+        if self.stamped_loss not in STAMPED_LOSSES:
+            raise ValueError(f"stamped_loss must be one of {', '.join(STAMPED_LOSSES)}")
         if not 0 < self.strength_min <= self.strength_max:
             raise ValueError("need 0 < strength_min ≤ strength_max")
 
@@ -149,7 +153,8 @@ class Unlearn:
         device = ctx.device
         bf16 = training_bf16(device, self.precision)
         generator = ctx.generator(offset=31)
-        teacher = frozen_copy(model) if self.regularizer == "distill" else None
+        consistency = self.stamped_loss == "consistency"
+        teacher = frozen_copy(model) if self.regularizer == "distill" or consistency else None
         anchor = [p.detach().clone() for p in model.parameters()] if self.regularizer == "l2" else None
         batch = min(self.batch_size, max(2, len(train)))
         steps_per_epoch = max(self.min_steps_per_epoch, math.ceil(len(train) / batch))
@@ -171,16 +176,24 @@ class Unlearn:
                                                   self._strength)
                 with precision_autocast(device, bf16):
                     logits = model(inputs).float()
-                ce = F.cross_entropy(logits, y)
-                reg = torch.zeros((), device=device)
+                teacher_logits = rows = None
                 if teacher is not None:
-                    clean_logits = logits[n_stamped:]
-                    with torch.no_grad(), precision_autocast(device, bf16):
-                        teacher_logits = teacher(x[n_stamped:]).float()
-                    teacher_logits, rows = teacher_targets(teacher_logits, y[n_stamped:], suspected, self.distill_mode)
-                    if rows.any():
-                        reg = self.distill_weight * distillation(clean_logits[rows], teacher_logits[rows],
-                                                                 self.temperature)
+                    with torch.no_grad(), precision_autocast(device, bf16):  # the clean images, stamped rows too
+                        teacher_logits = teacher(x if consistency else x[n_stamped:]).float()
+                    teacher_logits, rows = teacher_targets(
+                        teacher_logits, y if consistency else y[n_stamped:], suspected, self.distill_mode)
+                if consistency:  # stamped rows: the input model's answer on the same image without the trigger
+                    kept = rows[:n_stamped]
+                    consistent = (distillation(logits[:n_stamped][kept], teacher_logits[:n_stamped][kept],
+                                               self.temperature) * int(kept.sum())) if kept.any() else 0.0
+                    ce = (F.cross_entropy(logits[n_stamped:], y[n_stamped:], reduction="sum") + consistent) / len(x)
+                    teacher_logits, rows = teacher_logits[n_stamped:], rows[n_stamped:]
+                else:
+                    ce = F.cross_entropy(logits, y)
+                reg = torch.zeros((), device=device)
+                if self.regularizer == "distill" and rows.any():
+                    reg = self.distill_weight * distillation(logits[n_stamped:][rows], teacher_logits[rows],
+                                                             self.temperature)
                 elif anchor is not None:
                     reg = self.l2_weight * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
                 optimizer.zero_grad(set_to_none=True)
