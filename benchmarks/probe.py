@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
                         help="also measure ASR with the attack's trigger at other parameter values, e.g. alpha=0.1,0.3")
     parser.add_argument("--details", action="store_true", help="print the defense's details (epochs, triggers)")
+    parser.add_argument("--per-epoch", action="store_true",
+                        help="also measure every state the fit-val guard checks (each epoch) on the development images")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from bdsan.sanitize.pipeline import sanitize
 
+    trajectory = _watch_guard(lambda model: attack_metrics(model, x_dev, y_dev, attack, data.num_classes)) \
+        if args.per_epoch else None
     started = time.perf_counter()
     report = sanitize(backdoored.model, backdoored.holdout, args.defense, params, None, seed=args.seed,
                       device=device, max_acc_drop=args.max_acc_drop, fit_fraction=args.fit_fraction,
@@ -83,8 +87,11 @@ def main(argv: list[str] | None = None) -> dict:
     data_out = report.to_dict()
     result = {"attack": attack.label, "defense": args.defense, "params": params, "fit_fraction": args.fit_fraction, "seconds": round(seconds, 1),
               "before": dev(backdoored.model), "after": dev(report.defended),
-              "rolled_back": bool((data_out["defense"].get("guard") or {}).get("rolled_back"))}
-    print(json.dumps(json_safe({k: result[k] for k in ("attack", "defense", "params", "fit_fraction", "seconds", "rolled_back")})))
+              "rolled_back": bool((data_out["defense"].get("guard") or {}).get("rolled_back")),
+              "selected": ((data_out["defense"].get("details") or {}).get("guard") or {}).get("selected")}
+    if trajectory is not None:
+        result["per_epoch"] = trajectory
+    print(json.dumps(json_safe({k: result[k] for k in ("attack", "defense", "params", "fit_fraction", "seconds", "rolled_back", "selected")})))
     for phase in ("before", "after"):
         m = result[phase]
         print(f"  dev {phase:6s}: CA {100 * m['ca']:.1f}  ASR {100 * m['asr']:.1f}  RA {100 * m['ra']:.1f}  "
@@ -96,6 +103,30 @@ def main(argv: list[str] | None = None) -> dict:
     if args.details:
         print(json.dumps(json_safe(data_out["defense"]["details"]), indent=1)[:6000])
     return result
+
+
+def _watch_guard(measure) -> list[dict]:
+    """Wrap ``FitValGuard.check`` so that every state a defense offers its guard is also measured on the development
+    images (printed as it goes); the guard's own decisions are unchanged."""
+    from bdsan.sanitize.guard import FitValGuard
+
+    original = FitValGuard.check
+    trajectory: list[dict] = []
+
+    def check(self, model, label, objective=None, objective_se=0.0):
+        accepted = original(self, model, label, objective, objective_se)
+        m = measure(model)
+        entry = self.history[-1]
+        trajectory.append({"label": label, "accepted": accepted, "objective": objective,
+                           "ca_fit_val": entry["ca_fit_val"], "ca": m["ca"], "asr": m["asr"],
+                           "untriggered": m["untriggered"]})
+        print(f"  {label:>9s}: dev CA {100 * m['ca']:.1f}  ASR {100 * m['asr']:.1f}  "
+              f"fit-val CA {100 * entry['ca_fit_val']:.1f}  objective {objective if objective is None else round(objective, 3)}"
+              f"{'' if accepted else '  (rejected)'}", flush=True)
+        return accepted
+
+    FitValGuard.check = check
+    return trajectory
 
 
 def _sweep(spec: str, attack: Attack, models: list, x_dev: torch.Tensor, y_dev: torch.Tensor, num_classes: int
