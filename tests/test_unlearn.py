@@ -103,3 +103,59 @@ def test_consistency_on_stamped_images_removes_the_trigger_too():
     assert trigger_asr(result.model, verify.x, verify.y) <= 0.2
     with pytest.raises(Exception, match="stamped_loss must be one of"):
         get_method("unlearn", stamped_loss="kl")
+
+
+def test_pruning_stage_keeps_the_trigger_channels_dead_and_stamps_only_patches(toy_poisoned):
+    """``prune_ratio``: the channels the found triggers excite most are zeroed before fine-tuning and stay zero
+    (reported as ``hard_pruned`` for the slim export); ``stamp=patches`` leaves full-image triggers out of the
+    fine-tuning batches (the pruning handles them) while patches are still stamped."""
+    from bdsan.detectors.triggers import get_trigger
+    from bdsan.train.fixtures import corner_square
+    from bdsan.train.loop import predict
+
+    fit, verify = split_holdout(toy_poisoned.holdout, 0.5, 0)
+    ctx = Context(seed=0, known_triggers=[get_trigger("badnets_square"), get_trigger("blend_noise")],
+                  max_acc_drop=5.0)
+    method = get_method("unlearn", prune_ratio=0.1, prune_images=48, epochs=2, stamp="patches", scan="never")
+    result = method.run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx)
+    details = result.details
+    assert details["stamped_triggers"] == ["badnets_square"]
+    assert details["pruned"]["n_pruned"] > 0 and details["hard_pruned"]
+    modules = dict(result.model.named_modules())
+    for name, channels in details["hard_pruned"].items():
+        assert modules[name].weight.detach()[channels].abs().sum() == 0, "a pruned channel grew back"
+    assert [h["label"] for h in details["guard"]["history"]][:3] == ["input", "pruned", "epoch 1"]
+    keep = verify.y != 0
+    assert float((predict(result.model, verify.x[keep], transform=corner_square) == 0).float().mean()) <= 0.2
+    with pytest.raises(Exception, match="stamp must be one of"):
+        get_method("unlearn", stamp="blends")
+    with pytest.raises(Exception, match="prune_ratio"):
+        get_method("unlearn", prune_ratio=1.5)
+
+
+def test_target_rate_counts_only_other_classes_sent_to_the_trigger_target():
+    """The guard's default objective: of the stamped fit-val images whose class is not the trigger's suspected
+    target, the share predicted as that target; a trigger with no known target counts its triggered error."""
+    from bdsan.detectors.triggers import get_trigger
+    from bdsan.io.data import Holdout
+    from bdsan.sanitize.unlearn import _target_rate
+
+    class AlwaysZeroExceptClassTwo(torch.nn.Module):  # predicts 0 for every image but the last two, 2 for those
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))  # predict() reads the device from a parameter
+
+        def forward(self, x):
+            logits = torch.zeros(len(x), 3)
+            logits[:, 0] = 1.0
+            logits[-2:, 2] = 2.0
+            return logits
+
+    x = torch.zeros(6, 3, 8, 8, dtype=torch.uint8)
+    fit_val = Holdout(x=x, y=torch.tensor([0, 0, 1, 1, 2, 2]), classes=["a", "b", "c"], path="synthetic")
+    trigger = get_trigger("badnets_square")
+    rate, n = _target_rate(AlwaysZeroExceptClassTwo(), fit_val, [trigger], {trigger.name: 0}, 64)
+    assert n == 4 and rate == 0.5  # images of classes 1, 1, 2, 2: the first two go to 0, the last two to 2
+    rate, n = _target_rate(AlwaysZeroExceptClassTwo(), fit_val, [trigger], {trigger.name: None}, 64)
+    assert n == 6 and abs(rate - 2 / 6) < 1e-6  # no target known: triggered error (the two class-1 images)
+    assert _target_rate(AlwaysZeroExceptClassTwo(), fit_val, [], {}, 64) == (None, 0)

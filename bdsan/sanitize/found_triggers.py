@@ -85,7 +85,7 @@ def stamp_leading(x: torch.Tensor, triggers: list, fraction: float, generator: t
         rows = torch.nonzero(choice == index).flatten().to(x.device)
         if not len(rows):
             continue
-        if jitter > 0 and (_is_reconstructed_patch(trigger) or jitter_suite and _is_patch(trigger, x[rows[:1]])):
+        if jitter > 0 and (_is_reconstructed_patch(trigger) or jitter_suite and not is_full_image(trigger, x[rows[:1]])):
             dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
             shifted = torch.roll(x[rows], shifts=(-dy, -dx), dims=(2, 3))
             out[rows] = torch.roll(trigger.apply(shifted), shifts=(dy, dx), dims=(2, 3))
@@ -110,9 +110,14 @@ def stamped_like_training(triggers: list, fraction: float, generator: torch.Gene
     return lambda x: stamp_leading(x, triggers, fraction, generator, jitter, strength, jitter_suite)[0]
 
 
-def _is_patch(trigger, example: torch.Tensor) -> bool:
-    """Does ``trigger`` change less than ``FULL_IMAGE_PIXELS`` of ``example``'s pixels (a patch, not a blend)?"""
-    return bool((trigger.apply(example) != example).any(dim=1).float().mean() < FULL_IMAGE_PIXELS)
+def is_full_image(trigger, example: torch.Tensor) -> bool:
+    """Is ``trigger`` a full-image one (a blend, SIG): the scan's blend reconstructions, or a trigger that changes at
+    least ``FULL_IMAGE_PIXELS`` of ``example``'s pixels (a reconstructed patch's soft mask touches every pixel a
+    little, so the scan's own ``kind`` decides for those)."""
+    params = getattr(trigger, "params", None) or {}
+    if params.get("source") == "scan":
+        return params.get("kind") != "patch"
+    return bool((trigger.apply(example) != example).any(dim=1).float().mean() >= FULL_IMAGE_PIXELS)
 
 
 def _is_reconstructed_patch(trigger) -> bool:

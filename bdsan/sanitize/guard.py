@@ -72,6 +72,8 @@ class FitValGuard:
                  "accepted": accepted}
         if objective is not None:
             entry["objective"] = float(objective)
+            if objective_se:
+                entry["objective_se"] = float(objective_se)
         self.history.append(entry)
         if accepted:
             value = float(objective) if objective is not None else 0.0

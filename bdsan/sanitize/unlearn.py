@@ -6,6 +6,20 @@ so the model learns that the trigger means nothing. Triggers come from the pipel
 none) — its reconstructed triggers of anomalous classes, or, when it flags none, the most suspicious class's.
 Never the real trigger.
 
+**Pruning first** (``prune_ratio``, default 1/64 of each conv layer's channels, hard: zeroed and kept at zero): the
+channels the found triggers excite most (FMP's ``rank=triggers`` ranking on ``prune_images`` class-balanced fit
+images) are removed before the fine-tuning, which then runs from the pruned model as below (``stamp``: ``all`` found
+triggers stamped, or ``patches`` only — when nothing is left to stamp the pruned model is returned). The guard judges
+the pruned state and every epoch by the found triggers' **target rate** on fit-val (``objective=target-rate``: the
+share of stamped images of other classes predicted as the trigger's suspected target; ``triggered-error``, the
+error on stamped images, is the earlier objective), and **least change wins ties**: the pruned state is kept unless
+a fine-tuned epoch's rate is lower by more than one standard error. Measured on the 86% development models
+(BENCHMARKS.md "Pruning by the found triggers"): pruning alone took a noise blend from 99.9% to 0.0% ASR at −0.4
+development CA points and SIG from 100% to 0.7% at −0.8, and fine-tuning brought part of them back (blend 2.4–2.8%,
+SIG 2.4–3.4%, 0.8–1.5 more CA points; without stamping SIG went back to 25.6%: re-estimating BatchNorm alone, no
+weight changed, took the pruned blend from 0.0% to 2.0% from clean fit images and to 5.3% from half-stamped ones).
+On the weaker 75% CPU models pruning alone leaves more (4.6–24%) and the fine-tuning's epochs win.
+
 Clean accuracy is kept by a regulariser on the clean half: ``distill`` (KL to the input model's softened outputs on
 the same clean images), ``l2`` (L2-SP: ``l2_weight``·‖θ − θ₀‖²) or ``none``; distillation kept 3.3–3.5 more
 CA points at the same ASR on the CPU benchmark models (BENCHMARKS.md "BatchNorm statistics of stamped batches").
@@ -58,13 +72,16 @@ from ..train.augment import augment_batch
 from ..train.loop import predict
 from .batchnorm import check_bn_mode, checkpoint_bn, set_training
 from .context import Context, DefenseResult
-from .found_triggers import gather_triggers, scan_mode, stamp_leading, stamped_like_training
+from .fmp import ChannelMask, class_balanced_batch, conv_bn_pairs, select_channels, trigger_response
+from .found_triggers import gather_triggers, is_full_image, scan_mode, stamp_leading, stamped_like_training
 from .guard import FitValGuard
 from .losses import DISTILL_MODES, distillation, frozen_copy, teacher_targets
 from .registry import register_method
 
 SELECT_MODES = ("latest-within-se", "lowest")
 STAMPED_LOSSES = ("ce", "consistency")
+STAMP_MODES = ("all", "patches")
+OBJECTIVES = ("target-rate", "triggered-error")
 
 
 @register_method("unlearn", "Fine-tune with found triggers (suite + scan) stamped on clean images, true labels")
@@ -96,6 +113,10 @@ class Unlearn:
     bn_stamped: bool = True
     select: str = "latest-within-se"
     stamped_loss: str = "ce"
+    prune_ratio: float = 1 / 64
+    prune_images: int = 256
+    stamp: str = "all"
+    objective: str = "target-rate"
     precision: str = "auto"
 
     def __post_init__(self):
@@ -114,12 +135,23 @@ class Unlearn:
             raise ValueError(f"stamped_loss must be one of {', '.join(STAMPED_LOSSES)}")
         if not 0 < self.strength_min <= self.strength_max:
             raise ValueError("need 0 < strength_min ≤ strength_max")
+        if not 0.0 <= self.prune_ratio < 1.0 or self.prune_images < 1:
+            raise ValueError("need 0 ≤ prune_ratio < 1 and prune_images ≥ 1")
+        if self.stamp not in STAMP_MODES:
+            raise ValueError(f"stamp must be one of {', '.join(STAMP_MODES)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}")
 
-    def _objective_se(self, objective: float, n: int) -> float:
-        """Binomial standard error of the triggered error (``select=latest-within-se``), else 0: the lowest wins."""
-        if self.select == "lowest" or n == 0 or math.isnan(objective):
-            return 0.0
-        return math.sqrt(objective * (1 - objective) / n)
+    def _measure(self, model: nn.Module, fit_val: Holdout, triggers: list, targets: dict[str, int | None],
+                 batch_size: int) -> tuple[float | None, float]:
+        """(guard objective, its binomial standard error — 0 with ``select=lowest``) on the stamped fit-val images."""
+        if self.objective == "target-rate":
+            value, n = _target_rate(model, fit_val, triggers, targets, batch_size)
+        else:
+            value, n = _triggered_error(model, fit_val, triggers, batch_size)
+        if self.select == "lowest" or n == 0 or value is None or math.isnan(value):
+            return value, 0.0
+        return value, math.sqrt(value * (1 - value) / n)
 
     @property
     def _strength(self) -> tuple[float, float]:
@@ -142,26 +174,77 @@ class Unlearn:
             details["note"] = "no trigger known or found: the model is returned unchanged"
             details["guard"] = guard.details()
             return DefenseResult(model, details)
-        guard.history[0]["objective"] = _triggered_error(model, fit_val, triggers, ctx.batch_size)
-        ft_started = time.perf_counter()
+        stamped = self._stamped(triggers, train)
+        targets = _trigger_targets(ctx, triggers)
+        judged = triggers if self.objective == "target-rate" else stamped
+
+        def measure(state: nn.Module) -> tuple[float | None, float]:
+            return self._measure(state, fit_val, judged, targets, ctx.batch_size)
+
+        guard.history[0]["objective"] = measure(model)[0]
         suspected = _suspected_targets(ctx, sources)
         details["suspected_targets"] = suspected
-        with channels_last(model):  # faster convolutions (oneDNN, CUDA); the layout is given back afterwards
-            epochs_log = self._finetune(model, train, triggers, suspected, guard, fit_val, ctx)
-        timings["finetune"] = round(time.perf_counter() - ft_started, 3)
+        details["stamped_triggers"] = [t.name for t in stamped]
+        teacher = frozen_copy(model) if self.regularizer == "distill" or self.stamped_loss == "consistency" else None
+        mask, pruned = None, None
+        if self.prune_ratio > 0:
+            prune_started = time.perf_counter()
+            mask, details["pruned"] = self._prune(model, train, triggers, ctx)
+            objective, objective_se = measure(model)
+            if guard.check(model, "pruned", objective=objective, objective_se=objective_se):
+                pruned = (objective, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            timings["prune"] = round(time.perf_counter() - prune_started, 3)
+        epochs_log = []
+        if stamped:
+            ft_started = time.perf_counter()
+            with channels_last(model):  # faster convolutions (oneDNN, CUDA); the layout is given back afterwards
+                epochs_log = self._finetune(model, train, stamped, suspected, guard, measure, ctx, teacher, mask)
+            timings["finetune"] = round(time.perf_counter() - ft_started, 3)
+        else:
+            details["note"] = ("only full-image triggers found: pruned, not fine-tuned (fine-tuning without them "
+                               "re-estimates BatchNorm on clean images, which brought a pruned SIG backdoor back)"
+                               if mask is not None else "only full-image triggers found and prune_ratio=0: nothing "
+                               "to stamp or prune; the model is returned unchanged")
         selected = guard.restore_best(model)
+        if pruned is not None and selected != "pruned" and _pruned_is_as_good(pruned[0], guard.history):
+            model.load_state_dict(pruned[1])
+            selected = "pruned"
         model.eval()
         details.update({"epochs": epochs_log, "guard": guard.details() | {"selected": selected},
                         "timings_s": timings | {"total": round(time.perf_counter() - started, 3)}})
+        if mask is not None:
+            details["hard_pruned"] = {name: chans for name, chans in details["pruned"]["layers"].items() if chans}
         return DefenseResult(model, details)
 
+    def _stamped(self, triggers: list, train: Holdout) -> list:
+        """The found triggers stamped while fine-tuning: all, or with ``stamp=patches`` the patch ones only."""
+        if self.stamp == "all" or not len(train):
+            return list(triggers)
+        example = to_float(train.x[:8])
+        return [t for t in triggers if not is_full_image(t, example)]
+
+    def _prune(self, model: nn.Module, train: Holdout, triggers: list, ctx: Context) -> tuple[ChannelMask, dict]:
+        """Zero the ``prune_ratio`` of each conv layer's channels that the found triggers excite most (FMP's
+        ``rank=triggers`` ranking on ``prune_images`` class-balanced fit images); the mask keeps them at zero."""
+        x_rank, _ = class_balanced_batch(train, self.prune_images, ctx.seed + 17)
+        order, pairs = conv_bn_pairs(model, x_rank[:2])
+        modules = dict(model.named_modules())
+        layers = [(name, modules[name]) for name in order]
+        scores = trigger_response(model, layers, x_rank, triggers, bf16=training_bf16(ctx.device, self.precision))
+        selection = select_channels(scores, self.prune_ratio, 0)
+        mask = ChannelMask(model, selection, pairs, zero_biases=True)
+        mask.apply()
+        summary = {"ratio": self.prune_ratio, "rank_images": len(x_rank),
+                   "n_pruned": sum(len(c) for c in selection.values()),
+                   "n_channels": sum(len(s["accuracy"]) for s in scores.values()), "layers": selection}
+        return mask, summary
+
     def _finetune(self, model: nn.Module, train: Holdout, triggers: list, suspected: list[int], guard: FitValGuard,
-                  fit_val: Holdout, ctx: Context) -> list[dict]:
+                  measure, ctx: Context, teacher: nn.Module | None, mask: ChannelMask | None) -> list[dict]:
         device = ctx.device
         bf16 = training_bf16(device, self.precision)
         generator = ctx.generator(offset=31)
         consistency = self.stamped_loss == "consistency"
-        teacher = frozen_copy(model) if self.regularizer == "distill" or consistency else None
         anchor = [p.detach().clone() for p in model.parameters()] if self.regularizer == "l2" else None
         batch = min(self.batch_size, max(2, len(train)))
         steps_per_epoch = max(self.min_steps_per_epoch, math.ceil(len(train) / batch))
@@ -206,6 +289,8 @@ class Unlearn:
                 optimizer.zero_grad(set_to_none=True)
                 (ce + reg).backward()
                 optimizer.step()
+                if mask is not None:
+                    mask.apply()
                 scheduler.step()
                 step += 1
                 sums["ce"] += float(ce.detach())
@@ -215,11 +300,10 @@ class Unlearn:
             checkpoint_bn(model, self.bn, train, ctx.batch_size, self.augment, generator,
                           transform=stamp if self.bn_stamped else None)
             model.eval()
-            objective = _triggered_error(model, fit_val, triggers, ctx.batch_size)
-            guard.check(model, f"epoch {epoch}", objective=objective,
-                        objective_se=self._objective_se(objective, len(fit_val) * len(triggers)))
+            objective, objective_se = measure(model)
+            guard.check(model, f"epoch {epoch}", objective=objective, objective_se=objective_se)
             log.append({"epoch": epoch, "ce": sums["ce"] / steps_per_epoch, "reg": sums["reg"] / steps_per_epoch,
-                        "triggered_error_fit_val": objective})
+                        f"{self.objective}_fit_val": objective})
         return log
 
 
@@ -229,13 +313,53 @@ def _suspected_targets(ctx: Context, sources: list[dict]) -> list[int]:
     return sorted(int(t) for t in targets if t is not None)
 
 
+def _pruned_is_as_good(objective: float | None, history: list[dict]) -> bool:
+    """Least change wins ties: the pruned state is kept unless an accepted fine-tuned epoch's objective is lower by
+    more than that epoch's standard error (a fit-val slice of ~100 images tells 0.7% from 2.4% ASR by one image)."""
+    epochs = [h for h in history if h["label"].startswith("epoch") and h["accepted"] and h.get("objective") is not None]
+    if objective is None or math.isnan(objective) or not epochs:
+        return True
+    best = min(epochs, key=lambda h: h["objective"])
+    return objective <= best["objective"] + best.get("objective_se", 0.0) + 1e-12
+
+
+def _trigger_targets(ctx: Context, triggers: list) -> dict[str, int | None]:
+    """Each found trigger's suspected target: the fit audit's for suite triggers, the scan's class for its own."""
+    audit = {e["name"]: e.get("suspected_target") for e in ctx.trigger_evidence}
+    return {t.name: audit.get(t.name, (getattr(t, "params", None) or {}).get("target")) for t in triggers}
+
+
 @torch.no_grad()
-def _triggered_error(model: nn.Module, fit_val: Holdout, triggers: list, batch_size: int) -> float:
-    """Mean over triggers of the error on stamped fit-val images (true labels): the guard's objective."""
+def _target_rate(model: nn.Module, fit_val: Holdout, triggers: list, targets: dict[str, int | None],
+                 batch_size: int) -> tuple[float | None, int]:
+    """(mean over triggers of the share of stamped fit-val images of other classes predicted as the trigger's
+    suspected target — the ASR the guard can see —, images judged). A trigger without a known target counts its
+    triggered error instead. None when there is no trigger."""
+    if not triggers:
+        return None, 0
     if not len(fit_val):
-        return float("nan")
+        return float("nan"), 0
+    rates, n = [], 0
+    for trigger in triggers:
+        target = targets.get(trigger.name)
+        rows = fit_val.y != target if target is not None else torch.ones_like(fit_val.y, dtype=torch.bool)
+        predicted = predict(model, fit_val.x[rows], batch_size, transform=trigger.apply)
+        wrong = predicted == target if target is not None else predicted != fit_val.y[rows]
+        rates.append(float(wrong.float().mean()) if len(predicted) else 0.0)
+        n += len(predicted)
+    return sum(rates) / len(rates), n
+
+
+@torch.no_grad()
+def _triggered_error(model: nn.Module, fit_val: Holdout, triggers: list, batch_size: int) -> tuple[float | None, int]:
+    """(mean over triggers of the error on stamped fit-val images, true labels; images judged): the guard's
+    objective with ``objective=triggered-error`` (None when no trigger is stamped: the latest acceptable state wins)."""
+    if not triggers:
+        return None, 0
+    if not len(fit_val):
+        return float("nan"), 0
     errors = []
     for trigger in triggers:
         predicted = predict(model, fit_val.x, batch_size, transform=trigger.apply)
         errors.append(float((predicted != fit_val.y).float().mean()))
-    return sum(errors) / len(errors)
+    return sum(errors) / len(errors), len(fit_val) * len(triggers)
