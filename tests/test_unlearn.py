@@ -116,7 +116,8 @@ def test_pruning_stage_keeps_the_trigger_channels_dead_and_stamps_only_patches(t
     fit, verify = split_holdout(toy_poisoned.holdout, 0.5, 0)
     ctx = Context(seed=0, known_triggers=[get_trigger("badnets_square"), get_trigger("blend_noise")],
                   max_acc_drop=5.0)
-    method = get_method("unlearn", prune_ratio=0.1, prune_images=48, epochs=2, stamp="patches", scan="never")
+    method = get_method("unlearn", prune_ratio=0.1, prune_images=48, epochs=2, stamp="patches", scan="never",
+                        stop_at_floor=False)
     result = method.run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx)
     details = result.details
     assert details["stamped_triggers"] == ["badnets_square"]
@@ -159,3 +160,14 @@ def test_target_rate_counts_only_other_classes_sent_to_the_trigger_target():
     rate, n = _target_rate(AlwaysZeroExceptClassTwo(), fit_val, [trigger], {trigger.name: None}, 64)
     assert n == 6 and abs(rate - 2 / 6) < 1e-6  # no target known: triggered error (the two class-1 images)
     assert _target_rate(AlwaysZeroExceptClassTwo(), fit_val, [], {}, 64) == (None, 0)
+
+
+def test_pruning_is_enough_only_at_the_untriggered_floor():
+    """The fine-tuning is skipped only when the pruned model's triggered target rate is within two standard errors
+    of the input model's untriggered rate into the same targets."""
+    from bdsan.sanitize.unlearn import _at_floor
+
+    assert _at_floor((0.020, 1000), (0.015, 1000))  # 0.5 points above a 1.5% floor: 1.0 SE, at the floor
+    assert not _at_floor((0.100, 1000), (0.015, 1000))  # a tenth of the images still follow the trigger
+    assert not _at_floor((0.040, 100), (0.0, 100))  # 4 of 100 against none: 2.04 SE, not at the floor
+    assert not _at_floor((None, 0), (0.015, 1000)) and not _at_floor((0.0, 0), (0.0, 0))

@@ -115,6 +115,7 @@ class Unlearn:
     stamped_loss: str = "ce"
     prune_ratio: float = 1 / 64
     prune_images: int = 256
+    stop_at_floor: bool = True
     stamp: str = "all"
     objective: str = "target-rate"
     precision: str = "auto"
@@ -186,16 +187,24 @@ class Unlearn:
         details["suspected_targets"] = suspected
         details["stamped_triggers"] = [t.name for t in stamped]
         teacher = frozen_copy(model) if self.regularizer == "distill" or self.stamped_loss == "consistency" else None
-        mask, pruned = None, None
+        mask, enough = None, False
         if self.prune_ratio > 0:
             prune_started = time.perf_counter()
+            fit = fit.to(ctx.device)
+            floor = _target_rate(model, fit, triggers, targets, ctx.batch_size, stamped=False)
             mask, details["pruned"] = self._prune(model, train, triggers, ctx)
             objective, objective_se = measure(model)
-            if guard.check(model, "pruned", objective=objective, objective_se=objective_se):
-                pruned = (objective, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            accepted = guard.check(model, "pruned", objective=objective, objective_se=objective_se)
+            after = _target_rate(model, fit, triggers, targets, ctx.batch_size)
+            enough = self.stop_at_floor and accepted and _at_floor(after, floor)
+            details["pruned"] |= {"target_rate_fit": after[0], "untriggered_rate_fit": floor[0], "n_fit": after[1],
+                                  "at_floor": _at_floor(after, floor)}
             timings["prune"] = round(time.perf_counter() - prune_started, 3)
         epochs_log = []
-        if stamped:
+        if enough:
+            details["note"] = ("pruning alone took the found triggers' target rate on the fit images to the input "
+                               "model's own untriggered rate: not fine-tuned")
+        elif stamped:
             ft_started = time.perf_counter()
             with channels_last(model):  # faster convolutions (oneDNN, CUDA); the layout is given back afterwards
                 epochs_log = self._finetune(model, train, stamped, suspected, guard, measure, ctx, teacher, mask)
@@ -206,9 +215,6 @@ class Unlearn:
                                if mask is not None else "only full-image triggers found and prune_ratio=0: nothing "
                                "to stamp or prune; the model is returned unchanged")
         selected = guard.restore_best(model)
-        if pruned is not None and selected != "pruned" and _pruned_is_as_good(pruned[0], guard.history):
-            model.load_state_dict(pruned[1])
-            selected = "pruned"
         model.eval()
         details.update({"epochs": epochs_log, "guard": guard.details() | {"selected": selected},
                         "timings_s": timings | {"total": round(time.perf_counter() - started, 3)}})
@@ -313,14 +319,13 @@ def _suspected_targets(ctx: Context, sources: list[dict]) -> list[int]:
     return sorted(int(t) for t in targets if t is not None)
 
 
-def _pruned_is_as_good(objective: float | None, history: list[dict]) -> bool:
-    """Least change wins ties: the pruned state is kept unless an accepted fine-tuned epoch's objective is lower by
-    more than that epoch's standard error (a fit-val slice of ~100 images tells 0.7% from 2.4% ASR by one image)."""
-    epochs = [h for h in history if h["label"].startswith("epoch") and h["accepted"] and h.get("objective") is not None]
-    if objective is None or math.isnan(objective) or not epochs:
-        return True
-    best = min(epochs, key=lambda h: h["objective"])
-    return objective <= best["objective"] + best.get("objective_se", 0.0) + 1e-12
+def _at_floor(rate: tuple[float | None, int], floor: tuple[float | None, int], z: float = 2.0) -> bool:
+    """Is the pruned model's target rate with the triggers within ``z`` standard errors of the input model's rate
+    into the same targets without them (the rate no trigger removal goes below)?"""
+    (p, n), (f, m) = rate, floor
+    if p is None or f is None or not n or not m or math.isnan(p) or math.isnan(f):
+        return False
+    return p <= f + z * math.sqrt(p * (1 - p) / n + f * (1 - f) / m)
 
 
 def _trigger_targets(ctx: Context, triggers: list) -> dict[str, int | None]:
@@ -331,10 +336,11 @@ def _trigger_targets(ctx: Context, triggers: list) -> dict[str, int | None]:
 
 @torch.no_grad()
 def _target_rate(model: nn.Module, fit_val: Holdout, triggers: list, targets: dict[str, int | None],
-                 batch_size: int) -> tuple[float | None, int]:
+                 batch_size: int, stamped: bool = True) -> tuple[float | None, int]:
     """(mean over triggers of the share of stamped fit-val images of other classes predicted as the trigger's
     suspected target — the ASR the guard can see —, images judged). A trigger without a known target counts its
-    triggered error instead. None when there is no trigger."""
+    triggered error instead. None when there is no trigger. ``stamped=False``: the same images without the trigger
+    (the model's own rate into those targets)."""
     if not triggers:
         return None, 0
     if not len(fit_val):
@@ -343,7 +349,7 @@ def _target_rate(model: nn.Module, fit_val: Holdout, triggers: list, targets: di
     for trigger in triggers:
         target = targets.get(trigger.name)
         rows = fit_val.y != target if target is not None else torch.ones_like(fit_val.y, dtype=torch.bool)
-        predicted = predict(model, fit_val.x[rows], batch_size, transform=trigger.apply)
+        predicted = predict(model, fit_val.x[rows], batch_size, transform=trigger.apply if stamped else None)
         wrong = predicted == target if target is not None else predicted != fit_val.y[rows]
         rates.append(float(wrong.float().mean()) if len(predicted) else 0.0)
         n += len(predicted)
