@@ -8,17 +8,18 @@ Never the real trigger.
 
 **Pruning first** (``prune_ratio``, default 1/64 of each conv layer's channels, hard: zeroed and kept at zero): the
 channels the found triggers excite most (FMP's ``rank=triggers`` ranking on ``prune_images`` class-balanced fit
-images) are removed before the fine-tuning, which then runs from the pruned model as below (``stamp``: ``all`` found
-triggers stamped, or ``patches`` only — when nothing is left to stamp the pruned model is returned). The guard judges
-the pruned state and every epoch by the found triggers' **target rate** on fit-val (``objective=target-rate``: the
-share of stamped images of other classes predicted as the trigger's suspected target; ``triggered-error``, the
-error on stamped images, is the earlier objective), and **least change wins ties**: the pruned state is kept unless
-a fine-tuned epoch's rate is lower by more than one standard error. Measured on the 86% development models
-(BENCHMARKS.md "Pruning by the found triggers"): pruning alone took a noise blend from 99.9% to 0.0% ASR at −0.4
-development CA points and SIG from 100% to 0.7% at −0.8, and fine-tuning brought part of them back (blend 2.4–2.8%,
-SIG 2.4–3.4%, 0.8–1.5 more CA points; without stamping SIG went back to 25.6%: re-estimating BatchNorm alone, no
-weight changed, took the pruned blend from 0.0% to 2.0% from clean fit images and to 5.3% from half-stamped ones).
-On the weaker 75% CPU models pruning alone leaves more (4.6–24%) and the fine-tuning's epochs win.
+images) are removed before any fine-tuning. When that alone takes the found triggers' target rate on the fit images
+(the share of stamped images of other classes predicted as the trigger's suspected target) to within two standard
+errors of the input model's own rate into those targets without any trigger, the pruned model is returned
+(``stop_at_floor``); otherwise the fine-tuning below runs from it (``stamp``: ``all`` found triggers stamped, or
+``patches`` only). The guard judges the pruned state and every epoch by that target rate on fit-val
+(``objective=target-rate``; ``triggered-error``, the error on stamped images, was the objective before).
+Measured on the 86% development models (BENCHMARKS.md "Pruning by the found triggers"): pruning alone took a noise
+blend from 99.9% to 0.0% ASR at −0.4 development CA points and SIG from 100% to 0.7% at −0.8, and fine-tuning
+brought part of them back (blend 2.4–2.8%, SIG 2.4–3.4%, 0.8–1.5 more CA points; without stamping SIG went back to
+25.6%: re-estimating BatchNorm alone, no weight changed, took the pruned blend from 0.0% to 2.0% from clean fit
+images and to 5.3% from half-stamped ones). On the weaker 75% CPU models pruning alone can leave far more (SIG
+23%) and the fine-tuning is what removes it.
 
 Clean accuracy is kept by a regulariser on the clean half: ``distill`` (KL to the input model's softened outputs on
 the same clean images), ``l2`` (L2-SP: ``l2_weight``·‖θ − θ₀‖²) or ``none``; distillation kept 3.3–3.5 more
