@@ -232,8 +232,15 @@ def _suite_summary(audit: dict | None) -> dict | None:
 
 
 def _details_summary(details: dict) -> dict:
+    """What the tables need from a defense's details: sizes, pruning, and the state its guard kept."""
     keep = ("n_pruned", "n_channels", "fit_train", "fit_val")
-    return {k: details[k] for k in keep if k in details}
+    summary = {k: details[k] for k in keep if k in details}
+    if isinstance(details.get("guard"), dict) and "selected" in details["guard"]:
+        summary["selected"] = details["guard"]["selected"]
+    if isinstance(details.get("pruned"), dict):
+        summary["pruned"] = {k: details["pruned"][k] for k in ("n_pruned", "target_rate_fit", "untriggered_rate_fit",
+                                                               "at_floor") if k in details["pruned"]}
+    return summary
 
 
 def evaluate(model, data: Dataset, attack: Attack, test_n: int) -> dict:

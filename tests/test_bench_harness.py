@@ -81,3 +81,14 @@ def test_summary_mean_and_std_over_seeds(bench):
     assert row["ca_before"] == pytest.approx((0.8, 0.1414213562))
     assert row["asr_after"] == pytest.approx((0.3, 0.1414213562))
     assert row["train_seconds"] == pytest.approx((2.0, 1.4142135623))
+
+
+def test_details_summary_keeps_the_guards_choice_and_the_pruning_decision(bench):
+    details = {"fit_train": 10, "fit_val": 2, "guard": {"selected": "pruned", "history": [1, 2]},
+               "pruned": {"n_pruned": 3, "target_rate_fit": 0.01, "untriggered_rate_fit": 0.02, "at_floor": True,
+                          "layers": {"conv": [0, 1, 2]}}}
+    summary = bench._details_summary(details)
+    assert summary == {"fit_train": 10, "fit_val": 2, "selected": "pruned",
+                       "pruned": {"n_pruned": 3, "target_rate_fit": 0.01, "untriggered_rate_fit": 0.02,
+                                  "at_floor": True}}
+    assert bench._details_summary({"fit_train": 1}) == {"fit_train": 1}
