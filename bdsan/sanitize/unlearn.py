@@ -16,7 +16,7 @@ errors of the input model's own rate into those targets without any trigger, the
 (``objective=target-rate``; ``triggered-error``, the error on stamped images, was the objective before).
 Measured on the 86% development models (BENCHMARKS.md "Pruning by the found triggers"): pruning alone took a noise
 blend from 99.9% to 0.0% ASR at −0.4 development CA points and SIG from 100% to 0.7% at −0.8, and fine-tuning
-brought part of them back (blend 2.4–2.8%, SIG 2.4–3.4%, 0.8–1.5 more CA points; without stamping SIG went back to
+brought part of them back (blend 2.4–2.8%, SIG 2.4–3.4%, for up to 1.6 more CA points; without stamping SIG went back to
 25.6%: re-estimating BatchNorm alone, no weight changed, took the pruned blend from 0.0% to 2.0% from clean fit
 images and to 5.3% from half-stamped ones). On the weaker 75% CPU models pruning alone can leave far more (SIG
 23%) and the fine-tuning is what removes it.
@@ -147,10 +147,9 @@ class Unlearn:
     def _measure(self, model: nn.Module, fit_val: Holdout, triggers: list, targets: dict[str, int | None],
                  batch_size: int) -> tuple[float | None, float]:
         """(guard objective, its binomial standard error — 0 with ``select=lowest``) on the stamped fit-val images."""
-        if self.objective == "target-rate":
-            value, n = _target_rate(model, fit_val, triggers, targets, batch_size)
-        else:
-            value, n = _triggered_error(model, fit_val, triggers, batch_size)
+        # the triggered error is the target rate with no target known: every wrong answer counts
+        value, n = _target_rate(model, fit_val, triggers, targets if self.objective == "target-rate" else {},
+                                batch_size)
         if self.select == "lowest" or n == 0 or value is None or math.isnan(value):
             return value, 0.0
         return value, math.sqrt(value * (1 - value) / n)
@@ -197,9 +196,10 @@ class Unlearn:
             objective, objective_se = measure(model)
             accepted = guard.check(model, "pruned", objective=objective, objective_se=objective_se)
             after = _target_rate(model, fit, triggers, targets, ctx.batch_size)
-            enough = self.stop_at_floor and accepted and _at_floor(after, floor)
+            at_floor = _at_floor(after, floor)
+            enough = self.stop_at_floor and accepted and at_floor
             details["pruned"] |= {"target_rate_fit": after[0], "untriggered_rate_fit": floor[0], "n_fit": after[1],
-                                  "at_floor": _at_floor(after, floor)}
+                                  "at_floor": at_floor}
             timings["prune"] = round(time.perf_counter() - prune_started, 3)
         epochs_log = []
         if enough:
@@ -340,8 +340,9 @@ def _target_rate(model: nn.Module, fit_val: Holdout, triggers: list, targets: di
                  batch_size: int, stamped: bool = True) -> tuple[float | None, int]:
     """(mean over triggers of the share of stamped fit-val images of other classes predicted as the trigger's
     suspected target — the ASR the guard can see —, images judged). A trigger without a known target counts its
-    triggered error instead. None when there is no trigger. ``stamped=False``: the same images without the trigger
-    (the model's own rate into those targets)."""
+    triggered error instead (``objective=triggered-error`` passes no targets). None when there is no trigger (the
+    guard then keeps the latest acceptable state). ``stamped=False``: the same images without the trigger (the
+    model's own rate into those targets)."""
     if not triggers:
         return None, 0
     if not len(fit_val):
@@ -355,18 +356,3 @@ def _target_rate(model: nn.Module, fit_val: Holdout, triggers: list, targets: di
         rates.append(float(wrong.float().mean()) if len(predicted) else 0.0)
         n += len(predicted)
     return sum(rates) / len(rates), n
-
-
-@torch.no_grad()
-def _triggered_error(model: nn.Module, fit_val: Holdout, triggers: list, batch_size: int) -> tuple[float | None, int]:
-    """(mean over triggers of the error on stamped fit-val images, true labels; images judged): the guard's
-    objective with ``objective=triggered-error`` (None when no trigger is stamped: the latest acceptable state wins)."""
-    if not triggers:
-        return None, 0
-    if not len(fit_val):
-        return float("nan"), 0
-    errors = []
-    for trigger in triggers:
-        predicted = predict(model, fit_val.x, batch_size, transform=trigger.apply)
-        errors.append(float((predicted != fit_val.y).float().mean()))
-    return sum(errors) / len(errors), len(fit_val) * len(triggers)
