@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="development test slice (END may be empty), or 'rest': the training images outside "
                              "--n-train's subset")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--holdout-n", type=int, default=0,
+                        help="give the defense only a stratified subset of the model's holdout (as run.py's)")
     parser.add_argument("--max-acc-drop", type=float, default=3.0)
     parser.add_argument("--fit-fraction", type=float, default=0.5,
                         help="share of the holdout the defense fits on (sanitize --fit-fraction)")
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
                         help="also measure ASR with the attack's trigger at other parameter values, e.g. alpha=0.1,0.3")
     parser.add_argument("--details", action="store_true", help="print the defense's details (epochs, triggers)")
+    parser.add_argument("--prune-curve", action="store_true",
+                        help="with unlearn's prune_schedule=fewest: measure every count of channels, 1 to all")
     parser.add_argument("--per-epoch", action="store_true",
                         help="also measure every state the fit-val guard checks (each epoch) on the development images")
     args = parser.parse_args(argv)
@@ -68,6 +72,10 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = RECIPES[args.recipe] if args.epochs is None else replace(RECIPES[args.recipe], epochs=args.epochs)
     backdoored = train_backdoored(data, attack, recipe, n_train=args.n_train or None, seed=args.seed,
                                   device=device, cache_dir=args.cache)
+    if args.holdout_n:
+        from run import limit_holdout  # benchmarks/ is on sys.path when this file runs as a script
+
+        limit_holdout(backdoored, args.holdout_n, args.seed)
     params = dict(p.split("=", 1) for p in args.param)
     x_dev, y_dev = _dev_images(data, args.dev, args.n_train, args.seed)
     x_dev, y_dev = x_dev.to(device), y_dev.to(device)
@@ -77,6 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     from bdsan.sanitize.pipeline import sanitize
 
+    if args.prune_curve:  # every count, and none reaches the floor, so the search walks them all
+        from bdsan.sanitize import unlearn
+
+        unlearn._doubling = lambda count: list(range(1, count + 1))
+        params["fewest_z"] = "-1e9"
     trajectory = _watch_guard(lambda model: attack_metrics(model, x_dev, y_dev, attack, data.num_classes)) \
         if args.per_epoch else None
     started = time.perf_counter()
@@ -126,7 +139,26 @@ def _watch_guard(measure) -> list[dict]:
         return accepted
 
     FitValGuard.check = check
+    _watch_pruning(measure, trajectory)
     return trajectory
+
+
+def _watch_pruning(measure, trajectory: list[dict]) -> None:
+    """Wrap unlearn's pruning step the same way: each step of ``prune_schedule=fewest`` is measured too."""
+    from bdsan.sanitize.unlearn import Unlearn
+
+    original = Unlearn._prune_step
+
+    def step(*args, **kwargs):
+        mask, after = original(*args, **kwargs)
+        m = measure(args[0])
+        n = sum(len(c) for c in args[4].values())
+        trajectory.append({"label": f"prune {n}", "target_rate_fit": after[0], "ca": m["ca"], "asr": m["asr"]})
+        print(f"  prune {n:>3d}: dev CA {100 * m['ca']:.1f}  ASR {100 * m['asr']:.1f}  "
+              f"fit target rate {100 * after[0]:.2f}", flush=True)
+        return mask, after
+
+    Unlearn._prune_step = staticmethod(step)
 
 
 def _sweep(spec: str, attack: Attack, models: list, x_dev: torch.Tensor, y_dev: torch.Tensor, num_classes: int

@@ -171,3 +171,41 @@ def test_pruning_is_enough_only_at_the_untriggered_floor():
     assert not _at_floor((0.100, 1000), (0.015, 1000))  # a tenth of the images still follow the trigger
     assert not _at_floor((0.040, 100), (0.0, 100))  # 4 of 100 against none: 2.04 SE, not at the floor
     assert not _at_floor((None, 0), (0.015, 1000)) and not _at_floor((0.0, 0), (0.0, 0))
+
+
+@pytest.mark.parametrize("reference, expected", [("floor", 5), ("best", 10)])
+def test_fewest_schedule_prunes_the_fewest_channels_that_reach_the_reference(toy_poisoned, monkeypatch, reference,
+                                                                              expected):
+    """``prune_schedule=fewest`` brackets the count by doubling, bisects, and leaves exactly that many of the most
+    trigger-excited channels zeroed (channels zeroed by steps it tried and went back from are restored). The
+    reference is the untriggered floor, or (``best``) the lower of it and what pruning every candidate reaches."""
+    from bdsan.detectors.triggers import get_trigger
+    from bdsan.sanitize.unlearn import Unlearn
+
+    original = Unlearn._prune_step
+    tried = []
+
+    def rate_falls_at_five_then_ten(model, fit, triggers, targets, chosen, pairs, batch_size):
+        mask, _ = original(model, fit, triggers, targets, chosen, pairs, batch_size)
+        size = sum(len(c) for c in chosen.values())
+        tried.append(size)
+        return mask, (1.0 if size < 5 else 0.05 if size < 10 else 0.0, 1000)
+
+    monkeypatch.setattr(Unlearn, "_prune_step", staticmethod(rate_falls_at_five_then_ten))
+    model = copy.deepcopy(toy_poisoned.model).normalized()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    fit, _ = split_holdout(toy_poisoned.holdout, 0.5, 0)
+    method = get_method("unlearn", prune_ratio=0.25, prune_images=48, prune_schedule="fewest",
+                        fewest_reference=reference)
+    mask, summary, after = method._prune(model, fit, fit, [get_trigger("badnets_square")], {"badnets_square": 0},
+                                         (0.06, 1000), Context(seed=0))
+    assert summary["n_selected"] >= 16 and [t for t in tried if t < summary["n_selected"]][:4] == [1, 2, 4, 8]
+    assert summary["n_pruned"] == expected and after[0] == (0.05 if expected == 5 else 0.0)
+    assert sum(len(c) for c in summary["layers"].values()) == expected
+    zeroed = sum(int((p.detach().flatten(1).abs().sum(1) == 0).sum() - (before[name].flatten(1).abs().sum(1) == 0)
+                     .sum()) for name, p in model.named_parameters() if name.endswith("weight") and p.dim() == 4)
+    assert zeroed == expected, "channels of abandoned steps were not restored"
+    with pytest.raises(Exception, match="prune_schedule must be one of"):
+        get_method("unlearn", prune_schedule="greedy")
+    with pytest.raises(Exception, match="fewest_reference must be one of"):
+        get_method("unlearn", fewest_reference="median")

@@ -8,15 +8,22 @@ Never the real trigger.
 
 **Pruning first** (``prune_ratio``, default 1/64 of each conv layer's channels, hard: zeroed and kept at zero): the
 channels the found triggers excite most (FMP's ``rank=triggers`` ranking on ``prune_images`` class-balanced fit
-images) are removed before any fine-tuning. When that alone takes the found triggers' target rate on the fit images
-(the share of stamped images of other classes predicted as the trigger's suspected target) to within two standard
-errors of the input model's own rate into those targets without any trigger, the pruned model is returned
-(``stop_at_floor``); otherwise the fine-tuning below runs from it (``stamp``: ``all`` found triggers stamped, or
-``patches`` only). The guard judges the pruned state and every epoch by that target rate on fit-val
+images) are candidates; ``prune_schedule=fewest`` (default) zeroes only the fewest of them — most excited first,
+across layers, found by doubling then bisection — that take the found triggers' target rate on the fit images (the
+share of stamped images of other classes predicted as the trigger's suspected target) down to a reference
+(``fewest_z`` standard errors above it; default 0): ``fewest_reference=best`` (default), the lower of the input
+model's own rate into those targets without any trigger (the floor) and the rate all candidates pruned reach;
+``floor``, the floor alone. At a 1% holdout (~225 fit images) the floor reference with one standard error of slack
+let too few channels pass (4.4% test ASR; BENCHMARKS.md "The fewest channels"). ``at-once`` zeroes all
+candidates. When the pruned model's rate is then within two standard errors of the floor,
+it is returned (``stop_at_floor``); otherwise the fine-tuning below runs from it (``stamp``: ``all`` found triggers
+stamped, or ``patches`` only). The guard judges the pruned state and every epoch by that target rate on fit-val
 (``objective=target-rate``; ``triggered-error``, the error on stamped images, was the objective before).
-Measured on the 86% development models (BENCHMARKS.md "Pruning by the found triggers"): pruning alone took a noise
-blend from 99.9% to 0.0% ASR at −0.4 development CA points and SIG from 100% to 0.7% at −0.8, and fine-tuning
-brought part of them back (blend 2.4–2.8%, SIG 2.4–3.4%, for up to 1.6 more CA points; without stamping SIG went back to
+Measured on the 86% development models (BENCHMARKS.md "Pruning by the found triggers"): pruning all 21 candidates
+took a noise blend from 99.9% to 0.0% ASR at −0.4 development CA points and SIG from 100% to 0.7% at −0.8; the
+fewest that reach the floor, 7 and 17 channels, did it at +0.3 and −0.3 points (BENCHMARKS.md "The fewest
+channels"). Fine-tuning after pruning brought
+part of them back (blend 2.4–2.8%, SIG 2.4–3.4%, for up to 1.6 more CA points; without stamping SIG went back to
 25.6%: re-estimating BatchNorm alone, no weight changed, took the pruned blend from 0.0% to 2.0% from clean fit
 images and to 5.3% from half-stamped ones). On the weaker 75% CPU models pruning alone can leave far more (SIG
 23%) and the fine-tuning is what removes it.
@@ -83,6 +90,8 @@ SELECT_MODES = ("latest-within-se", "lowest")
 STAMPED_LOSSES = ("ce", "consistency")
 STAMP_MODES = ("all", "patches")
 OBJECTIVES = ("target-rate", "triggered-error")
+PRUNE_SCHEDULES = ("at-once", "fewest")
+FEWEST_REFERENCES = ("floor", "best")
 
 
 @register_method("unlearn", "Fine-tune with found triggers (suite + scan) stamped on clean images, true labels")
@@ -116,6 +125,9 @@ class Unlearn:
     stamped_loss: str = "ce"
     prune_ratio: float = 1 / 64
     prune_images: int = 256
+    prune_schedule: str = "fewest"
+    fewest_z: float = 0.0
+    fewest_reference: str = "best"
     stop_at_floor: bool = True
     stamp: str = "all"
     objective: str = "target-rate"
@@ -139,6 +151,10 @@ class Unlearn:
             raise ValueError("need 0 < strength_min ≤ strength_max")
         if not 0.0 <= self.prune_ratio < 1.0 or self.prune_images < 1:
             raise ValueError("need 0 ≤ prune_ratio < 1 and prune_images ≥ 1")
+        if self.prune_schedule not in PRUNE_SCHEDULES:
+            raise ValueError(f"prune_schedule must be one of {', '.join(PRUNE_SCHEDULES)}")
+        if self.fewest_reference not in FEWEST_REFERENCES:
+            raise ValueError(f"fewest_reference must be one of {', '.join(FEWEST_REFERENCES)}")
         if self.stamp not in STAMP_MODES:
             raise ValueError(f"stamp must be one of {', '.join(STAMP_MODES)}")
         if self.objective not in OBJECTIVES:
@@ -192,10 +208,9 @@ class Unlearn:
             prune_started = time.perf_counter()
             fit = fit.to(ctx.device)
             floor = _target_rate(model, fit, triggers, targets, ctx.batch_size, stamped=False)
-            mask, details["pruned"] = self._prune(model, train, triggers, ctx)
+            mask, details["pruned"], after = self._prune(model, train, fit, triggers, targets, floor, ctx)
             objective, objective_se = measure(model)
             accepted = guard.check(model, "pruned", objective=objective, objective_se=objective_se)
-            after = _target_rate(model, fit, triggers, targets, ctx.batch_size)
             at_floor = _at_floor(after, floor)
             enough = self.stop_at_floor and accepted and at_floor
             details["pruned"] |= {"target_rate_fit": after[0], "untriggered_rate_fit": floor[0], "n_fit": after[1],
@@ -230,21 +245,85 @@ class Unlearn:
         example = to_float(train.x[:8])
         return [t for t in triggers if not is_full_image(t, example)]
 
-    def _prune(self, model: nn.Module, train: Holdout, triggers: list, ctx: Context) -> tuple[ChannelMask, dict]:
+    def _prune(self, model: nn.Module, train: Holdout, fit: Holdout, triggers: list, targets: dict[str, int | None],
+               floor: tuple[float | None, int], ctx: Context) -> tuple[ChannelMask, dict, tuple[float | None, int]]:
         """Zero the ``prune_ratio`` of each conv layer's channels that the found triggers excite most (FMP's
-        ``rank=triggers`` ranking on ``prune_images`` class-balanced fit images); the mask keeps them at zero."""
+        ``rank=triggers`` ranking on ``prune_images`` class-balanced fit images); the mask keeps them at zero.
+
+        ``prune_schedule=fewest``: of those channels, only the fewest — most excited first, across layers — whose
+        target rate on the fit images is within ``fewest_z`` standard errors of the reference (``fewest_reference``:
+        the untriggered floor, or the lower of it and the rate with every candidate pruned), by doubling 1, 2, 4, …
+        to bracket the count, then bisection (the rate is taken to fall as channels are added); all of them when no
+        smaller count does. Returns (mask, summary, the target rate on the fit images)."""
         x_rank, _ = class_balanced_batch(train, self.prune_images, ctx.seed + 17)
         order, pairs = conv_bn_pairs(model, x_rank[:2])
         modules = dict(model.named_modules())
         layers = [(name, modules[name]) for name in order]
         scores = trigger_response(model, layers, x_rank, triggers, bf16=training_bf16(ctx.device, self.precision))
         selection = select_channels(scores, self.prune_ratio, 0)
-        mask = ChannelMask(model, selection, pairs, zero_biases=True)
+        ranked = sorted(((name, c) for name, chans in selection.items() for c in chans),
+                        key=lambda nc: (float(scores[nc[0]]["accuracy"][nc[1]]), nc))
+        original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        steps: dict[int, tuple[float | None, int]] = {}
+        last: list = []  # (size, mask, rate) of the state the model is in
+
+        def prune(size: int) -> tuple[float | None, int]:
+            model.load_state_dict(original)
+            mask, after = self._prune_step(model, fit, triggers, targets, self._chosen(ranked, selection, size),
+                                           pairs, ctx.batch_size)
+            steps[size] = after
+            last[:] = [size, mask, after]
+            return after
+
+        def rate(size: int) -> tuple[float | None, int]:
+            return steps[size] if size in steps else prune(size)
+
+        count = len(ranked)
+        if self.prune_schedule == "fewest" and count:
+            reference = floor
+            if self.fewest_reference == "best" and rate(count)[0] is not None and floor[0] is not None:
+                reference = min(floor, steps[count], key=lambda r: r[0])  # what pruning every candidate reaches
+
+            def down(size: int) -> bool:
+                return _at_floor(rate(size), reference, self.fewest_z)
+
+            low, high = 0, count  # the rate is above the reference at `low`; `high` is the answer unless a smaller is
+            for size in _doubling(count):
+                if down(size):
+                    high = size
+                    break
+                low = size
+            while high - low > 1:
+                middle = (low + high) // 2
+                if down(middle):
+                    high = middle
+                else:
+                    low = middle
+            count = high
+        if not last or last[0] != count:
+            prune(count)
+        _, mask, after = last
+        summary = {"ratio": self.prune_ratio, "schedule": self.prune_schedule, "rank_images": len(x_rank),
+                   "n_pruned": count, "n_selected": len(ranked),
+                   "n_channels": sum(len(s["accuracy"]) for s in scores.values()),
+                   "layers": self._chosen(ranked, selection, count)}
+        if self.prune_schedule == "fewest":
+            summary["steps"] = [{"n": n, "target_rate_fit": rate} for n, (rate, _) in steps.items()]
+        return mask, summary, after
+
+    @staticmethod
+    def _chosen(ranked: list[tuple[str, int]], selection: dict[str, list[int]], size: int) -> dict[str, list[int]]:
+        """The first ``size`` ranked channels, per layer (every selected layer present)."""
+        return {name: sorted(c for n, c in ranked[:size] if n == name) for name in selection}
+
+    @staticmethod
+    def _prune_step(model: nn.Module, fit: Holdout, triggers: list, targets: dict[str, int | None],
+                    chosen: dict[str, list[int]], pairs: dict[str, str | None], batch_size: int
+                    ) -> tuple[ChannelMask, tuple[float | None, int]]:
+        """Zero ``chosen`` and measure the found triggers' target rate on ``fit``."""
+        mask = ChannelMask(model, chosen, pairs, zero_biases=True)
         mask.apply()
-        summary = {"ratio": self.prune_ratio, "rank_images": len(x_rank),
-                   "n_pruned": sum(len(c) for c in selection.values()),
-                   "n_channels": sum(len(s["accuracy"]) for s in scores.values()), "layers": selection}
-        return mask, summary
+        return mask, _target_rate(model, fit, triggers, targets, batch_size)
 
     def _finetune(self, model: nn.Module, train: Holdout, triggers: list, suspected: list[int], guard: FitValGuard,
                   measure, ctx: Context, teacher: nn.Module | None, mask: ChannelMask | None) -> list[dict]:
@@ -318,6 +397,12 @@ def _suspected_targets(ctx: Context, sources: list[dict]) -> list[int]:
     """Target classes the fit-split audit or the scan pointed at (for ``distill_mode=suppress-target``)."""
     targets = {e.get("suspected_target") for e in ctx.trigger_evidence} | {s.get("target") for s in sources}
     return sorted(int(t) for t in targets if t is not None)
+
+
+def _doubling(count: int) -> list[int]:
+    """1, 2, 4, … below ``count``, then ``count`` (empty for 0)."""
+    sizes = [2 ** k for k in range(max(count, 1).bit_length()) if 2 ** k < count]
+    return sizes + [count] if count else []
 
 
 def _at_floor(rate: tuple[float | None, int], floor: tuple[float | None, int], z: float = 2.0) -> bool:
