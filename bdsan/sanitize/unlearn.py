@@ -10,11 +10,11 @@ Never the real trigger.
 channels the found triggers excite most (FMP's ``rank=triggers`` ranking on ``prune_images`` class-balanced fit
 images) are candidates; ``prune_schedule=fewest`` (default) zeroes only the fewest of them — most excited first,
 across layers, found by doubling then bisection — that take the found triggers' target rate on the fit images (the
-share of stamped images of other classes predicted as the trigger's suspected target) down to a reference
-(``fewest_z`` standard errors above it; default 0): ``fewest_reference=best`` (default), the lower of the input
-model's own rate into those targets without any trigger (the floor) and the rate all candidates pruned reach;
-``floor``, the floor alone. At a 1% holdout (~225 fit images) the floor reference with one standard error of slack
-let too few channels pass (4.4% test ASR; BENCHMARKS.md "The fewest channels"). ``at-once`` zeroes all
+share of stamped images of other classes predicted as the trigger's suspected target) to within ``fewest_z`` (1)
+standard errors of the input model's own rate into those targets without any trigger (``fewest_reference=floor``,
+default; ``best``: the lower of that floor and the rate all candidates pruned reach). Chosen on the development
+models; at a 1% holdout (~225 fit images, also the ranking images) the search is noisy and let too few channels
+pass on two of six evaluation models (BENCHMARKS.md "The fewest channels"). ``at-once`` zeroes all
 candidates. When the pruned model's rate is then within two standard errors of the floor,
 it is returned (``stop_at_floor``); otherwise the fine-tuning below runs from it (``stamp``: ``all`` found triggers
 stamped, or ``patches`` only). The guard judges the pruned state and every epoch by that target rate on fit-val
@@ -126,8 +126,8 @@ class Unlearn:
     prune_ratio: float = 1 / 64
     prune_images: int = 256
     prune_schedule: str = "fewest"
-    fewest_z: float = 0.0
-    fewest_reference: str = "best"
+    fewest_z: float = 1.0
+    fewest_reference: str = "floor"
     stop_at_floor: bool = True
     stamp: str = "all"
     objective: str = "target-rate"
