@@ -263,12 +263,14 @@ class Unlearn:
         selection = select_channels(scores, self.prune_ratio, 0)
         ranked = sorted(((name, c) for name, chans in selection.items() for c in chans),
                         key=lambda nc: (float(scores[nc[0]]["accuracy"][nc[1]]), nc))
-        original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        fewest = self.prune_schedule == "fewest"
+        original = {k: v.detach().clone() for k, v in model.state_dict().items()} if fewest else None
         steps: dict[int, tuple[float | None, int]] = {}
         last: list = []  # (size, mask, rate) of the state the model is in
 
         def prune(size: int) -> tuple[float | None, int]:
-            model.load_state_dict(original)
+            if original is not None:  # the fewest search goes back to fewer channels: start from the input weights
+                model.load_state_dict(original)
             mask, after = self._prune_step(model, fit, triggers, targets, self._chosen(ranked, selection, size),
                                            pairs, ctx.batch_size)
             steps[size] = after
@@ -279,7 +281,7 @@ class Unlearn:
             return steps[size] if size in steps else prune(size)
 
         count = len(ranked)
-        if self.prune_schedule == "fewest" and count:
+        if fewest and count:
             reference = floor
             if self.fewest_reference == "best" and rate(count)[0] is not None and floor[0] is not None:
                 reference = min(floor, steps[count], key=lambda r: r[0])  # what pruning every candidate reaches
@@ -307,7 +309,7 @@ class Unlearn:
                    "n_pruned": count, "n_selected": len(ranked),
                    "n_channels": sum(len(s["accuracy"]) for s in scores.values()),
                    "layers": self._chosen(ranked, selection, count)}
-        if self.prune_schedule == "fewest":
+        if fewest:
             summary["steps"] = [{"n": n, "target_rate_fit": rate} for n, (rate, _) in steps.items()]
         return mask, summary, after
 
