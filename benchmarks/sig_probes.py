@@ -18,6 +18,9 @@ class. Meant for the development pair (SIG seed 1, clean twin seed 101), never f
   then receives. A backdoor is a shortcut that clean unlearning does not touch: does the model collapse onto it?
 * ``spectral``: per class a universal perturbation at L∞ ``--eps``; its share of spectral power in its 4 strongest
   frequency bins, and its held-out flip rate when reduced to its 2/4/8 strongest bins (SIG's trigger is one sine).
+* ``units``: the final layer. Per class the largest *selective* weight W_tj − max_{s≠t} W_sj of a penultimate unit,
+  and whether that unit is quiet (activity at or under the median unit's) on the class's own clean images: a
+  backdoor's units fire on the trigger, not on the target's images. Also the pooled units SIG's real sine excites.
 * ``controls``: the suite's full-image triggers beside controls of the same strength (other noise seeds, the
   transposed stripes and sine, another frequency): the class each sends most images to, and its rate.
 
@@ -270,9 +273,56 @@ def probe_spectral(net, k: int, shape, args, xo, xe, ye, **_) -> dict:
     return rows
 
 
+def _pooled_features(net, x: torch.Tensor) -> torch.Tensor:
+    """The input of the final ``linear`` layer (the pooled penultimate features) for [0,1] images ``x``."""
+    captured = []
+    handle = net.model.linear.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].detach()))
+    try:
+        with torch.no_grad():
+            for start in range(0, len(x), 250):
+                net(x[start:start + 250])
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+def probe_units(net, k: int, shape, args, x, y, **_) -> dict:
+    """Where does SIG live in the last layer? Penultimate units the real sine excites (mechanism only: the real
+    trigger is used), their clean activity and final-layer weights; and per class the largest *selective* weight
+    W_tj − max_{s≠t} W_sj, overall and on units that are quiet on the class's own clean images."""
+    clean = _pooled_features(net, x)
+    stamped = _pooled_features(net, get_trigger("sig")(x))
+    weight = net.model.linear.weight.detach()  # K×D
+    others = torch.stack([weight.scatter(0, torch.full((1, weight.shape[1]), t), -1e9).max(0).values
+                          for t in range(k)])
+    selective = weight - others  # K×D: how much unit j favours class t over the best other class
+    rise = (stamped - clean).mean(0)
+    print("  units the real sine excites most (mean rise; clean mean / q99 / max; W0 − best other; class-0 rank):")
+    rank0 = torch.argsort(selective[0], descending=True)
+    for j in torch.argsort(rise, descending=True)[:6].tolist():
+        column = clean[:, j]
+        print(f"    unit {j:4d}: +{rise[j]:.3f}; {column.mean():.3f} / {column.quantile(0.99):.3f} / "
+              f"{column.max():.3f}; {selective[0, j]:+.3f}; rank {int((rank0 == j).nonzero())}")
+    own_activity = torch.stack([clean[y == t].mean(0) for t in range(k)])  # K×D: mean activity per true class
+    quiet = own_activity <= own_activity.median(1, keepdim=True).values
+    top = selective.max(1).values
+    quiet_top = torch.where(quiet, selective, torch.full_like(selective, -1e9)).max(1).values
+    # weight mass a class puts on units that are most active on *another* class's clean images
+    foreign = own_activity.argmax(0)[None, :] != torch.arange(k)[:, None]
+    positive = selective.clamp_min(0)
+    foreign_share = (positive * foreign).sum(1) / positive.sum(1).clamp_min(1e-9)
+    best_unit = selective.argmax(1)
+    rows = {"max selective weight": top.numpy(), "max selective, quiet units": quiet_top.numpy(),
+            "quiet / overall": (quiet_top / top).numpy(), "foreign weight share": foreign_share.numpy(),
+            "top unit: own-class activity rank": np.array([
+                float((own_activity[:, j] > own_activity[t, j]).sum()) for t, j in enumerate(best_unit.tolist())])}
+    for label in ("quiet / overall", "foreign weight share"):
+        rows[f"index ({label})"] = _anomaly_index(1.0 / np.maximum(rows[label], 1e-3))
+    return rows
+
 PROBES = {"margin": probe_margin, "stripes": probe_stripes, "feature": probe_feature, "threshold": probe_threshold,
           "controls": probe_controls, "collapse": probe_collapse,
-          "spectral": probe_spectral}
+          "spectral": probe_spectral, "units": probe_units}
 
 
 def main() -> None:
