@@ -320,6 +320,7 @@ def probe_units(net, k: int, shape, args, x, y, **_) -> dict:
         rows[f"index ({label})"] = _anomaly_index(1.0 / np.maximum(rows[label], 1e-3))
     return rows
 
+
 PROBES = {"margin": probe_margin, "stripes": probe_stripes, "feature": probe_feature, "threshold": probe_threshold,
           "controls": probe_controls, "collapse": probe_collapse,
           "spectral": probe_spectral, "units": probe_units}
