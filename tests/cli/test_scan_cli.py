@@ -34,7 +34,7 @@ def test_cli_audit_scan_fails_the_gate_and_carries_the_scan_into_sarif(run_cli, 
                                                                       holdout_npz):
     sarif = tmp_path / "r.sarif"
     result = run_cli("audit", poisoned_safetensors, "--holdout", holdout_npz, "--triggers", "blend_strip", "--scan",
-                     "--scan-steps", SCAN_STEPS, "--scan-precision", "bf16", "--device", "cpu", "-o", sarif, "--quiet")
+                     "--scan-steps", SCAN_STEPS, "--scan-precision", "fp32", "--device", "cpu", "-o", sarif, "--quiet")
     assert result.code == 1, result.output  # blend_strip does not fire on the corner-square backdoor; the scan does
     assert "gate scan failed" in result.stderr and "gate max_asr failed" not in result.stderr
     rules = [r["ruleId"] for r in json.loads(sarif.read_text())["runs"][0]["results"]]
