@@ -14,7 +14,7 @@ share of stamped images of other classes predicted as the trigger's suspected ta
 standard errors of the input model's own rate into those targets without any trigger (``fewest_reference=floor``,
 default; ``best``: the lower of that floor and the rate all candidates pruned reach). Chosen on the development
 models; at a 1% holdout (~225 fit images, also the ranking images) the search is noisy and let too few channels
-pass on two of six evaluation models (BENCHMARKS.md "The fewest channels"). ``at-once`` zeroes all
+pass on three of six evaluation models (BENCHMARKS.md "The fewest channels"). ``at-once`` zeroes all
 candidates. When the pruned model's rate is then within two standard errors of the floor,
 it is returned (``stop_at_floor``); otherwise the fine-tuning below runs from it (``stamp``: ``all`` found triggers
 stamped, or ``patches`` only). The guard judges the pruned state and every epoch by that target rate on fit-val
