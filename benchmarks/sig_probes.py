@@ -321,9 +321,57 @@ def probe_units(net, k: int, shape, args, x, y, **_) -> dict:
     return rows
 
 
+def _plane_waves(height: int, width: int, frequencies: int, diagonals: bool = True
+                 ) -> tuple[torch.Tensor, list[str]]:
+    """Unit-amplitude grey plane waves sin(2π(fx·col/W + fy·row/H) + φ): horizontal, vertical and (``diagonals``)
+    both diagonals, 1..``frequencies`` periods, four phases."""
+    rows = torch.arange(height, dtype=torch.float32)[:, None] / height
+    cols = torch.arange(width, dtype=torch.float32)[None, :] / width
+    waves, names = [], []
+    for f in range(1, frequencies + 1):
+        for fx, fy in ((f, 0), (0, f), (f, f), (f, -f))[:4 if diagonals else 2]:
+            for phase in range(4):
+                waves.append(torch.sin(2 * math.pi * (fx * cols + fy * rows) + phase * math.pi / 2))
+                names.append(f"fx={fx},fy={fy},φ={phase}π/2")
+    return torch.stack(waves)[:, None], names  # P×1×H×W
+
+
+def _wave_flips(net, k: int, images: torch.Tensor, labels: torch.Tensor, waves: torch.Tensor) -> torch.Tensor:
+    """P×K: for each stamped wave, the share of images not of class c that the model sends to class c."""
+    others = torch.stack([(labels != c).sum() for c in range(k)]).clamp_min(1).float()
+    rates = []
+    with torch.no_grad():
+        for start in range(0, len(waves), 8):
+            chunk = waves[start:start + 8]
+            stamped = (images[None] + chunk[:, None]).clamp(0, 1).flatten(0, 1)
+            predicted = net(stamped).argmax(1).view(len(chunk), len(images))
+            hits = F.one_hot(predicted, k).float() * (labels[None, :, None] != torch.arange(k)).float()
+            rates.append(hits.sum(1) / others)
+    return torch.cat(rates)
+
+
+def probe_sines(net, k: int, shape, args, xo, yo, xe, ye, **_) -> dict:
+    """SIG is one sine: per class, the best grey plane wave (orientation, frequency, phase) at a fixed amplitude,
+    chosen on one half by its flip rate and measured on the other half."""
+    waves, names = _plane_waves(shape[1], shape[2], args.frequencies, diagonals=not args.axis_only)
+    select = xo[:args.select]
+    rows = {}
+    for amplitude in args.amplitudes:
+        chosen = _wave_flips(net, k, select, yo[:args.select], amplitude / 255 * waves)  # P×K
+        best = chosen.argmax(0)
+        held = _wave_flips(net, k, xe, ye, amplitude / 255 * waves[best])  # K×K: row c is class c's wave
+        flips = held.diagonal().numpy()
+        rows[f"a={amplitude:g}: best wave, selection flip"] = chosen.max(0).values.numpy()
+        rows[f"a={amplitude:g}: held-out flip"] = flips
+        rows[f"a={amplitude:g}: index (1 - flip)"] = _anomaly_index(np.maximum(1 - flips, 1e-3))
+        print(f"  a={amplitude:g}: class 0's wave {names[int(best[0])]}; top class's wave "
+              f"{names[int(best[int(np.argmax(flips))])]}")
+    return rows
+
+
 PROBES = {"margin": probe_margin, "stripes": probe_stripes, "feature": probe_feature, "threshold": probe_threshold,
           "controls": probe_controls, "collapse": probe_collapse,
-          "spectral": probe_spectral, "units": probe_units}
+          "spectral": probe_spectral, "units": probe_units, "sines": probe_sines}
 
 
 def main() -> None:
@@ -340,6 +388,11 @@ def main() -> None:
     parser.add_argument("--collapse-lr", type=float, default=0.01, help="collapse: SGD step of the ascent")
     parser.add_argument("--collapse-acc", type=float, nargs="+", default=[0.5, 0.2, 0.1],
                         help="collapse: held-out accuracies at which to report the class shares")
+    parser.add_argument("--amplitudes", type=float, nargs="+", default=[16, 24, 32, 40],
+                        help="sines: wave amplitudes in /255")
+    parser.add_argument("--frequencies", type=int, default=12, help="sines: up to this many periods per image")
+    parser.add_argument("--axis-only", action="store_true", help="sines: only waves along the rows or the columns")
+    parser.add_argument("--select", type=int, default=200, help="sines: images of the first half to choose on")
     parser.add_argument("--cache", default=".cache/bdsan-bench")
     args = parser.parse_args()
     args.steps = args.steps or {"stripes": 100, "collapse": 2000}.get(args.probe, 300)
