@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .allocator import keep_freed_memory
 from .atomic import write_text_atomic
 from .config import default_map_for, env_var_name, find_config_arg, load_config_file
 from .errors import EXIT_INTERRUPTED, EXIT_RUN, EXIT_USAGE, BdsanError
@@ -784,6 +785,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the group and maps every outcome to SPEC §3.1 exit codes."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
+    keep_freed_memory()
     try:
         default_map = None
         config_path = find_config_arg(argv)

@@ -21,6 +21,9 @@ class. Meant for the development pair (SIG seed 1, clean twin seed 101), never f
 * ``units``: the final layer. Per class the largest *selective* weight W_tj − max_{s≠t} W_sj of a penultimate unit,
   and whether that unit is quiet (activity at or under the median unit's) on the class's own clean images: a
   backdoor's units fire on the trigger, not on the target's images. Also the pooled units SIG's real sine excites.
+* ``sines``: SIG's family instead of a free-form perturbation — per class the grey plane wave (rows, columns and,
+  unless ``--axis-only``, diagonals; 1..``--frequencies`` periods; four phases) at each fixed ``--amplitudes`` that
+  flips most of ``--select`` images of one half to the class, and its flip rate on the other half.
 * ``controls``: the suite's full-image triggers beside controls of the same strength (other noise seeds, the
   transposed stripes and sine, another frequency): the class each sends most images to, and its rate.
 

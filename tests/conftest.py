@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from bdsan.allocator import keep_freed_memory
 from bdsan.exporters.safetensors import export_safetensors
 from bdsan.train.fixtures import corner_square, train_toy_model
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+keep_freed_memory()  # as the CLI does: the suite runs as the product would
 
 
 @pytest.fixture(scope="session")
