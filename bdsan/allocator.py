@@ -23,9 +23,12 @@ def keep_freed_memory() -> bool:
     free, so each batch of a long loop faults its pages in again. In ``bdsan demo`` on a 2-core AMD EPYC that was
     13 M page faults and 41 s of system time in an 81 s run; with these settings 0.5 M, 4 s and 57 s (BENCHMARKS.md,
     "CPU memory allocator"). The cost: freed memory stays with the process until it exits (peak 1.8 → 2.4 GB there).
-    Returns whether the settings were applied: not on other C libraries or systems, and not when the user set any
-    ``MALLOC_*`` variable or a glibc malloc tunable (theirs win)."""
+    Returns whether the settings were applied: not on other C libraries or systems, not with
+    ``BDSAN_KEEP_FREED_MEMORY=0``, and not when the user set any ``MALLOC_*`` variable or a glibc malloc tunable
+    (theirs win)."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":  # musl's mallopt does nothing
+        return False
+    if os.environ.get("BDSAN_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "false", "no"):
         return False
     if any(name.startswith("MALLOC_") for name in os.environ) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False

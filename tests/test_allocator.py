@@ -16,10 +16,12 @@ def test_applied_on_glibc(monkeypatch):
     for name in [n for n in os.environ if n.startswith("MALLOC_")]:
         monkeypatch.delenv(name)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("BDSAN_KEEP_FREED_MEMORY", raising=False)
     assert settings() is True
 
 
-@pytest.mark.parametrize("name, value", [("MALLOC_ARENA_MAX", "2"), ("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0")])
+@pytest.mark.parametrize("name, value", [("MALLOC_ARENA_MAX", "2"), ("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0"),
+                                         ("BDSAN_KEEP_FREED_MEMORY", "0")])
 def test_the_users_own_settings_win(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     assert settings() is False
