@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from bdsan.allocator import keep_freed_memory
 from bdsan.train.zoo import RECIPES, Attack, attack_metrics, load_dataset, train_backdoored
 
 
@@ -75,4 +76,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # as the CLI does (BENCHMARKS.md, "CPU memory allocator")
     main()

@@ -19,6 +19,7 @@ import time
 import torch
 from machine import cpu_model
 
+from bdsan.allocator import keep_freed_memory
 from bdsan.detectors.audit import audit, classifier_for
 from bdsan.detectors.triggers import DEFAULT_SUITE
 from bdsan.device import describe_device, resolve_device
@@ -89,4 +90,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # as the CLI does (BENCHMARKS.md, "CPU memory allocator")
     main()

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from machine import cpu_model
 
+from bdsan.allocator import keep_freed_memory
 from bdsan.device import describe_device, resolve_device
 from bdsan.exporters.onnx import export_onnx
 from bdsan.io.archs import build_arch
@@ -84,4 +85,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # as the CLI does (BENCHMARKS.md, "CPU memory allocator")
     main()

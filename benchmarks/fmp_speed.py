@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from bdsan.allocator import keep_freed_memory
 from bdsan.device import describe_device, resolve_device
 from bdsan.io.archs import build_arch
 from bdsan.io.data import Holdout
@@ -77,4 +78,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # as the CLI does (BENCHMARKS.md, "CPU memory allocator")
     main()

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from bdsan.allocator import keep_freed_memory
 from bdsan.device import channels_last, resolve_device
 from bdsan.io.archs import build_arch
 
@@ -76,4 +77,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # as the CLI does (BENCHMARKS.md, "CPU memory allocator")
     main()

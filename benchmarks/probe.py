@@ -21,6 +21,7 @@ from dataclasses import replace
 
 import torch
 
+from bdsan.allocator import keep_freed_memory
 from bdsan.device import resolve_device
 from bdsan.report import json_safe
 from bdsan.train.zoo import (
@@ -192,4 +193,5 @@ def _dev_images(data, dev: str, n_train: int, seed: int) -> tuple[torch.Tensor, 
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # as the CLI does (BENCHMARKS.md, "CPU memory allocator")
     main()

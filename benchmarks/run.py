@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from bdsan.allocator import keep_freed_memory
 from bdsan.charts import bar_chart
 from bdsan.device import describe_device, resolve_device
 from bdsan.io.data import stratified_split
@@ -458,4 +459,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # as the CLI does (BENCHMARKS.md, "CPU memory allocator")
     main()

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from bdsan.allocator import keep_freed_memory
 from bdsan.detectors.audit import audit, gate_max_asr
 from bdsan.detectors.scan import ScanSettings, scan, scan_section
 from bdsan.io.data import Holdout, split_holdout
@@ -329,4 +330,5 @@ def summarise(runs: list[dict], args) -> None:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # as the CLI does (BENCHMARKS.md, "CPU memory allocator")
     main()

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bdsan.allocator import keep_freed_memory
 from bdsan.detectors.metrics import trigger_metrics
 from bdsan.detectors.scan import _anomaly_index
 from bdsan.detectors.triggers import get_trigger
@@ -424,4 +425,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # as the CLI does (BENCHMARKS.md, "CPU memory allocator")
     main()
