@@ -342,7 +342,7 @@ def _plane_waves(height: int, width: int, frequencies: int, diagonals: bool = Tr
 
 def _wave_flips(net, k: int, images: torch.Tensor, labels: torch.Tensor, waves: torch.Tensor) -> torch.Tensor:
     """P×K: for each stamped wave, the share of images not of class c that the model sends to class c."""
-    others = torch.stack([(labels != c).sum() for c in range(k)]).clamp_min(1).float()
+    others = (len(labels) - torch.bincount(labels, minlength=k)).clamp_min(1).float()
     rates = []
     with torch.no_grad():
         for start in range(0, len(waves), 8):
