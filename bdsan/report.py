@@ -205,9 +205,10 @@ def render_scan_table(scan: dict, class_names: list[str] | None = None) -> list[
     lines = [(f"scan: {verdict}; suspected target {_class_label(scan.get('suspected_target'), class_names)} "
               f"({scan.get('steps_run')} steps, {scan.get('time_s', 0):.1f} s, {scan.get('n_opt')} images optimised, "
               f"{scan.get('n_eval')} held out)")]
-    blend = scan.get("blend") or {}
+    blend, wave = scan.get("blend") or {}, scan.get("wave") or {}
     lines.append(f"  {'class':12s} {'mask px':>8s} {'flip':>7s} {'anomaly':>8s}" +
-                 (f"  {'blend |δ|':>9s} {'flip':>7s} {'anomaly':>8s}" if blend else ""))
+                 (f"  {'blend |δ|':>9s} {'flip':>7s} {'anomaly':>8s}" if blend else "") +
+                 (f"  {'wave flip':>9s}  best wave" if wave else ""))
     for cls in range(len(scan.get("flip_rate") or [])):
         row = f"  {_class_label(cls, class_names):12s} "
         row += (f"{scan['mask_l1'][cls]:8.1f} {_pct(scan['flip_rate'][cls]):>7s} {scan['anomaly_index'][cls]:8.2f}"
@@ -215,13 +216,22 @@ def render_scan_table(scan: dict, class_names: list[str] | None = None) -> list[
         if blend:
             row += (f"  {blend['mean_abs_delta'][cls]:9.4f} {_pct(blend['flip_rate'][cls]):>7s} "
                     f"{blend['anomaly_index'][cls]:8.2f}")
+        if wave:
+            row += f"  {_pct(wave['flip_rate'][cls]):>9s}  {wave['wave'][cls]}"
         lines.append(row + ("  ANOMALOUS" if cls in scan.get("anomalous_classes", []) else ""))
     return lines
 
 
 def _scan_message(scan: dict, names: list[str] | None) -> str:
     target = scan.get("suspected_target")
-    kinds = ", ".join((scan.get("anomalous_kinds") or {}).get(str(target), [])) or "patch/blend"
+    found = (scan.get("anomalous_kinds") or {}).get(str(target), [])
+    if found == ["wave"]:
+        wave = scan["wave"]
+        return (f"A grey plane wave ({wave['wave'][target]}, amplitude "
+                f"{255 * scan['params']['wave_amplitude']:.0f}/255) sends {_pct(wave['flip_rate'][target])} of "
+                f"held-out images to class {_class_label(target, names)} (anomalous classes: "
+                f"{scan.get('anomalous_classes')}); the model likely has a sine-like (SIG) backdoor.")
+    kinds = ", ".join(kind for kind in found if kind != "wave") or "patch/blend"
     return (f"Trigger reverse-engineering found an anomalously small {kinds} trigger for class "
             f"{_class_label(target, names)} (anomalous classes: {scan.get('anomalous_classes')}); "
             f"the model likely has a backdoor with an unknown trigger.")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -13,14 +14,17 @@ from bdsan.cli import SCAN_PRECISIONS
 from bdsan.detectors.scan import (
     ScanSettings,
     _anomaly_index,
+    _plane_waves,
     anomalous_triggers,
     kind_verdict,
     scan,
     scan_section,
+    wave_name,
 )
-from bdsan.detectors.triggers import Trigger
+from bdsan.detectors.triggers import Trigger, sig
 from bdsan.device import PRECISIONS, channels_last, cpu_supports_bf16, training_bf16, wants_bf16
 from bdsan.errors import DataError
+from bdsan.train.fixtures import train_toy_model
 
 SCAN_STEPS = 150  # early stopping usually ends sooner; toy scale
 TARGET = UNKNOWN_TARGET
@@ -81,6 +85,37 @@ def test_clean_model_is_not_flagged(toy_clean):
                                 kinds=("patch",)))
     assert section["anomalous"] is False
     assert section["anomalous_classes"] == []
+
+
+def test_plane_waves_are_the_ones_their_names_say():
+    waves = _plane_waves(16, 24, periods=12)
+    assert waves.shape == (96, 1, 16, 24)
+    index = 5 * 8 + 0 * 4 + 1  # 6 periods across the columns, phase π/2: SIG's sine, shifted
+    assert wave_name(index) == "6 periods across the columns, phase 1π/2"
+    expected = torch.sin(2 * math.pi * 6 * torch.arange(24) / 24 + math.pi / 2)
+    torch.testing.assert_close(waves[index, 0], expected.expand(16, 24))
+    down = 2 * 8 + 1 * 4 + 3  # 3 periods down the rows, phase 3π/2
+    assert wave_name(down) == "3 periods across the rows, phase 3π/2"
+    torch.testing.assert_close(waves[down, 0, :, 5], torch.sin(2 * math.pi * 3 * torch.arange(16) / 16 + 1.5 * math.pi))
+
+
+def test_wave_kind_flags_a_sig_backdoor_and_not_a_clean_model(toy_clean):
+    sig_toy = train_toy_model(trigger=sig, target=TARGET, seed=1)
+    settings = {"kinds": ("wave",), "wave_select": 60, "seed": 0, "device": "cpu"}
+    backdoored = scan(sig_toy.model, sig_toy.holdout, **settings)
+    section = scan_section(backdoored)
+    assert section["anomalous_classes"] == [TARGET] and section["suspected_target"] == TARGET
+    assert section["anomalous_kinds"] == {str(TARGET): ["wave"]}
+    assert section["wave"]["flip_rate"][TARGET] >= 0.95 and section["wave"]["n_select"] == 60
+    assert "across the columns" in section["wave"]["wave"][TARGET]  # SIG's sine runs across the columns
+    assert section["mask_l1"] is None and section["flip_rate"] == section["wave"]["flip_rate"]
+    json.dumps(section)
+    found = anomalous_triggers(backdoored)
+    assert [t.params["kind"] for t in found] == ["wave"]
+    x = sig_toy.holdout.x[:4].float() / 255
+    assert float((found[0].fn(x) - x).abs().max()) <= 32 / 255 + 1e-6  # the wave, clipped to [0, 1]
+    clean = scan_section(scan(toy_clean.model, toy_clean.holdout, **settings))
+    assert clean["anomalous"] is False and max(clean["wave"]["flip_rate"]) < 0.95
 
 
 def test_both_precisions_find_the_unknown_patch_target(unknown_patch_toy, unknown_patch_scan):

@@ -9,6 +9,11 @@ batched problem (each step forwards (2K)×B stamped images, chunked by ``batch_s
   additive triggers (noise blends, low-frequency) that no small mask reproduces. It does not single out SIG: a
   sine of amplitude 40/255 is larger than the universal perturbation any class has (BENCHMARKS.md, scan).
 
+A third kind, ``wave`` (opt-in until its blind test is passed), is searched, not optimised: SIG's own family, per
+class the grey plane wave (rows or columns, 1–``wave_periods`` periods, four phases, amplitude ``wave_amplitude``)
+that flips most of ``wave_select`` optimisation images to the class. Class t is anomalous for it when its wave
+flips ≥ ``wave_threshold`` of the held-out images (an absolute rule: BENCHMARKS.md, "the best plane wave").
+
 λ_t adapts per trigger (raised ×1.5 after ``patience`` steps at ≥ ``success`` flip rate, lowered ÷1.5^1.5 after
 ``patience`` steps below it); the smallest trigger that reached ``success`` on a batch is kept. Optimisation sees
 only the ``opt`` part of the holdout; flip rates are measured on the other part (images it never saw). The passes
@@ -28,7 +33,7 @@ import io
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -41,7 +46,8 @@ from ..io.models import LoadedModel
 
 log = logging.getLogger("bdsan.scan")
 
-KINDS = ("patch", "blend")
+KINDS = ("patch", "blend", "wave")
+OPTIMISED_KINDS = ("patch", "blend")
 MAD_TO_SIGMA = 1.4826
 
 
@@ -66,7 +72,12 @@ class ScanSettings:
     # default, what every benchmark measured); "measured": keep the ones the batch's success was measured on
     # (experimental, BENCHMARKS.md "Why the noise blend's reconstruction did not generalise").
     keep: str = "after-step"
-    kinds: tuple[str, ...] = KINDS
+    kinds: tuple[str, ...] = ("patch", "blend")
+    # the wave kind: no optimisation, a search over grey plane waves (BENCHMARKS.md, "the best plane wave")
+    wave_amplitude: float = 32 / 255
+    wave_periods: int = 12
+    wave_select: int = 200
+    wave_threshold: float = 0.95
     precision: str = "auto"
 
 
@@ -171,9 +182,16 @@ def scan(model: LoadedModel, holdout: Holdout, *, steps: int = 200, batch_size: 
     requires_grad = [p.requires_grad for p in net.parameters()]
     for p in net.parameters():
         p.requires_grad_(False)
+    optimised = tuple(kind for kind in cfg.kinds if kind in OPTIMISED_KINDS)
     try:
         with channels_last(net):
-            bank, trace = _optimise(net, opt, num_classes, cfg, batch_size, seed, device, progress, bf16)
+            if optimised:
+                bank, trace = _optimise(net, opt, num_classes, replace(cfg, kinds=optimised), batch_size, seed,
+                                        device, progress, bf16)
+            else:
+                bank, trace = {}, {"steps_run": 0, "reached_success": []}
+            if "wave" in cfg.kinds:
+                bank["wave"], trace["wave"] = _wave_search(net, opt, num_classes, cfg, batch_size, device, bf16)
             flip = {kind: _flip_rates(net, bank[kind], kind, held, num_classes, batch_size, device, bf16)
                     for kind in cfg.kinds}
     finally:
@@ -283,6 +301,51 @@ def _optimise(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_size
     return best, trace
 
 
+def _plane_waves(height: int, width: int, periods: int) -> torch.Tensor:
+    """Unit-amplitude grey plane waves sin(2π·f·position + φ), P×1×H×W: for f = 1..``periods`` periods per image,
+    running across the columns (constant down each column, as SIG's sine) then down the rows, four phases each;
+    wave p has f = p // 8 + 1, axis ``("columns", "rows")[p // 4 % 2]``, φ = (p % 4)·π/2."""
+    frequency = torch.arange(1, periods + 1, dtype=torch.float32).view(-1, 1, 1, 1)
+    phase = (torch.arange(4, dtype=torch.float32) * math.pi / 2).view(1, -1, 1, 1)
+    across = torch.sin(2 * math.pi * frequency * torch.arange(width).view(1, 1, 1, -1) / width + phase)
+    down = torch.sin(2 * math.pi * frequency * torch.arange(height).view(1, 1, -1, 1) / height + phase)
+    waves = torch.stack([across.expand(-1, -1, height, width), down.expand(-1, -1, height, width)], dim=1)
+    return waves.reshape(-1, 1, height, width)
+
+
+def wave_name(index: int) -> str:
+    """``index`` of :func:`_plane_waves` in words."""
+    return f"{index // 8 + 1} periods across the {('columns', 'rows')[index // 4 % 2]}, phase {index % 4}π/2"
+
+
+@torch.no_grad()
+def _wave_search(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_size: int, device: torch.device,
+                 bf16: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """The ``wave`` kind: per class, the grey plane wave of amplitude ``wave_amplitude`` that sends the most of
+    ``wave_select`` optimisation images of other classes to it (SIG's trigger family; no optimisation, one batched
+    pass over every wave × image pair). Returns the chosen waves as blend-like parts and their selection rates."""
+    channels, height, width = opt.x.shape[1:]
+    waves = cfg.wave_amplitude * _plane_waves(height, width, cfg.wave_periods).to(device)
+    count = min(cfg.wave_select, len(opt))  # opt is shuffled (stratified_split): its head is a random sample
+    x, y = to_float(opt.x[:count]), opt.y[:count]
+    hits = torch.zeros(len(waves), num_classes, device=device)
+    pairs = len(waves) * count
+    for start in range(0, pairs, batch_size):
+        pair = torch.arange(start, min(start + batch_size, pairs), device=device)
+        wave, image = pair // count, pair % count
+        with precision_autocast(device, bf16):
+            predicted = net((x[image] + waves[wave]).clamp(0, 1)).argmax(1)
+        moved = predicted != y[image]
+        hits.index_put_((wave[moved], predicted[moved]), torch.ones_like(wave[moved], dtype=hits.dtype),
+                        accumulate=True)
+    others = (count - torch.bincount(y, minlength=num_classes)).clamp_min(1)
+    rates = hits / others
+    best = rates.argmax(0)
+    delta = waves[best].expand(-1, channels, -1, -1).contiguous()
+    return {"delta": delta}, {"selection_flip_rate": rates.max(0).values.tolist(), "n_select": count,
+                              "wave": [wave_name(int(b)) for b in best]}
+
+
 @torch.no_grad()
 def _flip_rates(net, parts: dict[str, torch.Tensor], kind: str, held: Holdout, num_classes: int, batch_size: int,
                 device: torch.device, bf16: bool = False) -> list[float]:
@@ -324,18 +387,26 @@ def _verdict(bank: dict, flip: dict, cfg: ScanSettings, holdout: Holdout, model:
     scores = np.full(num_classes, -np.inf)
     anomalous_classes: set[int] = set()
     flagged_kinds: dict[int, list[str]] = {}
-    for kind_index, kind in enumerate(cfg.kinds):
+    optimised = [kind for kind in cfg.kinds if kind in OPTIMISED_KINDS]
+    for kind in cfg.kinds:
+        flips = np.asarray(flip[kind])
+        if kind == "wave":  # an absolute test: no size to compare, every class has a best wave
+            for cls in np.nonzero(flips >= cfg.wave_threshold)[0]:
+                anomalous_classes.add(int(cls))
+                flagged_kinds.setdefault(int(cls), []).append(kind)
+            section["wave"] = {"flip_rate": [float(v) for v in flips], **trace["wave"]}
+            continue
         parts = bank[kind]
         if kind == "patch":
             norms = parts["mask"].flatten(1).sum(1).cpu().numpy()  # mask L1 in pixels
         else:
             norms = parts["delta"].abs().flatten(1).mean(1).cpu().numpy()  # mean |δ| per pixel and channel
-        flips = np.asarray(flip[kind])
         index, flagged, kind_scores = kind_verdict(norms, flips, cfg)
         for cls in np.nonzero(flagged)[0]:
             anomalous_classes.add(int(cls))
             flagged_kinds.setdefault(int(cls), []).append(kind)
         scores = np.maximum(scores, kind_scores)
+        kind_index = optimised.index(kind)
         reached = trace["reached_success"][kind_index * num_classes:(kind_index + 1) * num_classes]
         section["reached_success"][kind] = [bool(v) for v in reached]
         if kind == "patch":
@@ -346,10 +417,16 @@ def _verdict(bank: dict, flip: dict, cfg: ScanSettings, holdout: Holdout, model:
         else:
             section["blend"] = {"mean_abs_delta": [float(v) for v in norms], "flip_rate": [float(v) for v in flips],
                                 "anomaly_index": [float(v) for v in index]}
-    if "patch" not in cfg.kinds:  # the SPEC names stay meaningful with --kinds blend
-        section["mask_l1"], section["flip_rate"] = None, section["blend"]["flip_rate"]
-        section["anomaly_index"] = section["blend"]["anomaly_index"]
-    suspected = int(np.argmax(scores)) if np.isfinite(scores).any() else None
+    if "patch" not in cfg.kinds:  # the SPEC names stay meaningful with --kinds blend (or wave)
+        fallback = section.get("blend") or {"flip_rate": section["wave"]["flip_rate"],
+                                            "anomaly_index": [None] * num_classes}
+        section["mask_l1"], section["flip_rate"] = None, fallback["flip_rate"]
+        section["anomaly_index"] = fallback["anomaly_index"]
+    if anomalous_classes:  # the suspect is a flagged class: the highest score, then the best wave
+        wave_flips = flip.get("wave", [0.0] * num_classes)
+        suspected = max(sorted(anomalous_classes), key=lambda cls: (scores[cls], wave_flips[cls]))
+    else:
+        suspected = int(np.argmax(scores)) if np.isfinite(scores).any() else None
     section["score"] = [float(v) if np.isfinite(v) else None for v in scores]
     section["suspected_target"] = suspected
     section["anomalous_classes"] = sorted(anomalous_classes)

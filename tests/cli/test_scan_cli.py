@@ -56,3 +56,20 @@ def test_junit_and_text_render_the_scan():
     junit = render_junit(report)
     assert 'name="scan"' in junit and "ScanAnomalousClass" in junit and 'failures="1"' in junit
     assert "ANOMALOUS" in render_text(report)
+
+
+def test_text_and_sarif_name_the_wave_that_flagged_a_class():
+    from bdsan.report import Report, render_sarif, render_text
+
+    report = Report("scan")
+    report.scan = {"anomalous": True, "anomalous_classes": [0], "anomalous_kinds": {"0": ["wave"]},
+                   "suspected_target": 0, "mask_l1": None, "flip_rate": [0.97, 0.4],
+                   "anomaly_index": [None, None], "steps_run": 0, "time_s": 1.0, "n_opt": 10, "n_eval": 10,
+                   "params": {"wave_amplitude": 32 / 255},
+                   "wave": {"flip_rate": [0.97, 0.4], "selection_flip_rate": [0.98, 0.5], "n_select": 10,
+                            "wave": ["6 periods across the columns, phase 1π/2", "2 periods across the rows, "
+                                     "phase 0π/2"]}}
+    text = render_text(report)
+    assert "97.0%  6 periods across the columns, phase 1π/2  ANOMALOUS" in text
+    message = json.loads(render_sarif(report))["runs"][0]["results"][0]["message"]["text"]
+    assert "grey plane wave (6 periods across the columns, phase 1π/2, amplitude 32/255) sends 97.0%" in message
