@@ -188,7 +188,7 @@ def scan_run(job: dict, seed: int, args) -> dict:
            "anomalous_kinds": section["anomalous_kinds"], "steps_run": section["steps_run"],
            "bf16": section.get("bf16"),
            "mask_l1": section.get("mask_l1"), "patch_index": section.get("anomaly_index"),
-           "patch_flip": section.get("flip_rate"), "blend": section.get("blend")}
+           "patch_flip": section.get("flip_rate"), "blend": section.get("blend"), "wave": section.get("wave")}
     asr = job["implant_asr"]
     if args.defend and "toy" in job and asr is not None and asr >= 0.5:
         run["defenses"] = defend(job["toy"], job["trigger"], job["target"], seed, args.methods)
@@ -254,6 +254,12 @@ def main() -> None:
     summarise(runs, args)
 
 
+def verdict_first_score(run: dict) -> float:
+    """The scan's verdict, then its score: every model the scan flags ranks above every model it does not (the
+    wave kind flags without an anomaly index; BENCHMARKS.md, "the best plane wave")."""
+    return run["score"] + 1000.0 * run["anomalous"]
+
+
 def gate_margin(run: dict, max_asr: float, anomaly_threshold: float) -> float:
     """How far past its limit the most-exceeded gate of ``audit --scan`` is: max(suite ASR / ``max_asr``, scan score
     / ``anomaly_threshold``), read from the report's gates (value / limit); > 1 means the gate fails there. It has
@@ -298,19 +304,25 @@ def summarise(runs: list[dict], args) -> None:
     failed = [r for r in runs if r["backdoored"] and (r["implant_asr"] or 0) < 0.5]
     negatives = [r for r in runs if not r["backdoored"]]
     pos, neg = [r["score"] for r in positives], [r["score"] for r in negatives]
+    verdict_first = [verdict_first_score(r) for r in positives], [verdict_first_score(r) for r in negatives]
     lines = [(f"date {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}, "
               f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads"),
-             "", ("| attack | seed | implant ASR | score | anomalous | suspected (target) | suite max ASR "
-                  "| scan wall s | scan CPU s |"), "|---|---|---|---|---|---|---|---|---|"]
+             "", ("| attack | seed | implant ASR | score | anomalous (kinds) | best wave flip | suspected (target) "
+                  "| suite max ASR | scan wall s | scan CPU s |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         asr = "—" if r["implant_asr"] is None else f"{r['implant_asr']:.2f}"
+        wave = r.get("wave") and max(r["wave"]["flip_rate"])
+        kinds = ", ".join(sorted({kind for found in r.get("anomalous_kinds", {}).values() for kind in found}))
         lines.append(f"| {r['attack']} | {r['seed']} | {asr} "
-                     f"| {r['score']:.2f} | {r['anomalous']} | {r['suspected_target']} ({r['target']}) "
+                     f"| {r['score']:.2f} | {r['anomalous']} ({kinds}) "
+                     f"| {'—' if not wave else f'{wave:.2f}'} | {r['suspected_target']} ({r['target']}) "
                      f"| {r.get('suite_asr', '—')} | {r['scan_wall_s']} | {r['scan_cpu_s']} |")
     correct = sum(r["anomalous"] and r["suspected_target"] == r["target"] for r in positives)
     lines += ["", (f"backdoored (implant ASR ≥ 0.5): {len(positives)}, failed implants: {len(failed)}, "
                    f"clean: {len(negatives)}"),
               f"ROC-AUC (score): {roc_auc(pos, neg):.3f}; TPR at ≤5% FPR: {tpr_at_fpr(pos, neg):.2f}",
+              (f"ROC-AUC (verdict first, then score): {roc_auc(*verdict_first):.3f}; "
+               f"TPR at ≤5% FPR: {tpr_at_fpr(*verdict_first):.2f}"),
               (f"verdict: flagged {sum(r['anomalous'] for r in positives)}/{len(positives)} backdoored "
                f"({correct} with the right target), {sum(r['anomalous'] for r in negatives)}/{len(negatives)} clean"),
               (f"scan time per model: median wall {sorted(r['scan_wall_s'] for r in runs)[len(runs) // 2]} s, "
