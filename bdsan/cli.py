@@ -329,7 +329,7 @@ def audit_command(model_path, arch, num_classes, trust_code, preset, mean, std, 
 @holdout_options
 @click.option("--steps", type=click.IntRange(1), default=200, show_default=True,
               help="Optimisation steps (early stopping usually ends sooner).")
-@click.option("--kinds", default="patch,blend", show_default=True,
+@click.option("--kinds", default="patch,blend,wave", show_default=True,
               help="Trigger kinds to look for: patch (mask + pattern) and blend (full-image additive) are "
                    "reverse-engineered; wave searches grey plane waves, SIG's family (about 40 s more on a CPU).")
 @click.option("--precision", type=click.Choice(SCAN_PRECISIONS), default="auto", show_default=True,

@@ -9,7 +9,7 @@ batched problem (each step forwards (2K)×B stamped images, chunked by ``batch_s
   additive triggers (noise blends, low-frequency) that no small mask reproduces. It does not single out SIG: a
   sine of amplitude 40/255 is larger than the universal perturbation any class has (BENCHMARKS.md, scan).
 
-A third kind, ``wave`` (opt-in until its blind test is passed), is searched, not optimised: SIG's own family, per
+A third kind, ``wave`` (a default since it passed a blind test), is searched, not optimised: SIG's own family, per
 class the grey plane wave (rows or columns, 1–``wave_periods`` periods, four phases, amplitude ``wave_amplitude``)
 that flips most of ``wave_select`` optimisation images to the class. Class t is anomalous for it when its wave
 flips ≥ ``wave_threshold`` of the held-out images (an absolute rule: BENCHMARKS.md, "the best plane wave").
@@ -72,7 +72,7 @@ class ScanSettings:
     # default, what every benchmark measured); "measured": keep the ones the batch's success was measured on
     # (experimental, BENCHMARKS.md "Why the noise blend's reconstruction did not generalise").
     keep: str = "after-step"
-    kinds: tuple[str, ...] = ("patch", "blend")
+    kinds: tuple[str, ...] = KINDS
     # the wave kind: no optimisation, a search over grey plane waves (BENCHMARKS.md, "the best plane wave")
     wave_amplitude: float = 32 / 255
     wave_periods: int = 12

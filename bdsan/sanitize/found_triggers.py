@@ -46,11 +46,13 @@ def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, a
     Without ``all_classes``: the anomalous classes' triggers, or — when none is anomalous and the audit knew no
     trigger — the most suspicious class's (a weak scan signal is still the best lead a small holdout gives).
     """
-    from ..detectors.scan import anomalous_triggers, scan, scan_section
+    from ..detectors.scan import OPTIMISED_KINDS, anomalous_triggers, scan, scan_section
 
     started = time.perf_counter()
     loaded = from_module(model, "module", train.num_classes, Preprocessing(), list(train.classes))
-    result = scan(loaded, train, steps=steps, batch_size=ctx.batch_size, device=ctx.device, seed=ctx.seed)
+    # patch and blend only: every unlearn/D-BR number was measured with them; the wave kind is for detection
+    result = scan(loaded, train, steps=steps, batch_size=ctx.batch_size, device=ctx.device, seed=ctx.seed,
+                  kinds=OPTIMISED_KINDS)
     model.eval()
     if all_classes:
         found = list(result["reconstructed"])

@@ -67,8 +67,8 @@ def test_text_and_sarif_name_the_wave_that_flagged_a_class():
                    "anomaly_index": [None, None], "steps_run": 0, "time_s": 1.0, "n_opt": 10, "n_eval": 10,
                    "params": {"wave_amplitude": 32 / 255},
                    "wave": {"flip_rate": [0.97, 0.4], "selection_flip_rate": [0.98, 0.5], "n_select": 10,
-                            "wave": ["6 periods across the columns, phase 1π/2", "2 periods across the rows, "
-                                     "phase 0π/2"]}}
+                            "wave": ["6 periods across the columns, phase 1π/2",
+                                     "2 periods across the rows, phase 0π/2"]}}
     text = render_text(report)
     assert "97.0%  6 periods across the columns, phase 1π/2  ANOMALOUS" in text
     message = json.loads(render_sarif(report))["runs"][0]["results"][0]["message"]["text"]
