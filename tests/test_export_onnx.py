@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
+from unexportable_arch import DataDependent
 
 from bdsan.errors import GateFailed, ModelRefused
 from bdsan.exporters.onnx import compare_logits, export_onnx
@@ -125,20 +125,6 @@ def test_zero_tolerance_fails_the_gate(tmp_path, toy_poisoned):
     with pytest.raises(GateFailed):
         export_onnx(toy_poisoned.model, tmp_path / "strict.onnx", atol=0.0)
     assert list(tmp_path.iterdir()) == []
-
-
-class DataDependent(nn.Module):
-    """Python control flow on a tensor value: torch.export cannot trace it."""
-
-    def __init__(self, num_classes: int = 3):
-        super().__init__()
-        self.linear = nn.Linear(3 * 8 * 8, num_classes)
-
-    def forward(self, x):
-        logits = self.linear(x.flatten(1))
-        if logits.sum() > 0:
-            return logits
-        return -logits
 
 
 def test_unexportable_model_is_refused_with_reason(tmp_path, capfd):

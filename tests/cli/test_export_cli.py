@@ -1,6 +1,8 @@
 """`bdsan export`: verified ONNX / safetensors, exit codes and no partial files."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -66,29 +68,8 @@ def test_safetensors_export_reloads_without_flags(tmp_path, run_cli, poisoned_sa
     assert (loaded.arch, loaded.num_classes, loaded.preprocessing) == ("tiny_cnn", 5, toy_poisoned.model.preprocessing)
 
 
-UNEXPORTABLE = '''
-from torch import nn
-
-class DataDependent(nn.Module):
-    def __init__(self, num_classes):
-        super().__init__()
-        self.linear = nn.Linear(3 * 8 * 8, num_classes)
-
-    def forward(self, x):
-        logits = self.linear(x.flatten(1))
-        if logits.sum() > 0:
-            return logits
-        return -logits
-
-def build(num_classes=10):
-    return DataDependent(num_classes)
-'''
-
-
 def test_unexportable_model_exit_3_with_reason_no_file(tmp_path, run_cli, capfd):
-    factory = tmp_path / "arch.py"
-    factory.write_text(UNEXPORTABLE)
-    spec = f"{factory}:build"
+    spec = f"{Path(__file__).parents[1] / 'unexportable_arch.py'}:build"
     weights = export_safetensors(from_module(build_arch(spec, 3), spec, 3, Preprocessing(input_size=8)),
                                  tmp_path / "dd.safetensors")
     out_dir = tmp_path / "out"
