@@ -366,7 +366,8 @@ def render_junit(report: Report) -> str:
                              time=f"{scan.get('time_s', 0.0) or 0.0:.3f}")
         if scan.get("anomalous"):
             failure = ET.SubElement(case, "failure", type="ScanAnomalousClass", message=_scan_message(scan, names))
-            failure.text = json.dumps({k: scan.get(k) for k in ("anomaly_index", "flip_rate", "mask_l1")})
+            keys = ("anomalous_kinds", "anomaly_index", "flip_rate", "mask_l1", "wave")
+            failure.text = json.dumps({k: scan[k] for k in keys if k in scan}, ensure_ascii=False)
         else:
             ET.SubElement(case, "system-out").text = (
                 f"no anomalous class (suspected target {_class_label(scan.get('suspected_target'), names)})")

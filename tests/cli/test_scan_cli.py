@@ -58,8 +58,10 @@ def test_junit_and_text_render_the_scan():
     assert "ANOMALOUS" in render_text(report)
 
 
-def test_text_and_sarif_name_the_wave_that_flagged_a_class():
-    from bdsan.report import Report, render_sarif, render_text
+def test_text_sarif_and_junit_name_the_wave_that_flagged_a_class():
+    from xml.etree import ElementTree as ET
+
+    from bdsan.report import Report, render_junit, render_sarif, render_text
 
     report = Report("scan")
     report.scan = {"anomalous": True, "anomalous_classes": [0], "anomalous_kinds": {"0": ["wave"]},
@@ -73,3 +75,7 @@ def test_text_and_sarif_name_the_wave_that_flagged_a_class():
     assert "97.0%  6 periods across the columns, phase 1π/2  ANOMALOUS" in text
     message = json.loads(render_sarif(report))["runs"][0]["results"][0]["message"]["text"]
     assert "grey plane wave (6 periods across the columns, phase 1π/2, amplitude 32/255) sends 97.0%" in message
+    failure = ET.fromstring(render_junit(report)).find(".//testcase[@name='scan']/failure")
+    assert "6 periods across the columns" in failure.get("message")
+    details = json.loads(failure.text)
+    assert details["anomalous_kinds"] == {"0": ["wave"]} and details["wave"]["flip_rate"] == [0.97, 0.4]
