@@ -184,6 +184,8 @@ def check_report_path(report_path: str) -> None:
 _REPORT_STREAM = None  # the real stdout while a --format json command runs
 
 SCAN_PRECISIONS = ("auto", "bf16", "fp32")  # bdsan.device.PRECISIONS, spelled out so --help never imports torch
+SCAN_KINDS_HELP = ("Trigger kinds to look for: patch (mask + pattern) and blend (full-image additive) are "
+                   "reverse-engineered; wave searches grey plane waves, SIG's family (about 40 s more on a CPU).")
 SCAN_PRECISION_HELP = ("Arithmetic of the scan's passes: auto = bf16 on CUDA and on CPUs with native bf16 "
                        "(AVX512-BF16/AMX; about 2x faster there), fp32 elsewhere.")
 
@@ -243,6 +245,18 @@ def _parse_names(text: str | None, option: str) -> list[str] | None:
     return names
 
 
+def _parse_scan_kinds(text: str, option: str) -> tuple[str, ...]:
+    """The scan kinds named in ``text``, checked before any work starts (a usage error otherwise)."""
+    from .detectors.scan import KINDS
+
+    kinds = tuple(_parse_names(text, option) or ())
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if unknown:
+        raise click.BadParameter(f"unknown kind {', '.join(unknown)}; choose from {', '.join(KINDS)}",
+                                 param_hint=option)
+    return kinds
+
+
 @cli.command("audit")
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @model_options
@@ -267,12 +281,13 @@ def _parse_names(text: str | None, option: str) -> list[str] | None:
 @click.option("--scan", "run_scan", is_flag=True,
               help="Also reverse-engineer unknown triggers (`bdsan scan`); the gate fails on an anomalous class too.")
 @click.option("--scan-steps", type=click.IntRange(1), default=200, show_default=True, help="Scan optimisation steps.")
+@click.option("--scan-kinds", default="patch,blend,wave", show_default=True, help=SCAN_KINDS_HELP)
 @click.option("--scan-precision", type=click.Choice(SCAN_PRECISIONS), default="auto", show_default=True,
               help=SCAN_PRECISION_HELP)
 @common_options
 def audit_command(model_path, arch, num_classes, trust_code, preset, mean, std, input_size, holdout, data_split,
                   classes, max_asr, target, trigger_names, trigger_image, trigger_mask, trigger_alpha, run_sweep,
-                  sweep_images, run_scan, scan_steps, scan_precision, device, seed, batch_size, output_format,
+                  sweep_images, run_scan, scan_steps, scan_kinds, scan_precision, device, seed, batch_size, output_format,
                   report_path, quiet, debug):
     """Measure clean accuracy and, per trigger, attack success rate (every target), net ASR and robust accuracy
     on the whole holdout; exit 1 when a trigger is above --max-asr.
@@ -290,6 +305,7 @@ def audit_command(model_path, arch, num_classes, trust_code, preset, mean, std, 
 
     if (trigger_mask or trigger_alpha is not None) and not trigger_image:
         raise click.UsageError("--trigger-mask/--trigger-alpha need --trigger-image")
+    scan_kind_names = _parse_scan_kinds(scan_kinds, "--scan-kinds")
     if report_path and any(Path(report_path).resolve() == Path(p).resolve() for p in (model_path, holdout)):
         raise OutputError(f"-o {report_path} is an input; inputs are never overwritten")
     torch_device = resolve_device(device)
@@ -316,7 +332,7 @@ def audit_command(model_path, arch, num_classes, trust_code, preset, mean, std, 
         from .detectors.scan import scan, scan_section
 
         result = scan(model, data, steps=scan_steps, batch_size=batch_size, device=torch_device, seed=seed,
-                      precision=scan_precision)
+                      kinds=scan_kind_names, precision=scan_precision)
         report.scan = scan_section(result)
         report.timings_s["scan"] = result["time_s"]
         _add_scan_gate(report)
@@ -329,9 +345,7 @@ def audit_command(model_path, arch, num_classes, trust_code, preset, mean, std, 
 @holdout_options
 @click.option("--steps", type=click.IntRange(1), default=200, show_default=True,
               help="Optimisation steps (early stopping usually ends sooner).")
-@click.option("--kinds", default="patch,blend,wave", show_default=True,
-              help="Trigger kinds to look for: patch (mask + pattern) and blend (full-image additive) are "
-                   "reverse-engineered; wave searches grey plane waves, SIG's family (about 40 s more on a CPU).")
+@click.option("--kinds", default="patch,blend,wave", show_default=True, help=SCAN_KINDS_HELP)
 @click.option("--precision", type=click.Choice(SCAN_PRECISIONS), default="auto", show_default=True,
               help=SCAN_PRECISION_HELP)
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
@@ -353,7 +367,7 @@ def scan_command(model_path, arch, num_classes, trust_code, preset, mean, std, i
     from .device import describe_device, resolve_device
     from .report import AUDIT_RENDERERS
 
-    kind_names = tuple(_parse_names(kinds, "--kinds") or ())
+    kind_names = _parse_scan_kinds(kinds, "--kinds")
     if out_dir and Path(out_dir).exists() and not force:
         raise click.UsageError(f"--out-dir {out_dir} already exists (use --force to replace it)")
     torch_device = resolve_device(device)

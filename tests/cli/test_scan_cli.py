@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 SCAN_STEPS = 150
 
 
@@ -34,11 +36,21 @@ def test_cli_audit_scan_fails_the_gate_and_carries_the_scan_into_sarif(run_cli, 
                                                                       holdout_npz):
     sarif = tmp_path / "r.sarif"
     result = run_cli("audit", poisoned_safetensors, "--holdout", holdout_npz, "--triggers", "blend_strip", "--scan",
-                     "--scan-steps", SCAN_STEPS, "--scan-precision", "fp32", "--device", "cpu", "-o", sarif, "--quiet")
+                     "--scan-steps", SCAN_STEPS, "--scan-kinds", "patch,blend", "--scan-precision", "fp32",
+                     "--device", "cpu", "-o", sarif, "--quiet")
     assert result.code == 1, result.output  # blend_strip does not fire on the corner-square backdoor; the scan does
     assert "gate scan failed" in result.stderr and "gate max_asr failed" not in result.stderr
     rules = [r["ruleId"] for r in json.loads(sarif.read_text())["runs"][0]["results"]]
     assert rules == ["bdsan/scan/anomalous-class"]
+
+
+@pytest.mark.parametrize("command, option", [("audit", "--scan-kinds"), ("scan", "--kinds")])
+def test_cli_refuses_an_unknown_scan_kind_before_any_work(run_cli, clean_safetensors, holdout_npz, command, option):
+    extra = ["--scan"] if command == "audit" else []
+    result = run_cli(command, clean_safetensors, "--holdout", holdout_npz, *extra, option, "patch,warp",
+                     "--device", "cpu")
+    assert result.code == 2 and "unknown kind warp" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""
 
 
 def test_cli_scan_refuses_an_unknown_precision(run_cli, clean_safetensors, holdout_npz):
