@@ -184,6 +184,8 @@ def check_report_path(report_path: str) -> None:
 _REPORT_STREAM = None  # the real stdout while a --format json command runs
 
 SCAN_PRECISIONS = ("auto", "bf16", "fp32")  # bdsan.device.PRECISIONS, spelled out so --help never imports torch
+# the scan's default kinds, written out so that --help needs no torch import (a test checks it against scan.KINDS)
+SCAN_KINDS_DEFAULT = "patch,blend,wave"
 SCAN_KINDS_HELP = ("Trigger kinds to look for: patch (mask + pattern) and blend (full-image additive) are "
                    "reverse-engineered; wave searches grey plane waves, SIG's family (about 40 s more on a CPU).")
 SCAN_PRECISION_HELP = ("Arithmetic of the scan's passes: auto = bf16 on CUDA and on CPUs with native bf16 "
@@ -281,7 +283,7 @@ def _parse_scan_kinds(text: str, option: str) -> tuple[str, ...]:
 @click.option("--scan", "run_scan", is_flag=True,
               help="Also reverse-engineer unknown triggers (`bdsan scan`); the gate fails on an anomalous class too.")
 @click.option("--scan-steps", type=click.IntRange(1), default=200, show_default=True, help="Scan optimisation steps.")
-@click.option("--scan-kinds", default="patch,blend,wave", show_default=True, help=SCAN_KINDS_HELP)
+@click.option("--scan-kinds", default=SCAN_KINDS_DEFAULT, show_default=True, help=SCAN_KINDS_HELP)
 @click.option("--scan-precision", type=click.Choice(SCAN_PRECISIONS), default="auto", show_default=True,
               help=SCAN_PRECISION_HELP)
 @common_options
@@ -345,7 +347,7 @@ def audit_command(model_path, arch, num_classes, trust_code, preset, mean, std, 
 @holdout_options
 @click.option("--steps", type=click.IntRange(1), default=200, show_default=True,
               help="Optimisation steps (early stopping usually ends sooner).")
-@click.option("--kinds", default="patch,blend,wave", show_default=True, help=SCAN_KINDS_HELP)
+@click.option("--kinds", default=SCAN_KINDS_DEFAULT, show_default=True, help=SCAN_KINDS_HELP)
 @click.option("--precision", type=click.Choice(SCAN_PRECISIONS), default="auto", show_default=True,
               help=SCAN_PRECISION_HELP)
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,

@@ -53,6 +53,13 @@ def test_cli_refuses_an_unknown_scan_kind_before_any_work(run_cli, clean_safeten
     assert result.stdout == ""
 
 
+def test_cli_default_scan_kinds_are_the_scans_own():
+    from bdsan.cli import SCAN_KINDS_DEFAULT
+    from bdsan.detectors.scan import KINDS, ScanSettings
+
+    assert SCAN_KINDS_DEFAULT == ",".join(KINDS) == ",".join(ScanSettings().kinds)
+
+
 def test_cli_scan_refuses_an_unknown_precision(run_cli, clean_safetensors, holdout_npz):
     result = run_cli("scan", clean_safetensors, "--holdout", holdout_npz, "--precision", "fp16", "--device", "cpu")
     assert result.code == 2 and "fp16" in result.stderr
