@@ -1,0 +1,111 @@
+"""Compare scan verdict rules offline on stored scans (the wave kind included), without re-scanning.
+
+``rescore_scan.py`` compares anomaly-*index* rules for the optimised kinds; this compares *verdict* rules: the size
+test's ratio per kind and whether two kinds pointing at the same class suffice. The per-class trigger sizes, flip
+rates and wave flips in ``results.json`` (``benchmarks/scan_detect.py``) do not depend on the verdict. Choose a rule on
+development scans, write it down, then report it on scans of models it was not chosen on.
+
+    python benchmarks/verdict_rules.py bench_out/scan-cifar-dev10-measured/results.json --detail
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scan_detect import roc_auc, tpr_at_fpr
+
+from bdsan.detectors.scan import ScanSettings, _anomaly_index
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A verdict: per-kind size ratios (``None``: no size test) and the two-kinds-agree clause."""
+
+    patch_ratio: float | None = 0.3
+    blend_ratio: float | None = 0.3
+    agree: bool = False  # also anomalous: patch and blend both give the class index > threshold and flip ≥ 0.5
+
+
+RULES = {"scan default (size ≤ 0.3·median for both kinds)": Rule(),
+         "blend size ≤ 0.5·median": Rule(blend_ratio=0.5),
+         "blend size ≤ 0.75·median": Rule(blend_ratio=0.75),
+         "blend without size test": Rule(blend_ratio=None),
+         "patch size ≤ 0.35·median": Rule(patch_ratio=0.35),
+         "two kinds agree (size tests waived then)": Rule(agree=True)}
+
+
+def kind_tables(run: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(sizes, held-out flips) per optimised kind of one stored scan."""
+    tables = {}
+    if run.get("mask_l1"):
+        tables["patch"] = np.asarray(run["mask_l1"]), np.asarray(run["patch_flip"])
+    if run.get("blend"):
+        tables["blend"] = np.asarray(run["blend"]["mean_abs_delta"]), np.asarray(run["blend"]["flip_rate"])
+    return tables
+
+
+def verdict(run: dict, rule: Rule, cfg: ScanSettings | None = None) -> tuple[float, set[int]]:
+    """(ranking score, anomalous classes) of one stored scan under ``rule``; the score is the scan's (the largest
+    index among classes whose trigger flips ≥ the flip threshold)."""
+    cfg = cfg or ScanSettings()
+    flagged: set[int] = set()
+    score = -np.inf
+    evidence = {}
+    for kind, (norms, flips) in kind_tables(run).items():
+        index = _anomaly_index(norms)
+        generalises = flips >= cfg.flip_threshold
+        ratio = rule.patch_ratio if kind == "patch" else rule.blend_ratio
+        small = np.ones_like(generalises) if ratio is None else norms <= ratio * np.median(norms)
+        evidence[kind] = (index > cfg.anomaly_threshold) & generalises
+        flagged |= set(np.nonzero(evidence[kind] & small)[0].tolist())
+        if generalises.any():
+            score = max(score, float(index[generalises].max()))
+    if rule.agree and len(evidence) == 2:
+        flagged |= set(np.nonzero(evidence["patch"] & evidence["blend"])[0].tolist())
+    if run.get("wave"):
+        flagged |= set(np.nonzero(np.asarray(run["wave"]["flip_rate"]) >= cfg.wave_threshold)[0].tolist())
+    return (score if np.isfinite(score) else -10.0), flagged
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", help="results.json files of scan_detect.py")
+    parser.add_argument("--detail", action="store_true", help="per model: each kind's target-class statistics")
+    args = parser.parse_args()
+    runs = [r for path in args.results for r in json.loads(Path(path).read_text())]
+    positives = [r for r in runs if r["backdoored"] and (r["implant_asr"] or 0) >= 0.5]
+    negatives = [r for r in runs if not r["backdoored"]]
+    if args.detail:
+        print_detail(runs)
+    print(f"{len(positives)} backdoored, {len(negatives)} clean")
+    print("| rule | ROC-AUC verdict first | TPR@5%FPR | flagged backdoored (right target) | flagged clean |")
+    print("|---|---|---|---|---|")
+    for name, rule in RULES.items():
+        pos = [verdict(r, rule) for r in positives]
+        neg = [verdict(r, rule) for r in negatives]
+        first = [s + 1000.0 * bool(f) for s, f in pos], [s + 1000.0 * bool(f) for s, f in neg]
+        right = sum(r["target"] in f for (_, f), r in zip(pos, positives))
+        print(f"| {name} | {roc_auc(*first):.3f} | {tpr_at_fpr(*first):.2f} "
+              f"| {sum(bool(f) for _, f in pos)}/{len(pos)} ({right}) | {sum(bool(f) for _, f in neg)}/{len(neg)} |")
+
+
+def print_detail(runs: list[dict]) -> None:
+    """Per model and optimised kind: the class with the largest index, its index, flip and size ÷ median."""
+    print("| model | kind | top class | index | flip | size ÷ median | 2nd index | best wave (class) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for run in runs:
+        waves = np.asarray(run["wave"]["flip_rate"]) if run.get("wave") else None
+        wave = "—" if waves is None else f"{waves.max():.3f} ({int(waves.argmax())})"
+        for kind, (norms, flips) in kind_tables(run).items():
+            index = _anomaly_index(norms)
+            order = np.argsort(-index)
+            top = int(order[0])
+            print(f"| {run['attack']} | {kind} | {top} | {index[top]:.2f} | {flips[top]:.2f} "
+                  f"| {norms[top] / np.median(norms):.2f} | {index[order[1]]:.2f} | {wave} |")
+
+
+if __name__ == "__main__":
+    main()
