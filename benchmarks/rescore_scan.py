@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from scan_detect import roc_auc, tpr_at_fpr
+from verdict_rules import kind_tables
 
 from bdsan.detectors.scan import MAD_TO_SIGMA, ScanSettings, _anomaly_index, kind_verdict
 
@@ -42,12 +43,10 @@ def rescore(run: dict, rule, floor: float, threshold: float = 2.0, flip_min: flo
     ``size_gated``: the ranking score first takes classes that also pass the verdict's size test
     (norm ≤ ``ratio`` × median), and ranks the others 100 lower (the scan's score ignores the size test)."""
     best, flagged, suspected = -np.inf, False, None
-    kinds = [(np.asarray(run["mask_l1"]), np.asarray(run["patch_flip"]))] if run.get("mask_l1") else []
-    if run.get("blend"):
-        kinds.append((np.asarray(run["blend"]["mean_abs_delta"]), np.asarray(run["blend"]["flip_rate"])))
-    settings = ScanSettings(anomaly_threshold=threshold, flip_threshold=flip_min, max_norm_ratio=ratio)
-    for norms, flips in kinds:
-        _, anomalous, usable = kind_verdict(norms, flips, settings, index=rule(norms, floor))
+    settings = ScanSettings(anomaly_threshold=threshold, flip_threshold=flip_min, max_norm_ratio=ratio,
+                            blend_max_norm_ratio=ratio)
+    for kind, (norms, flips) in kind_tables(run).items():
+        _, anomalous, usable = kind_verdict(norms, flips, settings, index=rule(norms, floor), kind=kind)
         if size_gated:
             usable = np.where(norms <= ratio * np.median(norms), usable, usable - 100)
         if usable.max() > best:

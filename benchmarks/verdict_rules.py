@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scan_detect import roc_auc, tpr_at_fpr
 
-from bdsan.detectors.scan import ScanSettings, _anomaly_index
+from bdsan.detectors.scan import ScanSettings, _anomaly_index, kind_verdict
 
 
 @dataclass(frozen=True)
@@ -47,22 +48,20 @@ def kind_tables(run: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return tables
 
 
-def verdict(run: dict, rule: Rule, cfg: ScanSettings | None = None) -> tuple[float, set[int]]:
-    """(ranking score, anomalous classes) of one stored scan under ``rule``; the score is the scan's (the largest
-    index among classes whose trigger flips ≥ the flip threshold)."""
-    cfg = cfg or ScanSettings()
+def verdict(run: dict, rule: Rule) -> tuple[float, set[int]]:
+    """(ranking score, anomalous classes) of one stored scan under ``rule``, through the scan's own
+    :func:`kind_verdict`; the score is the scan's (the largest index among classes whose trigger flips ≥ the flip
+    threshold)."""
+    cfg = ScanSettings(max_norm_ratio=math.inf if rule.patch_ratio is None else rule.patch_ratio,
+                       blend_max_norm_ratio=math.inf if rule.blend_ratio is None else rule.blend_ratio)
     flagged: set[int] = set()
     score = -np.inf
     evidence = {}
     for kind, (norms, flips) in kind_tables(run).items():
-        index = _anomaly_index(norms)
-        generalises = flips >= cfg.flip_threshold
-        ratio = rule.patch_ratio if kind == "patch" else rule.blend_ratio
-        small = np.ones_like(generalises) if ratio is None else norms <= ratio * np.median(norms)
-        evidence[kind] = (index > cfg.anomaly_threshold) & generalises
-        flagged |= set(np.nonzero(evidence[kind] & small)[0].tolist())
-        if generalises.any():
-            score = max(score, float(index[generalises].max()))
+        index, anomalous, ranking = kind_verdict(norms, flips, cfg, kind=kind)
+        evidence[kind] = (index > cfg.anomaly_threshold) & (flips >= cfg.flip_threshold)
+        flagged |= set(np.nonzero(anomalous)[0].tolist())
+        score = max(score, float(ranking.max()))
     if rule.agree and len(evidence) == 2:
         flagged |= set(np.nonzero(evidence["patch"] & evidence["blend"])[0].tolist())
     if run.get("wave"):

@@ -216,3 +216,12 @@ def test_verdict_needs_a_trigger_several_times_smaller_than_the_median():
     # A trigger that does not generalise to held-out images is neither flagged nor ranked.
     _, flagged, score = kind_verdict(np.array([7.4, 58.1, 258.5, 163.3, 140.8]), np.full(5, 0.3), ScanSettings())
     assert not flagged.any() and np.isneginf(score).all()
+
+
+def test_the_blend_kind_has_its_own_size_test():
+    # Blend sizes (mean |δ|) shaped like development seed 10's unseen noise blend: the target is 0.56x the median.
+    norms = np.array([0.0140, 0.0250, 0.0240, 0.0260, 0.0255, 0.0245, 0.0265, 0.0235, 0.0250, 0.0270])
+    flips = np.full(10, 0.7)
+    settings = ScanSettings(max_norm_ratio=0.3, blend_max_norm_ratio=0.75)
+    assert kind_verdict(norms, flips, settings, kind="blend")[1].tolist() == [True] + [False] * 9
+    assert not kind_verdict(norms, flips, settings, kind="patch")[1].any()  # the patch kind keeps 0.3
