@@ -175,7 +175,9 @@ def zoo_jobs(seed: int, args, data):
 def scan_run(job: dict, seed: int, args) -> dict:
     """Scan one model (and, with ``--defend`` on a toy model that implanted, run the defenses): its results row."""
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    kinds = ({"kinds": tuple(args.kinds)} if args.kinds else {}) | {"keep": args.keep}
+    kinds = ({"kinds": tuple(args.kinds)} if args.kinds else {}) | ({"keep": args.keep} if args.keep else {})
+    if args.blend_ratio is not None:
+        kinds["blend_max_norm_ratio"] = args.blend_ratio
     section = scan_section(scan(job["model"], job["holdout"], steps=args.steps, seed=seed, device=args.device,
                                 precision=args.precision, **kinds))
     scan_wall, scan_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
@@ -212,8 +214,12 @@ def main() -> None:
     parser.add_argument("--cache", default=".cache/bdsan-bench")
     parser.add_argument("--steps", type=int, default=200, help="scan steps")
     parser.add_argument("--kinds", nargs="+", default=None, help="scan kinds (default: the scan's default)")
-    parser.add_argument("--keep", default="after-step", choices=("after-step", "measured"),
-                        help="the scan's ScanSettings.keep (experimental: which trigger tensors a successful batch keeps)")
+    parser.add_argument("--keep", default=None, choices=("after-step", "measured"),
+                        help="the scan's ScanSettings.keep: which trigger tensors a successful batch keeps (default: "
+                             "the scan's, measured; after-step before 2026-12-04)")
+    parser.add_argument("--blend-ratio", type=float, default=None,
+                        help="the blend kind's size test, ScanSettings.blend_max_norm_ratio (default: the scan's, 0.75; "
+                             "0.3 before 2026-12-04)")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                         help="the scan's precision (auto: bf16 on CUDA and on CPUs with native bf16)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

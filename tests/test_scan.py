@@ -154,12 +154,13 @@ def test_unknown_precision_is_a_data_error(unknown_patch_toy):
         scan(unknown_patch_toy.model, unknown_patch_toy.holdout, steps=1, device="cpu", precision="fp16")
 
 
-def test_keep_measured_also_finds_the_unknown_patch_target(unknown_patch_toy):
-    # the experimental selection (keep the tensors a batch's success was measured on) must not lose a patch backdoor
+def test_keep_after_step_also_finds_the_unknown_patch_target(unknown_patch_toy):
+    # the earlier selection (the tensors after the step that followed a success), which the defenses' scans keep
     toy = unknown_patch_toy
     section = scan_section(scan(toy.model, toy.holdout, steps=SCAN_STEPS, seed=0, device="cpu", kinds=("patch",),
-                                keep="measured"))
-    assert section["params"]["keep"] == "measured" and section["anomalous_classes"] == [TARGET]
+                                keep="after-step"))
+    assert section["params"]["keep"] == "after-step" and section["anomalous_classes"] == [TARGET]
+    assert ScanSettings().keep == "measured"
     with pytest.raises(DataError, match="keep"):
         scan(toy.model, toy.holdout, steps=1, device="cpu", keep="latest")
 

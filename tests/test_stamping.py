@@ -44,3 +44,28 @@ def test_strength_scales_full_image_triggers_per_image_and_leaves_patches():
     patch = get_trigger("patch", side=3, margin=0, content="white")
     out, n = stamp_leading(x, [patch], 0.5, generator, strength=(0.5, 2.0))
     assert torch.equal(out[:n], patch.apply(x[:n]))
+
+
+def test_the_defenses_scan_keeps_the_settings_their_numbers_were_measured_with(monkeypatch):
+    # unlearn / D-BR / FMP measured every number with patch + blend, keep=after-step and a 0.3 blend size test; the
+    # detection scan's later defaults (wave, keep=measured, 0.75) must not change what they stamp
+    import pytest
+
+    import bdsan.detectors.scan as scan_module
+    from bdsan.detectors.scan import ScanSettings
+    from bdsan.io.data import Holdout
+    from bdsan.sanitize.context import Context
+    from bdsan.sanitize.found_triggers import scan_fit_split
+
+    seen = {}
+
+    def fake_scan(model, holdout, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(scan_module, "scan", fake_scan)
+    train = Holdout(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]), ["a", "b"])
+    with pytest.raises(RuntimeError, match="stop here"):
+        scan_fit_split(torch.nn.Flatten(), train, Context(), steps=1)
+    assert seen["kinds"] == ("patch", "blend") and seen["keep"] == "after-step"
+    assert seen["blend_max_norm_ratio"] == 0.3 != ScanSettings().blend_max_norm_ratio

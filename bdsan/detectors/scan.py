@@ -15,7 +15,10 @@ that flips most of ``wave_select`` optimisation images to the class. Class t is 
 flips ≥ ``wave_threshold`` of the held-out images (an absolute rule: BENCHMARKS.md, "the best plane wave").
 
 λ_t adapts per trigger (raised ×1.5 after ``patience`` steps at ≥ ``success`` flip rate, lowered ÷1.5^1.5 after
-``patience`` steps below it); the smallest trigger that reached ``success`` on a batch is kept. Optimisation sees
+``patience`` steps below it); the smallest trigger that reached ``success`` on a batch is kept, as it was when that
+success was measured (``keep="measured"``, the default since blind seed 11; ``"after-step"``, the tensors after the
+optimiser step that followed, shrunk by the size penalty, is what the defenses' scans and the benchmarks before it
+used). Optimisation sees
 only the ``opt`` part of the holdout; flip rates are measured on the other part (images it never saw). The passes
 run in bf16 where ``precision`` asks (``auto``: CUDA and CPUs with native bf16, 2.3–2.6× faster on an AMX CPU with
 the same verdicts on the development models; BENCHMARKS.md, "Scan precision").
@@ -26,6 +29,8 @@ anomalous for a kind when a_t > ``anomaly_threshold`` (2, as Neural Cleanse), it
 ``flip_threshold`` (0.5), and n_t ≤ ``max_norm_ratio``·median(n) (0.3: at least about three times smaller than a
 typical class, which keeps MAD from over-reacting with few classes; chosen on development toy scans, where real
 triggers measured 0.05–0.25 of the median and the clean classes that passed the index 0.36–0.46; BENCHMARKS.md).
+The blend kind's size test is ``blend_max_norm_ratio`` (0.75: noise-blend targets measured 0.40–0.70 of the median on
+development CIFAR models, clean twins' most anomalous blend classes 0.79–0.81; BENCHMARKS.md, "Seeds 10 and 11").
 """
 from __future__ import annotations
 
@@ -68,12 +73,12 @@ class ScanSettings:
     anomaly_threshold: float = 2.0
     flip_threshold: float = 0.5
     max_norm_ratio: float = 0.3
-    # the blend kind's size test (BENCHMARKS.md, "Seeds 10 (development) and 11 (blind)")
-    blend_max_norm_ratio: float = 0.3
-    # "after-step": keep the tensors as they are after the optimiser step that followed a successful batch (the
-    # default, what every benchmark measured); "measured": keep the ones the batch's success was measured on
-    # (experimental, BENCHMARKS.md "Why the noise blend's reconstruction did not generalise").
-    keep: str = "after-step"
+    # the blend kind's size test (BENCHMARKS.md, "Seeds 10 (development) and 11 (blind)"; 0.3 before)
+    blend_max_norm_ratio: float = 0.75
+    # "measured": keep the tensors a successful batch's success was measured on (BENCHMARKS.md "Why the noise
+    # blend's reconstruction did not generalise"; the default since blind seed 11); "after-step": as they are after
+    # the optimiser step that followed (the default before; the defenses' scans keep it)
+    keep: str = "measured"
     kinds: tuple[str, ...] = KINDS
     # the wave kind: no optimisation, a search over grey plane waves (BENCHMARKS.md, "the best plane wave")
     wave_amplitude: float = 32 / 255
