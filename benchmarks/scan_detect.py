@@ -218,8 +218,7 @@ def main() -> None:
                         help="the scan's ScanSettings.keep: which trigger tensors a successful batch keeps (default: "
                              "the scan's, measured; after-step before 2026-12-04)")
     parser.add_argument("--blend-ratio", type=float, default=None,
-                        help="the blend kind's size test, ScanSettings.blend_max_norm_ratio (default: the scan's, 0.75; "
-                             "0.3 before 2026-12-04)")
+                        help="the blend kind's size test, ScanSettings.blend_max_norm_ratio (default: the scan's, 0.3)")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                         help="the scan's precision (auto: bf16 on CUDA and on CPUs with native bf16)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

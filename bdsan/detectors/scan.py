@@ -29,8 +29,9 @@ anomalous for a kind when a_t > ``anomaly_threshold`` (2, as Neural Cleanse), it
 ``flip_threshold`` (0.5), and n_t ≤ ``max_norm_ratio``·median(n) (0.3: at least about three times smaller than a
 typical class, which keeps MAD from over-reacting with few classes; chosen on development toy scans, where real
 triggers measured 0.05–0.25 of the median and the clean classes that passed the index 0.36–0.46; BENCHMARKS.md).
-The blend kind's size test is ``blend_max_norm_ratio`` (0.75: noise-blend targets measured 0.40–0.70 of the median on
-development CIFAR models, clean twins' most anomalous blend classes 0.79–0.81; BENCHMARKS.md, "Seeds 10 and 11").
+The blend kind's size test has its own ratio, ``blend_max_norm_ratio``, also 0.3: 0.75 was tried (noise-blend
+targets measured 0.40–0.70 of the median on development CIFAR models) and flagged a clean twin whose class-9 blend
+measured 0.73 (BENCHMARKS.md, "Seeds 10 (development) and 11 (blind)").
 """
 from __future__ import annotations
 
@@ -73,8 +74,8 @@ class ScanSettings:
     anomaly_threshold: float = 2.0
     flip_threshold: float = 0.5
     max_norm_ratio: float = 0.3
-    # the blend kind's size test (BENCHMARKS.md, "Seeds 10 (development) and 11 (blind)"; 0.3 before)
-    blend_max_norm_ratio: float = 0.75
+    # the blend kind's size test (BENCHMARKS.md, "Seeds 10 (development) and 11 (blind)": 0.75 gave a false positive)
+    blend_max_norm_ratio: float = 0.3
     # "measured": keep the tensors a successful batch's success was measured on (BENCHMARKS.md "Why the noise
     # blend's reconstruction did not generalise"; the default since blind seed 11); "after-step": as they are after
     # the optimiser step that followed (the default before; the defenses' scans keep it)
