@@ -48,25 +48,29 @@ def kind_tables(run: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return tables
 
 
-def verdict(run: dict, rule: Rule) -> tuple[float, set[int]]:
-    """(ranking score, anomalous classes) of one stored scan under ``rule``, through the scan's own
+def verdict(run: dict, rule: Rule) -> tuple[float, set[int], int | None]:
+    """(ranking score, anomalous classes, suspect) of one stored scan under ``rule``, through the scan's own
     :func:`kind_verdict`; the score is the scan's (the largest index among classes whose trigger flips ≥ the flip
-    threshold)."""
+    threshold) and so is the suspect (among flagged classes the highest per-class score, then the best wave)."""
     cfg = ScanSettings(max_norm_ratio=math.inf if rule.patch_ratio is None else rule.patch_ratio,
                        blend_max_norm_ratio=math.inf if rule.blend_ratio is None else rule.blend_ratio)
     flagged: set[int] = set()
-    score = -np.inf
     evidence = {}
+    waves = np.asarray(run["wave"]["flip_rate"]) if run.get("wave") else None
+    scores = np.full(len(waves) if waves is not None else len(run["mask_l1"] or []), -np.inf)
     for kind, (norms, flips) in kind_tables(run).items():
         index, anomalous, ranking = kind_verdict(norms, flips, cfg, kind=kind)
         evidence[kind] = (index > cfg.anomaly_threshold) & (flips >= cfg.flip_threshold)
         flagged |= set(np.nonzero(anomalous)[0].tolist())
-        score = max(score, float(ranking.max()))
+        scores = np.maximum(scores, ranking)
     if rule.agree and len(evidence) == 2:
         flagged |= set(np.nonzero(evidence["patch"] & evidence["blend"])[0].tolist())
-    if run.get("wave"):
-        flagged |= set(np.nonzero(np.asarray(run["wave"]["flip_rate"]) >= cfg.wave_threshold)[0].tolist())
-    return (score if np.isfinite(score) else -10.0), flagged
+    if waves is not None:
+        flagged |= set(np.nonzero(waves >= cfg.wave_threshold)[0].tolist())
+    wave_of = (lambda c: waves[c]) if waves is not None else (lambda c: 0.0)
+    suspect = max(sorted(flagged), key=lambda c: (scores[c], wave_of(c))) if flagged else None
+    score = float(scores.max()) if np.isfinite(scores).any() else -10.0
+    return score, flagged, suspect
 
 
 def main() -> None:
@@ -80,15 +84,16 @@ def main() -> None:
     if args.detail:
         print_detail(runs)
     print(f"{len(positives)} backdoored, {len(negatives)} clean")
-    print("| rule | ROC-AUC verdict first | TPR@5%FPR | flagged backdoored (right target) | flagged clean |")
+    print("| rule | ROC-AUC verdict first | TPR@5%FPR | flagged backdoored (suspect = target) | flagged clean |")
     print("|---|---|---|---|---|")
     for name, rule in RULES.items():
         pos = [verdict(r, rule) for r in positives]
         neg = [verdict(r, rule) for r in negatives]
-        first = [s + 1000.0 * bool(f) for s, f in pos], [s + 1000.0 * bool(f) for s, f in neg]
-        right = sum(r["target"] in f for (_, f), r in zip(pos, positives))
+        first = [s + 1000.0 * bool(f) for s, f, _ in pos], [s + 1000.0 * bool(f) for s, f, _ in neg]
+        right = sum(suspect == r["target"] for (_, _, suspect), r in zip(pos, positives))
         print(f"| {name} | {roc_auc(*first):.3f} | {tpr_at_fpr(*first):.2f} "
-              f"| {sum(bool(f) for _, f in pos)}/{len(pos)} ({right}) | {sum(bool(f) for _, f in neg)}/{len(neg)} |")
+              f"| {sum(bool(f) for _, f, _ in pos)}/{len(pos)} ({right}) "
+              f"| {sum(bool(f) for _, f, _ in neg)}/{len(neg)} |")
 
 
 def print_detail(runs: list[dict]) -> None:
