@@ -249,10 +249,10 @@ def _parse_names(text: str | None, option: str) -> list[str] | None:
 
 def _parse_scan_kinds(text: str, option: str) -> tuple[str, ...]:
     """The scan kinds named in ``text``, checked before any work starts (a usage error otherwise)."""
-    from .detectors.scan import KINDS
+    from .detectors.scan import KINDS, unknown_kinds
 
     kinds = tuple(_parse_names(text, option) or ())
-    unknown = [kind for kind in kinds if kind not in KINDS]
+    unknown = unknown_kinds(kinds)
     if unknown:
         raise click.BadParameter(f"unknown kind {', '.join(unknown)}; choose from {', '.join(KINDS)}",
                                  param_hint=option)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from scan_detect import roc_auc, tpr_at_fpr
 
-from bdsan.detectors.scan import ScanSettings, _anomaly_index, kind_verdict
+from bdsan.detectors.scan import ScanSettings, _anomaly_index, kind_verdict, suspect_among
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,11 @@ def verdict(run: dict, rule: Rule) -> tuple[float, set[int], int | None]:
                        blend_max_norm_ratio=math.inf if rule.blend_ratio is None else rule.blend_ratio)
     flagged: set[int] = set()
     evidence = {}
+    tables = kind_tables(run)
     waves = np.asarray(run["wave"]["flip_rate"]) if run.get("wave") else None
-    scores = np.full(len(waves) if waves is not None else len(run["mask_l1"] or []), -np.inf)
-    for kind, (norms, flips) in kind_tables(run).items():
+    num_classes = len(waves) if waves is not None else len(next(iter(tables.values()))[0])
+    scores = np.full(num_classes, -np.inf)
+    for kind, (norms, flips) in tables.items():
         index, anomalous, ranking = kind_verdict(norms, flips, cfg, kind=kind)
         evidence[kind] = (index > cfg.anomaly_threshold) & (flips >= cfg.flip_threshold)
         flagged |= set(np.nonzero(anomalous)[0].tolist())
@@ -67,8 +69,7 @@ def verdict(run: dict, rule: Rule) -> tuple[float, set[int], int | None]:
         flagged |= set(np.nonzero(evidence["patch"] & evidence["blend"])[0].tolist())
     if waves is not None:
         flagged |= set(np.nonzero(waves >= cfg.wave_threshold)[0].tolist())
-    wave_of = (lambda c: waves[c]) if waves is not None else (lambda c: 0.0)
-    suspect = max(sorted(flagged), key=lambda c: (scores[c], wave_of(c))) if flagged else None
+    suspect = suspect_among(flagged, scores, waves if waves is not None else np.zeros(num_classes)) if flagged else None
     score = float(scores.max()) if np.isfinite(scores).any() else -10.0
     return score, flagged, suspect
 

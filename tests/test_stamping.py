@@ -1,8 +1,13 @@
 """Stamping found triggers on fine-tuning batches (unlearn, FMP) and on BN re-estimation batches."""
+import pytest
 import torch
 
+import bdsan.detectors.scan as scan_module
+from bdsan.detectors.scan import ScanSettings
 from bdsan.detectors.triggers import get_trigger
-from bdsan.sanitize.found_triggers import stamp_leading, stamped_like_training
+from bdsan.io.data import Holdout
+from bdsan.sanitize.context import Context
+from bdsan.sanitize.found_triggers import scan_fit_split, stamp_leading, stamped_like_training
 
 
 def test_stamps_the_leading_fraction_with_the_triggers_and_leaves_the_rest():
@@ -49,14 +54,6 @@ def test_strength_scales_full_image_triggers_per_image_and_leaves_patches():
 def test_the_defenses_scan_keeps_the_settings_their_numbers_were_measured_with(monkeypatch):
     # unlearn / D-BR / FMP measured every number with patch + blend, keep=after-step and a 0.3 blend size test; the
     # detection scan's later defaults (wave, keep=measured) must not change what they stamp
-    import pytest
-
-    import bdsan.detectors.scan as scan_module
-    from bdsan.detectors.scan import ScanSettings
-    from bdsan.io.data import Holdout
-    from bdsan.sanitize.context import Context
-    from bdsan.sanitize.found_triggers import scan_fit_split
-
     seen = {}
 
     def fake_scan(model, holdout, **kwargs):

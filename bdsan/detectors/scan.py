@@ -169,8 +169,7 @@ def scan(model: LoadedModel, holdout: Holdout, *, steps: int = 200, batch_size: 
     ones first) and ``images`` (file name → PNG bytes of each trigger and of it stamped on sample images).
     """
     cfg = ScanSettings(steps=steps, **settings)
-    unknown = set(cfg.kinds) - set(KINDS)
-    if unknown or not cfg.kinds:
+    if unknown_kinds(cfg.kinds) or not cfg.kinds:
         raise DataError(f"scan kinds must be among {KINDS}, got {cfg.kinds}")
     if cfg.keep not in ("after-step", "measured"):
         raise DataError(f"scan keep must be after-step or measured, got {cfg.keep!r}")
@@ -372,6 +371,16 @@ def _flip_rates(net, parts: dict[str, torch.Tensor], kind: str, held: Holdout, n
     return torch.where(counts > 0, hits / counts.clamp_min(1), torch.zeros_like(hits)).tolist()
 
 
+def unknown_kinds(kinds) -> list[str]:
+    """The names in ``kinds`` that are not scan kinds (the CLI checks them before any work, the API here)."""
+    return [kind for kind in kinds if kind not in KINDS]
+
+
+def suspect_among(flagged, scores, wave_flips) -> int:
+    """The suspected target among flagged classes: the highest patch/blend score, then the best wave flip."""
+    return max(sorted(flagged), key=lambda cls: (scores[cls], wave_flips[cls]))
+
+
 def kind_verdict(norms: np.ndarray, flips: np.ndarray, cfg: ScanSettings, index: np.ndarray | None = None,
                  kind: str = "patch") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One kind's per-class trigger sizes and held-out flip rates → (anomaly index, anomalous, ranking score).
@@ -433,8 +442,7 @@ def _verdict(bank: dict, flip: dict, cfg: ScanSettings, holdout: Holdout, model:
         section["mask_l1"], section["flip_rate"] = None, fallback["flip_rate"]
         section["anomaly_index"] = fallback["anomaly_index"]
     if anomalous_classes:  # the suspect is a flagged class: the highest score, then the best wave
-        wave_flips = flip.get("wave", [0.0] * num_classes)
-        suspected = max(sorted(anomalous_classes), key=lambda cls: (scores[cls], wave_flips[cls]))
+        suspected = suspect_among(anomalous_classes, scores, flip.get("wave", [0.0] * num_classes))
     else:
         suspected = int(np.argmax(scores)) if np.isfinite(scores).any() else None
     section["score"] = [float(v) if np.isfinite(v) else None for v in scores]
