@@ -232,6 +232,9 @@ def main() -> None:
     parser.add_argument("--reuse", type=Path, default=None,
                         help="a results.json of an earlier run: models it holds (same seed and attack) are not "
                              "scanned again, its scan fields are kept and only the suite audit is added")
+    parser.add_argument("--train-only", action="store_true",
+                        help="only train (and cache) the models, scanning nothing: a blind seed's models can be made "
+                             "before its verdict rule is fixed")
     parser.add_argument("--summarise", type=Path, default=None, metavar="RESULTS_JSON",
                         help="only print the summary of an earlier run's results.json (nothing is trained or scanned)")
     args = parser.parse_args()
@@ -248,6 +251,9 @@ def main() -> None:
         data = load_dataset(args.data)
     for seed in args.seeds:
         for job in (toy_jobs(seed, args) if args.data == "toy" else zoo_jobs(seed, args, data)):
+            if args.train_only:
+                print(json.dumps({"attack": job["attack"], "seed": seed, "train_s": job["train_s"]}), flush=True)
+                continue
             suite = suite_gate(job["model"], job["holdout"], args)
             key = (seed, job["attack"])
             run = (earlier[key] if key in earlier else scan_run(job, seed, args)) | suite
@@ -256,7 +262,8 @@ def main() -> None:
                                                   "suspected_target", "suite_asr", "scan_wall_s", "scan_cpu_s")}
                              | ({"defenses": run["defenses"]} if "defenses" in run else {})), flush=True)
             (args.out / "results.json").write_text(json.dumps(runs, indent=1))
-    summarise(runs, args)
+    if not args.train_only:
+        summarise(runs, args)
 
 
 def verdict_first_score(run: dict) -> float:
