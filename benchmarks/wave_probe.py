@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import torch
-
-from bdsan.device import channels_last, precision_autocast, wants_bf16
-from bdsan.detectors.scan import ScanSettings, _plane_waves, _split_for_scan, _torch_classifier, wave_name
-from bdsan.io.data import to_float
 from scan_detect import zoo_jobs
+
+from bdsan.detectors.scan import ScanSettings, _plane_waves, _split_for_scan, _torch_classifier, wave_name
+from bdsan.device import channels_last, precision_autocast, wants_bf16
+from bdsan.io.data import to_float
 
 
 @torch.no_grad()
