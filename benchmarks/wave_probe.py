@@ -1,12 +1,14 @@
 """Wave probe: every plane wave's flip rates, per class, on the scan's held-out split, at several amplitudes.
 
 The scan's ``wave`` kind keeps, per class, only the wave that flipped most of its selection images and reports that
-wave's held-out flip. This probe keeps the whole table (wave × class) for the harness models of ``--seeds`` (cached:
-nothing is trained when ``scan_detect.py`` made them), so rules on frequency or amplitude can be compared offline
-on development seeds before a blind one is read.
+wave's held-out flip. This probe keeps the whole table (wave × class, selection and held-out images, in the scan's precision) for the
+harness models of each ``--seed-attacks`` entry and its clean twins (cached: nothing is trained when
+``scan_detect.py`` made them), so rules on frequency or amplitude can be compared offline on development seeds before
+a blind one is read. ``--analyse`` prints the edge rule's comparison (:func:`analyse`).
 
-    python benchmarks/wave_probe.py --data /work/shared/data/cifar10.npz --seeds 8 9 10 11 \
+    PYTHONPATH=benchmarks python benchmarks/wave_probe.py --data /work/shared/data/cifar10.npz \
         --seed-attacks 8:sig,unseen_sine 10:blend_noise,unseen_blend,sig,unseen_sine --out bench_out/wave-probe.json
+    PYTHONPATH=benchmarks python benchmarks/wave_probe.py --analyse --out bench_out/wave-probe.json
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from scan_detect import zoo_jobs
 
@@ -49,17 +52,53 @@ def tables_at(net, opt, held, amplitude: float, cfg: ScanSettings, num_classes: 
     return {"select": select.tolist(), "held": flips.tolist()}
 
 
+def wave_scores(table: dict, periods: int, edge_ratio: float | None) -> np.ndarray:
+    """Per class, the held-out flip of its best wave by selection (as the scan's wave kind), or 0 where the edge
+    rule calls the response texture: the class's best wave at the band's top frequency selects ≥ ``edge_ratio`` of
+    what its best wave selects (a response still rising at the edge of the band; ``None``: no edge rule)."""
+    select, held = np.asarray(table["select"]), np.asarray(table["held"])
+    best = select.argmax(0)
+    scores = held[best, np.arange(select.shape[1])]
+    if edge_ratio is not None:
+        top = select[8 * (periods - 1):].max(0)
+        scores = np.where(top >= edge_ratio * select.max(0), 0.0, scores)
+    return scores
+
+
+def analyse(rows: list[dict], amplitude: str, periods: int = 12) -> None:
+    """Print, per rule, the wave-kind scores of the wave backdoors' targets against every other class's."""
+    for edge_ratio in (None, 1.0, 0.95, 0.9, 0.8):
+        targets, others = [], []
+        for row in rows:
+            scores = wave_scores(row["tables"][amplitude], periods, edge_ratio)
+            wave_attack = row["target"] is not None and "sig" in row["attack"]
+            for cls, score in enumerate(scores):
+                (targets if wave_attack and cls == row["target"] else others).append((score, row["seed"],
+                                                                                      row["attack"], cls))
+        low, high = min(targets), max(others)
+        print(f"edge ratio {edge_ratio}: wave targets {min(t[0] for t in targets):.3f}–{max(t[0] for t in targets):.3f}"
+              f" (lowest: seed {low[1]} {low[2]}), other classes ≤ {high[0]:.3f} (seed {high[1]} {high[2]} class "
+              f"{high[3]}); above 0.95: {sum(o[0] >= 0.95 for o in others)}, 0.9: {sum(o[0] >= 0.9 for o in others)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--seed-attacks", nargs="+", required=True, metavar="SEED:ATTACK,ATTACK",
+    parser.add_argument("--data")
+    parser.add_argument("--seed-attacks", nargs="+", default=[], metavar="SEED:ATTACK,ATTACK",
                         help="e.g. 8:sig,unseen_sine 10:blend_noise,sig (the attacks scan_detect.py trained)")
     parser.add_argument("--clean-per-seed", type=int, default=3)
     parser.add_argument("--amplitudes", type=float, nargs="+", default=[32.0], help="in 1/255")
     parser.add_argument("--cache", default=".cache/bdsan-bench")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--analyse", action="store_true", help="only print the rules' comparison of --out")
     args = parser.parse_args()
+    if args.analyse:
+        rows = json.loads(args.out.read_text())
+        for amplitude in rows[0]["tables"]:
+            print(f"amplitude {amplitude}/255, {len(rows)} models")
+            analyse(rows, amplitude)
+        return
     torch.set_num_threads(args.threads)
     from bdsan.train.zoo import load_dataset
     data = load_dataset(args.data)
