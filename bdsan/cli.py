@@ -358,7 +358,8 @@ def scan_command(model_path, arch, num_classes, trust_code, preset, mean, std, i
                  classes, steps, kinds, precision, out_dir, force, device, seed, batch_size, output_format,
                  report_path, quiet, debug):
     """Reverse-engineer a trigger per class (no trigger knowledge needed) and flag a class whose trigger is
-    anomalously small, or that a grey plane wave (SIG's family) sends ≥ 95% of images to; exit 1 when one is.
+    anomalously small, or that a grey plane wave (SIG's family) sends ≥ 90% of images to (unless the class answers
+    every fine texture); exit 1 when one is.
 
     \b
     -o report.json | report.sarif | report.xml (JUnit) picks the format.

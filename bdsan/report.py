@@ -218,6 +218,8 @@ def render_scan_table(scan: dict, class_names: list[str] | None = None) -> list[
                     f"{blend['anomaly_index'][cls]:8.2f}")
         if wave:
             row += f"  {_pct(wave['flip_rate'][cls]):>9s}  {wave['wave'][cls]}"
+            if cls < len(wave.get("texture") or []) and wave["texture"][cls]:
+                row += " (texture: still rising at the top frequency)"
         lines.append(row + ("  ANOMALOUS" if cls in scan.get("anomalous_classes", []) else ""))
     return lines
 

@@ -1,8 +1,9 @@
 """Compare scan verdict rules offline on stored scans (the wave kind included), without re-scanning.
 
 ``rescore_scan.py`` compares anomaly-*index* rules for the optimised kinds; this compares *verdict* rules: the size
-test's ratio per kind and whether two kinds pointing at the same class suffice. The per-class trigger sizes, flip
-rates and wave flips in ``results.json`` (``benchmarks/scan_detect.py``) do not depend on the verdict. Choose a rule on
+test's ratio per kind, whether two kinds pointing at the same class suffice, the wave kind's threshold and edge
+rule. The per-class trigger sizes, flip rates, wave flips and edge ratios in ``results.json``
+(``benchmarks/scan_detect.py``) do not depend on the verdict. Choose a rule on
 development scans, write it down, then report it on scans of models it was not chosen on.
 
     python benchmarks/verdict_rules.py bench_out/scan-cifar-dev10-measured/results.json --detail
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from scan_detect import roc_auc, tpr_at_fpr
 
-from bdsan.detectors.scan import ScanSettings, _anomaly_index, kind_verdict, suspect_among
+from bdsan.detectors.scan import ScanSettings, _anomaly_index, kind_verdict, suspect_among, wave_verdict
 
 
 @dataclass(frozen=True)
@@ -28,14 +29,19 @@ class Rule:
     patch_ratio: float | None = 0.3
     blend_ratio: float | None = 0.3
     agree: bool = False  # also anomalous: patch and blend both give the class index > threshold and flip ≥ 0.5
+    wave_edge: float | None = ScanSettings.wave_edge_ratio  # the wave kind's edge rule (scans that stored edge ratios)
+    wave_threshold: float = ScanSettings.wave_threshold
 
 
-RULES = {"scan default (size ≤ 0.3·median for both kinds)": Rule(),
+RULES = {"scan default (size ≤ 0.3·median for both kinds; wave flip ≥ 0.9, edge rule 0.75)": Rule(),
          "blend size ≤ 0.5·median": Rule(blend_ratio=0.5),
          "blend size ≤ 0.75·median": Rule(blend_ratio=0.75),
          "blend without size test": Rule(blend_ratio=None),
          "patch size ≤ 0.35·median": Rule(patch_ratio=0.35),
-         "two kinds agree (size tests waived then)": Rule(agree=True)}
+         "two kinds agree (size tests waived then)": Rule(agree=True),
+         "wave: no edge rule": Rule(wave_edge=None),
+         "wave: flip ≥ 0.95": Rule(wave_threshold=0.95),
+         "wave: flip ≥ 0.95, no edge rule (before 2026-12-04 evening)": Rule(wave_edge=None, wave_threshold=0.95)}
 
 
 def kind_tables(run: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -53,7 +59,8 @@ def verdict(run: dict, rule: Rule) -> tuple[float, set[int], int | None]:
     :func:`kind_verdict`; the score is the scan's (the largest index among classes whose trigger flips ≥ the flip
     threshold) and so is the suspect (among flagged classes the highest per-class score, then the best wave)."""
     cfg = ScanSettings(max_norm_ratio=math.inf if rule.patch_ratio is None else rule.patch_ratio,
-                       blend_max_norm_ratio=math.inf if rule.blend_ratio is None else rule.blend_ratio)
+                       blend_max_norm_ratio=math.inf if rule.blend_ratio is None else rule.blend_ratio,
+                       wave_edge_ratio=rule.wave_edge, wave_threshold=rule.wave_threshold)
     flagged: set[int] = set()
     evidence = {}
     tables = kind_tables(run)
@@ -68,7 +75,7 @@ def verdict(run: dict, rule: Rule) -> tuple[float, set[int], int | None]:
     if rule.agree and len(evidence) == 2:
         flagged |= set(np.nonzero(evidence["patch"] & evidence["blend"])[0].tolist())
     if waves is not None:
-        flagged |= set(np.nonzero(waves >= cfg.wave_threshold)[0].tolist())
+        flagged |= set(np.nonzero(wave_verdict(waves, run["wave"].get("edge_ratio"), cfg)[0])[0].tolist())
     suspect = suspect_among(flagged, scores, waves if waves is not None else np.zeros(num_classes)) if flagged else None
     score = float(scores.max()) if np.isfinite(scores).any() else -10.0
     return score, flagged, suspect
@@ -80,10 +87,15 @@ def main() -> None:
     parser.add_argument("--detail", action="store_true", help="per model: each kind's target-class statistics")
     args = parser.parse_args()
     runs = [r for path in args.results for r in json.loads(Path(path).read_text())]
-    positives = [r for r in runs if r["backdoored"] and (r["implant_asr"] or 0) >= 0.5]
-    negatives = [r for r in runs if not r["backdoored"]]
     if args.detail:
         print_detail(runs)
+    print_rules(runs)
+
+
+def print_rules(runs: list[dict]) -> None:
+    """The table of :data:`RULES` over stored scans: ROC-AUC with flagged models first, TPR, verdicts."""
+    positives = [r for r in runs if r["backdoored"] and (r["implant_asr"] or 0) >= 0.5]
+    negatives = [r for r in runs if not r["backdoored"]]
     print(f"{len(positives)} backdoored, {len(negatives)} clean")
     print("| rule | ROC-AUC verdict first | TPR@5%FPR | flagged backdoored (suspect = target) | flagged clean |")
     print("|---|---|---|---|---|")

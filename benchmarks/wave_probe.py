@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from scan_detect import zoo_jobs
+from verdict_rules import print_rules
 
 from bdsan.detectors.scan import ScanSettings, _plane_waves, _split_for_scan, _torch_classifier, wave_name
+from bdsan.detectors.scan import edge_ratios as scan_edge_ratios
 from bdsan.device import channels_last, precision_autocast, wants_bf16
 from bdsan.io.data import to_float
 
@@ -52,7 +54,7 @@ def tables_at(net, opt, held, amplitude: float, cfg: ScanSettings, num_classes: 
     return {"select": select.tolist(), "held": flips.tolist()}
 
 
-def wave_scores(table: dict, periods: int, edge_ratio: float | None) -> np.ndarray:
+def wave_scores(table: dict, edge_ratio: float | None) -> np.ndarray:
     """Per class, the held-out flip of its best wave by selection (as the scan's wave kind), or 0 where the edge
     rule calls the response texture: the class's best wave at the band's top frequency selects ≥ ``edge_ratio`` of
     what its best wave selects (a response still rising at the edge of the band; ``None``: no edge rule)."""
@@ -60,17 +62,32 @@ def wave_scores(table: dict, periods: int, edge_ratio: float | None) -> np.ndarr
     best = select.argmax(0)
     scores = held[best, np.arange(select.shape[1])]
     if edge_ratio is not None:
-        top = select[8 * (periods - 1):].max(0)
-        scores = np.where(top >= edge_ratio * select.max(0), 0.0, scores)
+        scores = np.where(edge_ratios(table) >= edge_ratio, 0.0, scores)
     return scores
 
 
-def analyse(rows: list[dict], amplitude: str, periods: int = 12) -> None:
-    """Print, per rule, the wave-kind scores of the wave backdoors' targets against every other class's."""
+def edge_ratios(table: dict) -> np.ndarray:
+    """The scan's :func:`bdsan.detectors.scan.edge_ratios` of a stored selection table."""
+    return scan_edge_ratios(torch.tensor(table["select"])).numpy()
+
+
+def analyse(rows: list[dict], amplitude: str) -> None:
+    """Print, per rule, the wave-kind scores of the wave backdoors' targets against every other class's, and the
+    edge ratios of the targets and of every other class whose best wave flips ≥ 0.8 of held-out images."""
+    target_ratios, texture = [], []
+    for row in rows:
+        ratios, flips = edge_ratios(row["tables"][amplitude]), wave_scores(row["tables"][amplitude], None)
+        for cls, (ratio, flip) in enumerate(zip(ratios, flips)):
+            if row["target"] is not None and "sig" in row["attack"] and cls == row["target"]:
+                target_ratios.append(round(float(ratio), 3))
+            elif flip >= 0.8:
+                texture.append((round(float(ratio), 3), round(float(flip), 3), row["seed"], row["attack"], cls))
+    print(f"edge ratios: wave targets {sorted(target_ratios)}; other classes flipping ≥ 0.8: "
+          f"{sorted(t[:2] for t in texture)} (classes {sorted({t[4] for t in texture})})")
     for edge_ratio in (None, 1.0, 0.95, 0.9, 0.8):
         targets, others = [], []
         for row in rows:
-            scores = wave_scores(row["tables"][amplitude], periods, edge_ratio)
+            scores = wave_scores(row["tables"][amplitude], edge_ratio)
             wave_attack = row["target"] is not None and "sig" in row["attack"]
             for cls, score in enumerate(scores):
                 (targets if wave_attack and cls == row["target"] else others).append((score, row["seed"],
@@ -79,6 +96,14 @@ def analyse(rows: list[dict], amplitude: str, periods: int = 12) -> None:
         print(f"edge ratio {edge_ratio}: wave targets {min(t[0] for t in targets):.3f}–{max(t[0] for t in targets):.3f}"
               f" (lowest: seed {low[1]} {low[2]}), other classes ≤ {high[0]:.3f} (seed {high[1]} {high[2]} class "
               f"{high[3]}); above 0.95: {sum(o[0] >= 0.95 for o in others)}, 0.9: {sum(o[0] >= 0.9 for o in others)}")
+
+
+def with_edge_ratios(runs: list[dict], rows: list[dict]) -> list[dict]:
+    """Stored scans with the probe's edge ratios (at the scan's amplitude) added to their wave sections: the same
+    numbers the scan now computes (same selection images, same precision)."""
+    amplitude = str(ScanSettings.wave_amplitude * 255)
+    probe = {(row["seed"], row["attack"]): edge_ratios(row["tables"][amplitude]).tolist() for row in rows}
+    return [run | {"wave": run["wave"] | {"edge_ratio": probe[(run["seed"], run["attack"])]}} for run in runs]
 
 
 def main() -> None:
@@ -92,12 +117,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--analyse", action="store_true", help="only print the rules' comparison of --out")
+    parser.add_argument("--results", nargs="*", default=[], type=Path,
+                        help="with --analyse: scan_detect.py results.json of the same models, scanned before the edge "
+                             "rule; their verdict rules (verdict_rules.py) are printed with the probe's edge ratios")
     args = parser.parse_args()
     if args.analyse:
         rows = json.loads(args.out.read_text())
         for amplitude in rows[0]["tables"]:
             print(f"amplitude {amplitude}/255, {len(rows)} models")
             analyse(rows, amplitude)
+        if args.results:
+            print_rules(with_edge_ratios([r for path in args.results for r in json.loads(path.read_text())], rows))
         return
     torch.set_num_threads(args.threads)
     from bdsan.train.zoo import load_dataset

@@ -16,10 +16,12 @@ from bdsan.detectors.scan import (
     _anomaly_index,
     _plane_waves,
     anomalous_triggers,
+    edge_ratios,
     kind_verdict,
     scan,
     scan_section,
     wave_name,
+    wave_verdict,
 )
 from bdsan.detectors.triggers import Trigger, sig
 from bdsan.device import PRECISIONS, channels_last, cpu_supports_bf16, training_bf16, wants_bf16
@@ -99,6 +101,23 @@ def test_plane_waves_are_the_ones_their_names_say():
     torch.testing.assert_close(waves[down, 0, :, 5], torch.sin(2 * math.pi * 3 * torch.arange(16) / 16 + 1.5 * math.pi))
 
 
+def test_edge_rule_calls_a_response_still_rising_at_the_top_frequency_texture():
+    # selection rates of 3 periods × 8 waves for 3 classes: class 0 peaks at 2 periods (a sine trigger), class 1
+    # grows with frequency (texture), class 2 is never selected
+    rates = torch.zeros(24, 3)
+    rates[8:16, 0], rates[16:, 0] = 0.99, 0.30
+    rates[:8, 1], rates[8:16, 1], rates[16:, 1] = 0.2, 0.6, 0.97
+    ratios = edge_ratios(rates)
+    torch.testing.assert_close(ratios, torch.tensor([0.30 / 0.99, 1.0, 0.0]))
+    flips = np.array([0.98, 0.97, 0.0])
+    anomalous, texture = wave_verdict(flips, ratios.tolist(), ScanSettings(wave_edge_ratio=0.9))
+    assert anomalous.tolist() == [True, False, False] and texture.tolist() == [False, True, False]
+    anomalous, texture = wave_verdict(flips, ratios.tolist(), ScanSettings(wave_edge_ratio=None))
+    assert anomalous.tolist() == [True, True, False] and not texture.any()
+    anomalous, _ = wave_verdict(flips, None, ScanSettings(wave_edge_ratio=0.9))  # a scan stored before the rule
+    assert anomalous.tolist() == [True, True, False]
+
+
 def test_wave_kind_flags_a_sig_backdoor_and_not_a_clean_model(toy_clean):
     sig_toy = train_toy_model(trigger=sig, target=TARGET, seed=1)
     settings = {"kinds": ("wave",), "wave_select": 60, "seed": 0, "device": "cpu"}
@@ -109,6 +128,7 @@ def test_wave_kind_flags_a_sig_backdoor_and_not_a_clean_model(toy_clean):
     assert section["wave"]["flip_rate"][TARGET] >= 0.95 and section["wave"]["n_select"] == 60
     assert "across the columns" in section["wave"]["wave"][TARGET]  # SIG's sine runs across the columns
     assert section["mask_l1"] is None and section["flip_rate"] == section["wave"]["flip_rate"]
+    assert section["wave"]["texture"][TARGET] is False and section["wave"]["edge_ratio"][TARGET] < 0.5
     json.dumps(section)
     found = anomalous_triggers(backdoored)
     assert [t.params["kind"] for t in found] == ["wave"]
