@@ -87,14 +87,16 @@ def test_text_sarif_and_junit_name_the_wave_that_flagged_a_class():
                    "suspected_target": 0, "mask_l1": None, "flip_rate": [0.97, 0.4],
                    "anomaly_index": [None, None], "steps_run": 0, "time_s": 1.0, "n_opt": 10, "n_eval": 10,
                    "params": {"wave_amplitude": 32 / 255},
-                   "wave": {"flip_rate": [0.97, 0.4], "selection_flip_rate": [0.98, 0.5], "n_select": 10,
+                   "wave": {"flip_rate": [0.97, 0.93], "selection_flip_rate": [0.98, 0.95], "n_select": 10,
                             "wave": ["6 periods across the columns, phase 1π/2",
-                                     "2 periods across the rows, phase 0π/2"]}}
+                                     "12 periods across the rows, phase 0π/2"],
+                            "edge_ratio": [0.2, 1.0], "texture": [False, True]}}
     text = render_text(report)
     assert "97.0%  6 periods across the columns, phase 1π/2  ANOMALOUS" in text
+    assert "93.0%  12 periods across the rows, phase 0π/2 (texture: still rising at the top frequency)\n" in text
     message = json.loads(render_sarif(report))["runs"][0]["results"][0]["message"]["text"]
     assert "grey plane wave (6 periods across the columns, phase 1π/2, amplitude 32/255) sends 97.0%" in message
     failure = ET.fromstring(render_junit(report)).find(".//testcase[@name='scan']/failure")
     assert "6 periods across the columns" in failure.get("message")
     details = json.loads(failure.text)
-    assert details["anomalous_kinds"] == {"0": ["wave"]} and details["wave"]["flip_rate"] == [0.97, 0.4]
+    assert details["anomalous_kinds"] == {"0": ["wave"]} and details["wave"]["flip_rate"] == [0.97, 0.93]
