@@ -26,18 +26,18 @@ from bdsan.detectors.scan import ScanSettings, _anomaly_index, kind_verdict, sus
 class Rule:
     """A verdict: per-kind size ratios (``None``: no size test) and the two-kinds-agree clause."""
 
-    patch_ratio: float | None = 0.3
-    blend_ratio: float | None = 0.3
+    patch_ratio: float | None = ScanSettings.max_norm_ratio
+    blend_ratio: float | None = ScanSettings.blend_max_norm_ratio
     agree: bool = False  # also anomalous: patch and blend both give the class index > threshold and flip ≥ 0.5
     wave_edge: float | None = ScanSettings.wave_edge_ratio  # the wave kind's edge rule (scans that stored edge ratios)
     wave_threshold: float = ScanSettings.wave_threshold
 
 
-RULES = {"scan default (size ≤ 0.3·median for both kinds; wave flip ≥ 0.9, edge rule 0.75)": Rule(),
+RULES = {"scan default (size ≤ 0.35 (patch) and 0.3 (blend)·median; wave flip ≥ 0.9, edge rule 0.75)": Rule(),
+         "patch size ≤ 0.3·median (before seed 13)": Rule(patch_ratio=0.3),
          "blend size ≤ 0.5·median": Rule(blend_ratio=0.5),
          "blend size ≤ 0.75·median": Rule(blend_ratio=0.75),
          "blend without size test": Rule(blend_ratio=None),
-         "patch size ≤ 0.35·median": Rule(patch_ratio=0.35),
          "two kinds agree (size tests waived then)": Rule(agree=True),
          "wave: no edge rule": Rule(wave_edge=None),
          "wave: flip ≥ 0.95": Rule(wave_threshold=0.95),

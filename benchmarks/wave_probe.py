@@ -99,11 +99,13 @@ def analyse(rows: list[dict], amplitude: str) -> None:
 
 
 def with_edge_ratios(runs: list[dict], rows: list[dict]) -> list[dict]:
-    """Stored scans with the probe's edge ratios (at the scan's amplitude) added to their wave sections: the same
-    numbers the scan now computes (same selection images, same precision)."""
+    """Stored scans with the probe's edge ratios (at the scan's amplitude) added to wave sections that lack them
+    (scans before the edge rule): the same numbers the scan now computes (same selection images, same precision)."""
     amplitude = str(ScanSettings.wave_amplitude * 255)
     probe = {(row["seed"], row["attack"]): edge_ratios(row["tables"][amplitude]).tolist() for row in rows}
-    return [run | {"wave": run["wave"] | {"edge_ratio": probe[(run["seed"], run["attack"])]}} for run in runs]
+    return [run if "edge_ratio" in run["wave"] else run | {"wave": run["wave"] | {"edge_ratio": probe[(run["seed"],
+                                                                                                  run["attack"])]}}
+            for run in runs]
 
 
 def main() -> None:

@@ -52,8 +52,8 @@ def test_strength_scales_full_image_triggers_per_image_and_leaves_patches():
 
 
 def test_the_defenses_scan_keeps_the_settings_their_numbers_were_measured_with(monkeypatch):
-    # unlearn / D-BR / FMP measured every number with patch + blend, keep=after-step and a 0.3 blend size test; the
-    # detection scan's later defaults (wave, keep=measured) must not change what they stamp
+    # unlearn / D-BR / FMP measured every number with patch + blend, keep=after-step and 0.3 size tests; the
+    # detection scan's later defaults (wave, keep=measured, patch 0.35) must not change what they stamp
     seen = {}
 
     def fake_scan(model, holdout, **kwargs):
@@ -66,3 +66,4 @@ def test_the_defenses_scan_keeps_the_settings_their_numbers_were_measured_with(m
         scan_fit_split(torch.nn.Flatten(), train, Context(), steps=1)
     assert seen["kinds"] == ("patch", "blend") and seen["keep"] == "after-step"
     assert seen["blend_max_norm_ratio"] == 0.3 and ScanSettings().keep == "measured"
+    assert seen["max_norm_ratio"] == 0.3 and ScanSettings().max_norm_ratio == 0.35

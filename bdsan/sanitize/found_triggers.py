@@ -51,9 +51,9 @@ def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, a
     started = time.perf_counter()
     loaded = from_module(model, "module", train.num_classes, Preprocessing(), list(train.classes))
     # patch and blend with the selection and size tests every unlearn/D-BR/FMP number was measured with; the wave
-    # kind and the detection scan's later default keep=measured were chosen for detection
+    # kind and the detection scan's later defaults (keep=measured, patch size test 0.35) were chosen for detection
     result = scan(loaded, train, steps=steps, batch_size=ctx.batch_size, device=ctx.device, seed=ctx.seed,
-                  kinds=OPTIMISED_KINDS, keep="after-step", blend_max_norm_ratio=0.3)
+                  kinds=OPTIMISED_KINDS, keep="after-step", max_norm_ratio=0.3, blend_max_norm_ratio=0.3)
     model.eval()
     if all_classes:
         found = list(result["reconstructed"])
