@@ -41,7 +41,10 @@ RULES = {"scan default (size ≤ 0.35 (patch) and 0.3 (blend)·median; wave flip
          "two kinds agree (size tests waived then)": Rule(agree=True),
          "wave: no edge rule": Rule(wave_edge=None),
          "wave: flip ≥ 0.95": Rule(wave_threshold=0.95),
-         "wave: flip ≥ 0.95, no edge rule (before 2026-12-04 evening)": Rule(wave_edge=None, wave_threshold=0.95)}
+         "wave: flip ≥ 0.95, no edge rule (the wave rule before 2026-12-04 evening)": Rule(wave_edge=None,
+                                                                                              wave_threshold=0.95),
+         "all as before 2026-12-04 evening (patch 0.3, wave ≥ 0.95, no edge rule)": Rule(patch_ratio=0.3, wave_edge=None,
+                                                                                       wave_threshold=0.95)}
 
 
 def kind_tables(run: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,35 +23,28 @@ import torch
 from scan_detect import zoo_jobs
 from verdict_rules import print_rules
 
-from bdsan.detectors.scan import ScanSettings, _plane_waves, _split_for_scan, _torch_classifier, wave_name
+from bdsan.detectors.scan import (
+    WAVES_PER_FREQUENCY,
+    ScanSettings,
+    _plane_waves,
+    _split_for_scan,
+    _torch_classifier,
+    wave_name,
+    wave_rates,
+    wave_verdict,
+)
 from bdsan.detectors.scan import edge_ratios as scan_edge_ratios
-from bdsan.device import channels_last, precision_autocast, wants_bf16
+from bdsan.device import channels_last, wants_bf16
 from bdsan.io.data import to_float
-
-
-@torch.no_grad()
-def wave_table(net, images: torch.Tensor, labels: torch.Tensor, waves: torch.Tensor, num_classes: int,
-               bf16: bool, batch_size: int = 512) -> torch.Tensor:
-    """W×K: fraction of ``images`` of other classes that wave w sends to class k (in bf16 where the scan is)."""
-    count = len(images)
-    hits = torch.zeros(len(waves), num_classes)
-    pairs = len(waves) * count
-    for start in range(0, pairs, batch_size):
-        pair = torch.arange(start, min(start + batch_size, pairs))
-        wave, image = pair // count, pair % count
-        with precision_autocast(torch.device("cpu"), bf16):
-            predicted = net((images[image] + waves[wave]).clamp(0, 1)).argmax(1)
-        moved = predicted != labels[image]
-        hits.index_put_((wave[moved], predicted[moved]), torch.ones(int(moved.sum())), accumulate=True)
-    others = (count - torch.bincount(labels, minlength=num_classes)).clamp_min(1)
-    return hits / others
 
 
 def tables_at(net, opt, held, amplitude: float, cfg: ScanSettings, num_classes: int, bf16: bool) -> dict:
     """The selection (``wave_select`` optimisation images) and held-out tables of every wave at ``amplitude``/255."""
     waves = amplitude / 255 * _plane_waves(*held.x.shape[2:], cfg.wave_periods)
-    select = wave_table(net, to_float(opt.x[:cfg.wave_select]), opt.y[:cfg.wave_select], waves, num_classes, bf16)
-    flips = wave_table(net, to_float(held.x), held.y, waves, num_classes, bf16)
+    cpu = torch.device("cpu")
+    select = wave_rates(net, to_float(opt.x[:cfg.wave_select]), opt.y[:cfg.wave_select], waves, num_classes, 512,
+                        cpu, bf16)
+    flips = wave_rates(net, to_float(held.x), held.y, waves, num_classes, 512, cpu, bf16)
     return {"select": select.tolist(), "held": flips.tolist()}
 
 
@@ -59,11 +53,9 @@ def wave_scores(table: dict, edge_ratio: float | None) -> np.ndarray:
     rule calls the response texture: the class's best wave at the band's top frequency selects ≥ ``edge_ratio`` of
     what its best wave selects (a response still rising at the edge of the band; ``None``: no edge rule)."""
     select, held = np.asarray(table["select"]), np.asarray(table["held"])
-    best = select.argmax(0)
-    scores = held[best, np.arange(select.shape[1])]
-    if edge_ratio is not None:
-        scores = np.where(edge_ratios(table) >= edge_ratio, 0.0, scores)
-    return scores
+    scores = held[select.argmax(0), np.arange(select.shape[1])]
+    _, texture = wave_verdict(scores, edge_ratios(table), replace(ScanSettings(), wave_edge_ratio=edge_ratio))
+    return np.where(texture, 0.0, scores)
 
 
 def edge_ratios(table: dict) -> np.ndarray:
@@ -152,7 +144,7 @@ def main() -> None:
                           for a in args.amplitudes}
             rows.append({"seed": seed, "attack": job["attack"], "target": job["target"],
                          "implant_asr": job["implant_asr"], "bf16": bf16, "tables": tables,
-                         "wave_names": [wave_name(i) for i in range(8 * cfg.wave_periods)]})
+                         "wave_names": [wave_name(i) for i in range(WAVES_PER_FREQUENCY * cfg.wave_periods)]})
             print(seed, job["attack"], round(time.perf_counter() - started, 1), "s", flush=True)
             args.out.write_text(json.dumps(rows))
 

@@ -58,6 +58,7 @@ log = logging.getLogger("bdsan.scan")
 
 KINDS = ("patch", "blend", "wave")
 OPTIMISED_KINDS = ("patch", "blend")
+WAVES_PER_FREQUENCY = 8  # _plane_waves: two axes × four phases per frequency
 MAD_TO_SIGMA = 1.4826
 
 
@@ -333,15 +334,11 @@ def wave_name(index: int) -> str:
 
 
 @torch.no_grad()
-def _wave_search(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_size: int, device: torch.device,
-                 bf16: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
-    """The ``wave`` kind: per class, the grey plane wave of amplitude ``wave_amplitude`` that sends the most of
-    ``wave_select`` optimisation images of other classes to it (SIG's trigger family; no optimisation, one batched
-    pass over every wave × image pair). Returns the chosen waves as blend-like parts and their selection rates."""
-    channels, height, width = opt.x.shape[1:]
-    waves = cfg.wave_amplitude * _plane_waves(height, width, cfg.wave_periods).to(device)
-    count = min(cfg.wave_select, len(opt))  # opt is shuffled (stratified_split): its head is a random sample
-    x, y = to_float(opt.x[:count]), opt.y[:count]
+def wave_rates(net, x: torch.Tensor, y: torch.Tensor, waves: torch.Tensor, num_classes: int, batch_size: int,
+               device: torch.device, bf16: bool = False) -> torch.Tensor:
+    """W×K: the fraction of the images ``x`` (float, labels ``y``) of classes other than k that wave w, added and
+    clipped, sends to class k; one batched pass over every wave × image pair."""
+    count = len(x)
     hits = torch.zeros(len(waves), num_classes, device=device)
     pairs = len(waves) * count
     for start in range(0, pairs, batch_size):
@@ -352,8 +349,18 @@ def _wave_search(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_s
         moved = predicted != y[image]
         hits.index_put_((wave[moved], predicted[moved]), torch.ones_like(wave[moved], dtype=hits.dtype),
                         accumulate=True)
-    others = (count - torch.bincount(y, minlength=num_classes)).clamp_min(1)
-    rates = hits / others
+    return hits / (count - torch.bincount(y, minlength=num_classes)).clamp_min(1)
+
+
+def _wave_search(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_size: int, device: torch.device,
+                 bf16: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """The ``wave`` kind: per class, the grey plane wave of amplitude ``wave_amplitude`` that sends the most of
+    ``wave_select`` optimisation images of other classes to it (SIG's trigger family; no optimisation). Returns the
+    chosen waves as blend-like parts, their selection rates and each class's edge ratio."""
+    channels, height, width = opt.x.shape[1:]
+    waves = cfg.wave_amplitude * _plane_waves(height, width, cfg.wave_periods).to(device)
+    count = min(cfg.wave_select, len(opt))  # opt is shuffled (stratified_split): its head is a random sample
+    rates = wave_rates(net, to_float(opt.x[:count]), opt.y[:count], waves, num_classes, batch_size, device, bf16)
     best = rates.argmax(0)
     delta = waves[best].expand(-1, channels, -1, -1).contiguous()
     return {"delta": delta}, {"selection_flip_rate": rates.max(0).values.tolist(), "n_select": count,
@@ -362,10 +369,10 @@ def _wave_search(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_s
 
 def edge_ratios(rates: torch.Tensor) -> torch.Tensor:
     """Per class, from the W×K selection rates of :func:`_plane_waves`: the rate of its best wave at the band's top
-    frequency (the last 8 waves: two axes × four phases) over the rate of its best wave. Near 1 the class's
+    frequency (its last ``WAVES_PER_FREQUENCY`` waves) over the rate of its best wave. Near 1 the class's
     response is still rising at the edge of the band: fine texture (deer, cat), not a sine trigger, whose response
     peaks at its own frequency (BENCHMARKS.md, "the wave kind's edge rule")."""
-    return rates[-8:].max(0).values / rates.max(0).values.clamp_min(1e-9)
+    return rates[-WAVES_PER_FREQUENCY:].max(0).values / rates.max(0).values.clamp_min(1e-9)
 
 
 @torch.no_grad()
