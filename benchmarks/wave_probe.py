@@ -106,6 +106,9 @@ def main() -> None:
     parser.add_argument("--seed-attacks", nargs="+", default=[], metavar="SEED:ATTACK,ATTACK",
                         help="e.g. 8:sig,unseen_sine 10:blend_noise,sig (the attacks scan_detect.py trained)")
     parser.add_argument("--clean-per-seed", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=None, help="as scan_detect.py --epochs (GTSRB: 40)")
+    parser.add_argument("--n-train", type=int, default=20000, help="as scan_detect.py --n-train (GTSRB: 0)")
+    parser.add_argument("--test-n", type=int, default=2000, help="as scan_detect.py --test-n (GTSRB: 2275)")
     parser.add_argument("--amplitudes", type=float, nargs="+", default=[32.0], help="in 1/255")
     parser.add_argument("--cache", default=".cache/bdsan-bench")
     parser.add_argument("--threads", type=int, default=2)
@@ -132,9 +135,9 @@ def main() -> None:
     for entry in args.seed_attacks:
         seed_text, _, names = entry.partition(":")
         seed = int(seed_text)
-        job_args = argparse.Namespace(recipe="cpu", epochs=None, attacks=[n for n in names.split(",") if n],
-                                      n_train=20000, clean_per_seed=args.clean_per_seed, target=0,
-                                      cache=args.cache, test_n=2000)
+        job_args = argparse.Namespace(recipe="cpu", epochs=args.epochs, attacks=[n for n in names.split(",") if n],
+                                      n_train=args.n_train, clean_per_seed=args.clean_per_seed, target=0,
+                                      cache=args.cache, test_n=args.test_n)
         for job in zoo_jobs(seed, job_args, data):
             started = time.perf_counter()
             opt, held = _split_for_scan(job["holdout"], cfg.eval_fraction, seed)
