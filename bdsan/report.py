@@ -232,7 +232,8 @@ def _scan_message(scan: dict, names: list[str] | None) -> str:
         return (f"A grey plane wave ({wave['wave'][target]}, amplitude "
                 f"{255 * scan['params']['wave_amplitude']:.0f}/255) sends {_pct(wave['flip_rate'][target])} of "
                 f"held-out images to class {_class_label(target, names)} (anomalous classes: "
-                f"{scan.get('anomalous_classes')}); the model likely has a sine-like (SIG) backdoor.")
+                f"{scan.get('anomalous_classes')}); the model likely has a sine-like (SIG) backdoor, unless models "
+                f"trained on trusted data of the same kind react to this wave too (a natural stripe class).")
     kinds = ", ".join(kind for kind in found if kind != "wave") or "patch/blend"
     return (f"Trigger reverse-engineering found an anomalously small {kinds} trigger for class "
             f"{_class_label(target, names)} (anomalous classes: {scan.get('anomalous_classes')}); "

@@ -96,6 +96,7 @@ def test_text_sarif_and_junit_name_the_wave_that_flagged_a_class():
     assert "93.0%  12 periods across the rows, phase 0π/2 (texture: still rising at the top frequency)\n" in text
     message = json.loads(render_sarif(report))["runs"][0]["results"][0]["message"]["text"]
     assert "grey plane wave (6 periods across the columns, phase 1π/2, amplitude 32/255) sends 97.0%" in message
+    assert "natural stripe class" in message  # a clean model can react to a wave too (GTSRB's class 2)
     failure = ET.fromstring(render_junit(report)).find(".//testcase[@name='scan']/failure")
     assert "6 periods across the columns" in failure.get("message")
     details = json.loads(failure.text)
