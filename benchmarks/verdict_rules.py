@@ -33,7 +33,9 @@ class Rule:
     wave_threshold: float = ScanSettings.wave_threshold
 
 
-RULES = {"scan default (size ≤ 0.35 (patch) and 0.3 (blend)·median; wave flip ≥ 0.9, edge rule 0.75)": Rule(),
+_DEFAULT = ScanSettings()
+RULES = {f"scan default (size ≤ {_DEFAULT.max_norm_ratio:g} (patch) and {_DEFAULT.blend_max_norm_ratio:g} (blend)"
+         f"·median; wave flip ≥ {_DEFAULT.wave_threshold:g}, edge rule {_DEFAULT.wave_edge_ratio:g})": Rule(),
          "patch size ≤ 0.3·median (before seed 13)": Rule(patch_ratio=0.3),
          "blend size ≤ 0.5·median": Rule(blend_ratio=0.5),
          "blend size ≤ 0.75·median": Rule(blend_ratio=0.75),

@@ -78,7 +78,7 @@ class ScanSettings:
     eval_fraction: float = 0.5
     anomaly_threshold: float = 2.0
     flip_threshold: float = 0.5
-    max_norm_ratio: float = 0.35  # 0.3 before blind seed 13 (BENCHMARKS.md, "Seed 12")
+    max_norm_ratio: float = 0.35  # 0.3 before blind seed 13 (BENCHMARKS.md, "the wave kind's edge rule, and blind seed 12")
     # the blend kind's size test (BENCHMARKS.md, "Seeds 10 (development) and 11 (blind)": 0.75 gave a false positive)
     blend_max_norm_ratio: float = 0.3
     # "measured": keep the tensors a successful batch's success was measured on (BENCHMARKS.md "Why the noise
