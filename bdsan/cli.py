@@ -359,7 +359,7 @@ def scan_command(model_path, arch, num_classes, trust_code, preset, mean, std, i
                  report_path, quiet, debug):
     """Reverse-engineer a trigger per class (no trigger knowledge needed) and flag a class whose trigger is
     anomalously small, or that a grey plane wave (SIG's family) sends ≥ 90% of images to (unless the class answers
-    every fine texture); exit 1 when one is.
+    every fine texture, or takes images from the wave's pixels shuffled too); exit 1 when one is.
 
     \b
     -o report.json | report.sarif | report.xml (JUnit) picks the format.

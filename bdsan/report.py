@@ -220,6 +220,8 @@ def render_scan_table(scan: dict, class_names: list[str] | None = None) -> list[
             row += f"  {_pct(wave['flip_rate'][cls]):>9s}  {wave['wave'][cls]}"
             if cls < len(wave.get("texture") or []) and wave["texture"][cls]:
                 row += " (texture: still rising at the top frequency)"
+            if cls < len(wave.get("sink") or []) and wave["sink"][cls]:
+                row += f" (sink: {_pct(wave['scrambled_flip_rate'][cls])} with its pixels shuffled)"
         lines.append(row + ("  ANOMALOUS" if cls in scan.get("anomalous_classes", []) else ""))
     return lines
 

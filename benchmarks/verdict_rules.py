@@ -1,8 +1,9 @@
 """Compare scan verdict rules offline on stored scans (the wave kind included), without re-scanning.
 
 ``rescore_scan.py`` compares anomaly-*index* rules for the optimised kinds; this compares *verdict* rules: the size
-test's ratio per kind, whether two kinds pointing at the same class suffice, the wave kind's threshold and edge
-rule. The per-class trigger sizes, flip rates, wave flips and edge ratios in ``results.json``
+test's ratio per kind, whether two kinds pointing at the same class suffice, the wave kind's threshold, edge rule and
+structure control. The per-class trigger sizes, flip rates, wave flips, edge ratios and shuffled-wave flips in
+``results.json``
 (``benchmarks/scan_detect.py``) do not depend on the verdict. Choose a rule on
 development scans, write it down, then report it on scans of models it was not chosen on.
 
@@ -31,11 +32,14 @@ class Rule:
     agree: bool = False  # also anomalous: patch and blend both give the class index > threshold and flip ≥ 0.5
     wave_edge: float | None = ScanSettings.wave_edge_ratio  # the wave kind's edge rule (scans that stored edge ratios)
     wave_threshold: float = ScanSettings.wave_threshold
+    wave_scrambled: float | None = ScanSettings.wave_scrambled_max  # the structure control (scans that stored it)
 
 
 _DEFAULT = ScanSettings()
 RULES = {f"scan default (size ≤ {_DEFAULT.max_norm_ratio:g} (patch) and {_DEFAULT.blend_max_norm_ratio:g} (blend)"
-         f"·median; wave flip ≥ {_DEFAULT.wave_threshold:g}, edge rule {_DEFAULT.wave_edge_ratio:g})": Rule(),
+         f"·median; wave flip ≥ {_DEFAULT.wave_threshold:g}, edge rule {_DEFAULT.wave_edge_ratio:g}, shuffled wave < "
+         f"{_DEFAULT.wave_scrambled_max:g})": Rule(),
+         "wave: no structure control (the wave rule before 2026-12-05)": Rule(wave_scrambled=None),
          "patch size ≤ 0.3·median (before seed 13)": Rule(patch_ratio=0.3),
          "blend size ≤ 0.5·median": Rule(blend_ratio=0.5),
          "blend size ≤ 0.75·median": Rule(blend_ratio=0.75),
@@ -43,10 +47,10 @@ RULES = {f"scan default (size ≤ {_DEFAULT.max_norm_ratio:g} (patch) and {_DEFA
          "two kinds agree (size tests waived then)": Rule(agree=True),
          "wave: no edge rule": Rule(wave_edge=None),
          "wave: flip ≥ 0.95": Rule(wave_threshold=0.95),
-         "wave: flip ≥ 0.95, no edge rule (the wave rule before 2026-12-04 evening)": Rule(wave_edge=None,
-                                                                                              wave_threshold=0.95),
-         "all as before 2026-12-04 evening (patch 0.3, wave ≥ 0.95, no edge rule)": Rule(patch_ratio=0.3, wave_edge=None,
-                                                                                       wave_threshold=0.95)}
+         "wave: flip ≥ 0.95, no edge rule (the wave rule before 2026-12-04 evening)": Rule(
+             wave_edge=None, wave_threshold=0.95, wave_scrambled=None),
+         "all as before 2026-12-04 evening (patch 0.3, wave ≥ 0.95, no edge rule)": Rule(
+             patch_ratio=0.3, wave_edge=None, wave_threshold=0.95, wave_scrambled=None)}
 
 
 def kind_tables(run: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -65,7 +69,8 @@ def verdict(run: dict, rule: Rule) -> tuple[float, set[int], int | None]:
     threshold) and so is the suspect (among flagged classes the highest per-class score, then the best wave)."""
     cfg = ScanSettings(max_norm_ratio=math.inf if rule.patch_ratio is None else rule.patch_ratio,
                        blend_max_norm_ratio=math.inf if rule.blend_ratio is None else rule.blend_ratio,
-                       wave_edge_ratio=rule.wave_edge, wave_threshold=rule.wave_threshold)
+                       wave_edge_ratio=rule.wave_edge, wave_threshold=rule.wave_threshold,
+                       wave_scrambled_max=rule.wave_scrambled)
     flagged: set[int] = set()
     evidence = {}
     tables = kind_tables(run)
@@ -80,7 +85,8 @@ def verdict(run: dict, rule: Rule) -> tuple[float, set[int], int | None]:
     if rule.agree and len(evidence) == 2:
         flagged |= set(np.nonzero(evidence["patch"] & evidence["blend"])[0].tolist())
     if waves is not None:
-        flagged |= set(np.nonzero(wave_verdict(waves, run["wave"].get("edge_ratio"), cfg)[0])[0].tolist())
+        flagged |= set(np.nonzero(wave_verdict(waves, run["wave"].get("edge_ratio"), cfg,
+                                               run["wave"].get("scrambled_flip_rate"))[0])[0].tolist())
     suspect = suspect_among(flagged, scores, waves if waves is not None else np.zeros(num_classes)) if flagged else None
     score = float(scores.max()) if np.isfinite(scores).any() else -10.0
     return score, flagged, suspect

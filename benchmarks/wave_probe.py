@@ -29,6 +29,7 @@ from bdsan.detectors.scan import (
     _plane_waves,
     _split_for_scan,
     _torch_classifier,
+    scrambled_flip_rates,
     wave_name,
     wave_rates,
     wave_verdict,
@@ -48,13 +49,22 @@ def tables_at(net, opt, held, amplitude: float, cfg: ScanSettings, num_classes: 
     return {"select": select.tolist(), "held": flips.tolist()}
 
 
+def scrambled_at_scan_amplitude(net, opt, held, table: dict, cfg: ScanSettings, num_classes: int, seed: int,
+                                bf16: bool) -> list[float]:
+    """The scan's structure control for each class's best wave (by selection, at the scan's amplitude)."""
+    best = torch.tensor(table["select"]).argmax(0)
+    waves = cfg.wave_amplitude * _plane_waves(*held.x.shape[2:], cfg.wave_periods)
+    delta = waves[best].expand(-1, held.x.shape[1], -1, -1).contiguous()
+    return scrambled_flip_rates(net, delta, held, num_classes, 512, torch.device("cpu"), bf16, seed)
+
+
 def wave_scores(table: dict, edge_ratio: float | None) -> np.ndarray:
     """Per class, the held-out flip of its best wave by selection (as the scan's wave kind), or 0 where the edge
     rule calls the response texture: the class's best wave at the band's top frequency selects ≥ ``edge_ratio`` of
     what its best wave selects (a response still rising at the edge of the band; ``None``: no edge rule)."""
     select, held = np.asarray(table["select"]), np.asarray(table["held"])
     scores = held[select.argmax(0), np.arange(select.shape[1])]
-    _, texture = wave_verdict(scores, edge_ratios(table), replace(ScanSettings(), wave_edge_ratio=edge_ratio))
+    _, texture, _ = wave_verdict(scores, edge_ratios(table), replace(ScanSettings(), wave_edge_ratio=edge_ratio))
     return np.where(texture, 0.0, scores)
 
 
@@ -90,14 +100,45 @@ def analyse(rows: list[dict], amplitude: str) -> None:
               f"{high[3]}); above 0.95: {sum(o[0] >= 0.95 for o in others)}, 0.9: {sum(o[0] >= 0.9 for o in others)}")
 
 
-def with_edge_ratios(runs: list[dict], rows: list[dict]) -> list[dict]:
-    """Stored scans with the probe's edge ratios (at the scan's amplitude) added to wave sections that lack them
-    (scans before the edge rule): the same numbers the scan now computes (same selection images, same precision)."""
+def with_probe_fields(runs: list[dict], rows: list[dict]) -> list[dict]:
+    """Stored scans with the probe's edge ratios and structure control (at the scan's amplitude) added to wave
+    sections that lack them (scans before those rules): the same numbers the scan now computes (same selection and
+    held-out images, same precision, same shuffles)."""
     amplitude = str(ScanSettings.wave_amplitude * 255)
-    probe = {(row["seed"], row["attack"]): edge_ratios(row["tables"][amplitude]).tolist() for row in rows}
-    return [run if "edge_ratio" in run["wave"] else run | {"wave": run["wave"] | {"edge_ratio": probe[(run["seed"],
-                                                                                                  run["attack"])]}}
+    probe = {(row["seed"], row["attack"]): {"edge_ratio": edge_ratios(row["tables"][amplitude]).tolist()}
+             | ({"scrambled_flip_rate": row["scrambled"]} if "scrambled" in row else {}) for row in rows}
+    return [run | {"wave": probe.get((run["seed"], run["attack"]), {}) | run["wave"]} if run.get("wave") else run
             for run in runs]
+
+
+def merged_probes(paths: list[Path]) -> list[dict]:
+    """The rows of several probe files, one per (seed, attack); a model's later rows add their fields."""
+    merged: dict[tuple, dict] = {}
+    for path in paths:
+        for row in json.loads(path.read_text()):
+            key = (row["seed"], row["attack"])
+            merged[key] = merged.get(key, {}) | row
+    return list(merged.values())
+
+
+def print_structure(rows: list[dict]) -> None:
+    """The structure control of the wave targets and of every other class whose best wave flips ≥ 0.8."""
+    amplitude = str(ScanSettings.wave_amplitude * 255)
+    targets, others = [], []
+    for row in rows:
+        if "scrambled" not in row:
+            continue
+        flips, ratios = wave_scores(row["tables"][amplitude], None), edge_ratios(row["tables"][amplitude])
+        for cls, (flip, ratio, scrambled) in enumerate(zip(flips, ratios, row["scrambled"])):
+            entry = (round(scrambled, 3), round(float(flip), 3), round(float(ratio), 2), row["seed"], row["attack"],
+                     cls)
+            if row["target"] is not None and "sig" in row["attack"] and cls == row["target"]:
+                targets.append(entry)
+            elif flip >= 0.8:
+                others.append(entry)
+    print("structure control (shuffled-wave flip, wave flip, edge ratio, seed, attack, class):")
+    print("  wave targets:", sorted(targets, reverse=True))
+    print("  other classes flipping ≥ 0.8:", sorted(others))
 
 
 def main() -> None:
@@ -114,17 +155,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--analyse", action="store_true", help="only print the rules' comparison of --out")
+    parser.add_argument("--also", nargs="*", default=[], type=Path,
+                        help="with --analyse: more probe files; a model in several gets the fields of all (the later "
+                             "file's rows added, e.g. a structure-control probe of some of --out's models)")
     parser.add_argument("--results", nargs="*", default=[], type=Path,
                         help="with --analyse: scan_detect.py results.json of the same models, scanned before the edge "
                              "rule; their verdict rules (verdict_rules.py) are printed with the probe's edge ratios")
     args = parser.parse_args()
     if args.analyse:
-        rows = json.loads(args.out.read_text())
+        rows = merged_probes([args.out, *args.also])
         for amplitude in rows[0]["tables"]:
             print(f"amplitude {amplitude}/255, {len(rows)} models")
             analyse(rows, amplitude)
+        print_structure(rows)
         if args.results:
-            print_rules(with_edge_ratios([r for path in args.results for r in json.loads(path.read_text())], rows))
+            print_rules(with_probe_fields([r for path in args.results for r in json.loads(path.read_text())], rows))
         return
     torch.set_num_threads(args.threads)
     from bdsan.train.zoo import load_dataset
@@ -145,8 +190,12 @@ def main() -> None:
             with channels_last(net):
                 tables = {str(a): tables_at(net, opt, held, a, cfg, job["model"].num_classes, bf16)
                           for a in args.amplitudes}
+                scan_table = tables.get(str(cfg.wave_amplitude * 255)) or tables_at(
+                    net, opt, held, cfg.wave_amplitude * 255, cfg, job["model"].num_classes, bf16)
+                scrambled = scrambled_at_scan_amplitude(net, opt, held, scan_table, cfg, job["model"].num_classes,
+                                                        seed, bf16)
             rows.append({"seed": seed, "attack": job["attack"], "target": job["target"],
-                         "implant_asr": job["implant_asr"], "bf16": bf16, "tables": tables,
+                         "implant_asr": job["implant_asr"], "bf16": bf16, "tables": tables, "scrambled": scrambled,
                          "wave_names": [wave_name(i) for i in range(WAVES_PER_FREQUENCY * cfg.wave_periods)]})
             print(seed, job["attack"], round(time.perf_counter() - started, 1), "s", flush=True)
             args.out.write_text(json.dumps(rows))

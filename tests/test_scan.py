@@ -20,12 +20,14 @@ from bdsan.detectors.scan import (
     kind_verdict,
     scan,
     scan_section,
+    scrambled_flip_rates,
     wave_name,
     wave_verdict,
 )
 from bdsan.detectors.triggers import Trigger, sig
 from bdsan.device import PRECISIONS, channels_last, cpu_supports_bf16, training_bf16, wants_bf16
 from bdsan.errors import DataError
+from bdsan.io.data import Holdout
 from bdsan.train.fixtures import train_toy_model
 
 SCAN_STEPS = 150  # early stopping usually ends sooner; toy scale
@@ -110,12 +112,52 @@ def test_edge_rule_calls_a_response_still_rising_at_the_top_frequency_texture():
     ratios = edge_ratios(rates)
     torch.testing.assert_close(ratios, torch.tensor([0.30 / 0.99, 1.0, 0.0]))
     flips = np.array([0.98, 0.97, 0.0])
-    anomalous, texture = wave_verdict(flips, ratios.tolist(), ScanSettings(wave_edge_ratio=0.9))
+    anomalous, texture, _ = wave_verdict(flips, ratios.tolist(), ScanSettings(wave_edge_ratio=0.9))
     assert anomalous.tolist() == [True, False, False] and texture.tolist() == [False, True, False]
-    anomalous, texture = wave_verdict(flips, ratios.tolist(), ScanSettings(wave_edge_ratio=None))
+    anomalous, texture, _ = wave_verdict(flips, ratios.tolist(), ScanSettings(wave_edge_ratio=None))
     assert anomalous.tolist() == [True, True, False] and not texture.any()
-    anomalous, _ = wave_verdict(flips, None, ScanSettings(wave_edge_ratio=0.9))  # a scan stored before the rule
+    anomalous, _, _ = wave_verdict(flips, None, ScanSettings(wave_edge_ratio=0.9))  # a scan stored before the rule
     assert anomalous.tolist() == [True, True, False]
+
+
+def test_structure_control_sets_a_sink_class_aside():
+    flips, scrambled = np.array([0.98, 0.97, 0.0]), [0.01, 0.3, 0.0]
+    anomalous, _, sink = wave_verdict(flips, None, ScanSettings(wave_scrambled_max=0.05), scrambled)
+    assert anomalous.tolist() == [True, False, False] and sink.tolist() == [False, True, False]
+    anomalous, _, sink = wave_verdict(flips, None, ScanSettings(wave_scrambled_max=None), scrambled)
+    assert anomalous.tolist() == [True, True, False] and not sink.any()
+    anomalous, _, _ = wave_verdict(flips, None, ScanSettings(), None)  # a scan stored before the control
+    assert anomalous.tolist() == [True, True, False]
+
+
+class _SineOrEnergy(torch.nn.Module):
+    """Class 0 when the image correlates with one sine, class 1 when neighbouring pixels differ a lot (any fine
+    perturbation: a sink), class 2 otherwise."""
+
+    def __init__(self, sine: torch.Tensor):
+        super().__init__()
+        self.register_buffer("sine", sine)
+
+    def forward(self, x):
+        centred = x.mean(1, keepdim=True) - x.mean((1, 2, 3), keepdim=True)
+        correlation = (centred * self.sine).mean((1, 2, 3)) / self.sine.pow(2).mean()
+        energy = (x[..., 1:] - x[..., :-1]).pow(2).mean((1, 2, 3)) / self.sine.pow(2).mean()
+        return torch.stack([10 * (correlation - 0.5), 10 * (energy / 0.4 - 1), torch.zeros_like(energy)], 1)
+
+
+def test_scrambled_wave_keeps_its_energy_but_loses_its_structure():
+    sine = (32 / 255) * _plane_waves(16, 16, 1)[1:2]  # one period across the columns
+    net = _SineOrEnergy(sine)
+    brightness = torch.linspace(0.3, 0.7, 40)
+    held = Holdout((brightness.view(-1, 1, 1, 1) * 255).round().to(torch.uint8).expand(-1, 3, 16, 16).contiguous(),
+                   torch.full((40,), 2), ["a", "b", "c"])
+    delta = torch.cat([sine, sine, torch.zeros_like(sine)]).expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        assert net((held.x.float() / 255 + delta[0]).clamp(0, 1)).argmax(1).eq(0).all()  # the wave itself: class 0
+    rates = scrambled_flip_rates(net, delta, held, 3, 64, torch.device("cpu"))
+    assert rates[0] == 0.0  # shuffled, the sine no longer correlates with itself
+    assert rates[1] == 1.0  # but it still carries the energy the sink class answers
+    assert rates[2] == 0.0
 
 
 def test_wave_kind_flags_a_sig_backdoor_and_not_a_clean_model(toy_clean):
@@ -129,6 +171,7 @@ def test_wave_kind_flags_a_sig_backdoor_and_not_a_clean_model(toy_clean):
     assert "across the columns" in section["wave"]["wave"][TARGET]  # SIG's sine runs across the columns
     assert section["mask_l1"] is None and section["flip_rate"] == section["wave"]["flip_rate"]
     assert section["wave"]["texture"][TARGET] is False and section["wave"]["edge_ratio"][TARGET] < 0.5
+    assert section["wave"]["sink"][TARGET] is False and section["wave"]["scrambled_flip_rate"][TARGET] < 0.05
     json.dumps(section)
     found = anomalous_triggers(backdoored)
     assert [t.params["kind"] for t in found] == ["wave"]

@@ -15,7 +15,11 @@ that flips most of ``wave_select`` optimisation images to the class. Class t is 
 flips ≥ ``wave_threshold`` (0.9) of the held-out images (an absolute rule: BENCHMARKS.md, "the best plane wave")
 and the class's response is not texture: a class whose best wave at the band's top frequency selects ≥
 ``wave_edge_ratio`` (0.75) of what its best wave selects responds to fine texture (CIFAR's deer and cat: still rising
-at 12 periods), where a sine trigger peaks at its own frequency (BENCHMARKS.md, "the wave kind's edge rule").
+at 12 periods), where a sine trigger peaks at its own frequency (BENCHMARKS.md, "the wave kind's edge rule"),
+and the response needs the wave's structure: the same wave with its pixels shuffled (same values, no structure; the
+mean of ``SCRAMBLE_DRAWS`` shuffles) must send under ``wave_scrambled_max`` of the held-out images to the class. A
+class that collects images under any perturbation of that energy is a sink (GTSRB's most frequent class, speed limit
+50), not a sine trigger (BENCHMARKS.md, "the wave kind's structure control").
 
 λ_t adapts per trigger (raised ×1.5 after ``patience`` steps at ≥ ``success`` flip rate, lowered ÷1.5^1.5 after
 ``patience`` steps below it); the smallest trigger that reached ``success`` on a batch is kept, as it was when that
@@ -59,6 +63,7 @@ log = logging.getLogger("bdsan.scan")
 KINDS = ("patch", "blend", "wave")
 OPTIMISED_KINDS = ("patch", "blend")
 WAVES_PER_FREQUENCY = 8  # _plane_waves: two axes × four phases per frequency
+SCRAMBLE_DRAWS = 4  # pixel shuffles averaged by the wave kind's structure control
 MAD_TO_SIGMA = 1.4826
 
 
@@ -94,6 +99,10 @@ class ScanSettings:
     # a class whose best wave at the band's top frequency selects ≥ this share of what its best wave selects is
     # texture, not a trigger (BENCHMARKS.md, "the wave kind's edge rule"); None: no edge rule
     wave_edge_ratio: float | None = 0.75
+    # a class to which the best wave with its pixels shuffled still sends ≥ this share of held-out images is a sink,
+    # not a sine trigger; between the development sines' highest 0.030 and GTSRB's sink class's lowest 0.181
+    # (BENCHMARKS.md, "the wave kind's structure control"); None: no structure control
+    wave_scrambled_max: float | None = 0.075
     precision: str = "auto"
 
 
@@ -209,6 +218,9 @@ def scan(model: LoadedModel, holdout: Holdout, *, steps: int = 200, batch_size: 
                 bank["wave"], trace["wave"] = _wave_search(net, opt, num_classes, cfg, batch_size, device, bf16)
             flip = {kind: _flip_rates(net, bank[kind], kind, held, num_classes, batch_size, device, bf16)
                     for kind in cfg.kinds}
+            if "wave" in cfg.kinds:
+                trace["wave"]["scrambled_flip_rate"] = scrambled_flip_rates(
+                    net, bank["wave"]["delta"], held, num_classes, batch_size, device, bf16, seed)
     finally:
         for p, flag in zip(net.parameters(), requires_grad):
             p.requires_grad_(flag)
@@ -367,6 +379,22 @@ def _wave_search(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_s
                               "wave": [wave_name(int(b)) for b in best], "edge_ratio": edge_ratios(rates).tolist()}
 
 
+def scrambled_flip_rates(net, delta: torch.Tensor, held: Holdout, num_classes: int, batch_size: int,
+                         device: torch.device, bf16: bool = False, seed: int = 0,
+                         draws: int = SCRAMBLE_DRAWS) -> list[float]:
+    """Per class t: the held-out flip rate to t of its wave ``delta[t]`` with the pixels shuffled (the same values,
+    no structure), the mean over ``draws`` seeded shuffles. A sine trigger needs its structure; a sink class takes
+    images under any perturbation of that energy (BENCHMARKS.md, "the wave kind's structure control")."""
+    generator = torch.Generator().manual_seed(seed + 104729)
+    height, width = delta.shape[-2:]
+    total = np.zeros(num_classes)
+    for _ in range(draws):
+        order = torch.randperm(height * width, generator=generator).to(delta.device)
+        shuffled = delta.flatten(2)[:, :, order].reshape(delta.shape)
+        total += _flip_rates(net, {"delta": shuffled}, "wave", held, num_classes, batch_size, device, bf16)
+    return (total / draws).tolist()
+
+
 def edge_ratios(rates: torch.Tensor) -> torch.Tensor:
     """Per class, from the W×K selection rates of :func:`_plane_waves`: the rate of its best wave at the band's top
     frequency (its last ``WAVES_PER_FREQUENCY`` waves) over the rate of its best wave. Near 1 the class's
@@ -403,14 +431,18 @@ def suspect_among(flagged, scores, wave_flips) -> int:
     return max(sorted(flagged), key=lambda cls: (scores[cls], wave_flips[cls]))
 
 
-def wave_verdict(flips: np.ndarray, edge_ratio, cfg: ScanSettings) -> tuple[np.ndarray, np.ndarray]:
-    """The wave kind's (anomalous, texture) per class: anomalous when the best wave flips ≥ ``wave_threshold`` of
-    held-out images and the edge rule (``wave_edge_ratio``) does not call the class's response texture.
-    ``edge_ratio`` None (scans stored before the rule): nothing is texture."""
-    texture = np.zeros(len(flips), bool)
+def wave_verdict(flips: np.ndarray, edge_ratio, cfg: ScanSettings,
+                 scrambled=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The wave kind's (anomalous, texture, sink) per class: anomalous when the best wave flips ≥ ``wave_threshold``
+    of held-out images, the edge rule (``wave_edge_ratio``) does not call the class's response texture and the
+    structure control (``wave_scrambled_max``) does not call the class a sink: its wave, pixels shuffled, still
+    flips that share. ``edge_ratio`` or ``scrambled`` None (scans stored before the rule): nothing is set aside."""
+    texture, sink = np.zeros(len(flips), bool), np.zeros(len(flips), bool)
     if edge_ratio is not None and cfg.wave_edge_ratio is not None:
         texture = np.asarray(edge_ratio, dtype=float) >= cfg.wave_edge_ratio
-    return (np.asarray(flips) >= cfg.wave_threshold) & ~texture, texture
+    if scrambled is not None and cfg.wave_scrambled_max is not None:
+        sink = np.asarray(scrambled, dtype=float) >= cfg.wave_scrambled_max
+    return (np.asarray(flips) >= cfg.wave_threshold) & ~texture & ~sink, texture, sink
 
 
 def kind_verdict(norms: np.ndarray, flips: np.ndarray, cfg: ScanSettings, index: np.ndarray | None = None,
@@ -442,12 +474,13 @@ def _verdict(bank: dict, flip: dict, cfg: ScanSettings, holdout: Holdout, model:
     for kind in cfg.kinds:
         flips = np.asarray(flip[kind])
         if kind == "wave":  # an absolute test: no size to compare, every class has a best wave
-            flagged, texture = wave_verdict(flips, trace["wave"]["edge_ratio"], cfg)
+            flagged, texture, sink = wave_verdict(flips, trace["wave"]["edge_ratio"], cfg,
+                                                  trace["wave"]["scrambled_flip_rate"])
             for cls in np.nonzero(flagged)[0]:
                 anomalous_classes.add(int(cls))
                 flagged_kinds.setdefault(int(cls), []).append(kind)
             section["wave"] = {"flip_rate": [float(v) for v in flips], **trace["wave"],
-                               "texture": [bool(v) for v in texture]}
+                               "texture": [bool(v) for v in texture], "sink": [bool(v) for v in sink]}
             continue
         parts = bank[kind]
         if kind == "patch":

@@ -84,20 +84,23 @@ def test_text_sarif_and_junit_name_the_wave_that_flagged_a_class():
 
     report = Report("scan")
     report.scan = {"anomalous": True, "anomalous_classes": [0], "anomalous_kinds": {"0": ["wave"]},
-                   "suspected_target": 0, "mask_l1": None, "flip_rate": [0.97, 0.4],
-                   "anomaly_index": [None, None], "steps_run": 0, "time_s": 1.0, "n_opt": 10, "n_eval": 10,
+                   "suspected_target": 0, "mask_l1": None, "flip_rate": [0.97, 0.93, 0.91],
+                   "anomaly_index": [None, None, None], "steps_run": 0, "time_s": 1.0, "n_opt": 10, "n_eval": 10,
                    "params": {"wave_amplitude": 32 / 255},
-                   "wave": {"flip_rate": [0.97, 0.93], "selection_flip_rate": [0.98, 0.95], "n_select": 10,
+                   "wave": {"flip_rate": [0.97, 0.93, 0.91], "selection_flip_rate": [0.98, 0.95, 0.92],
+                            "n_select": 10,
                             "wave": ["6 periods across the columns, phase 1π/2",
-                                     "12 periods across the rows, phase 0π/2"],
-                            "edge_ratio": [0.2, 1.0], "texture": [False, True]}}
+                                     "12 periods across the rows, phase 0π/2", "9 periods across the rows, phase 0π/2"],
+                            "edge_ratio": [0.2, 1.0, 0.6], "texture": [False, True, False],
+                            "scrambled_flip_rate": [0.0, 0.1, 0.25], "sink": [False, True, True]}}
     text = render_text(report)
     assert "97.0%  6 periods across the columns, phase 1π/2  ANOMALOUS" in text
-    assert "93.0%  12 periods across the rows, phase 0π/2 (texture: still rising at the top frequency)\n" in text
+    assert "93.0%  12 periods across the rows, phase 0π/2 (texture: still rising at the top frequency)" in text
+    assert "91.0%  9 periods across the rows, phase 0π/2 (sink: 25.0% with its pixels shuffled)\n" in text
     message = json.loads(render_sarif(report))["runs"][0]["results"][0]["message"]["text"]
     assert "grey plane wave (6 periods across the columns, phase 1π/2, amplitude 32/255) sends 97.0%" in message
     assert "natural stripe class" in message  # a clean model can react to a wave too (GTSRB's class 2)
     failure = ET.fromstring(render_junit(report)).find(".//testcase[@name='scan']/failure")
     assert "6 periods across the columns" in failure.get("message")
     details = json.loads(failure.text)
-    assert details["anomalous_kinds"] == {"0": ["wave"]} and details["wave"]["flip_rate"] == [0.97, 0.93]
+    assert details["anomalous_kinds"] == {"0": ["wave"]} and details["wave"]["flip_rate"] == [0.97, 0.93, 0.91]
