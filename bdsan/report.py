@@ -233,13 +233,19 @@ def _scan_message(scan: dict, names: list[str] | None) -> str:
         wave = scan["wave"]
         return (f"A grey plane wave ({wave['wave'][target]}, amplitude "
                 f"{255 * scan['params']['wave_amplitude']:.0f}/255) sends {_pct(wave['flip_rate'][target])} of "
-                f"held-out images to class {_class_label(target, names)} (anomalous classes: "
-                f"{scan.get('anomalous_classes')}); the model likely has a sine-like (SIG) backdoor, unless models "
-                f"trained on trusted data of the same kind react to this wave too (a natural stripe class).")
+                f"held-out images to class {_class_label(target, names)}{_shuffled_note(wave, target)} (anomalous "
+                f"classes: {scan.get('anomalous_classes')}); the model likely has a sine-like (SIG) backdoor, unless "
+                f"models trained on trusted data of the same kind react to this wave too (a natural stripe class).")
     kinds = ", ".join(kind for kind in found if kind != "wave") or "patch/blend"
     return (f"Trigger reverse-engineering found an anomalously small {kinds} trigger for class "
             f"{_class_label(target, names)} (anomalous classes: {scan.get('anomalous_classes')}); "
             f"the model likely has a backdoor with an unknown trigger.")
+
+
+def _shuffled_note(wave: dict, target: int) -> str:
+    """", its pixels shuffled only X%" where the scan measured the structure control (scans before it did not)."""
+    shuffled = wave.get("scrambled_flip_rate")
+    return f", its pixels shuffled only {_pct(shuffled[target])}" if shuffled else ""
 
 
 def _final_audit(data: dict) -> dict | None:

@@ -99,6 +99,7 @@ def test_text_sarif_and_junit_name_the_wave_that_flagged_a_class():
     assert "91.0%  9 periods across the rows, phase 0π/2 (sink: 25.0% with its pixels shuffled)\n" in text
     message = json.loads(render_sarif(report))["runs"][0]["results"][0]["message"]["text"]
     assert "grey plane wave (6 periods across the columns, phase 1π/2, amplitude 32/255) sends 97.0%" in message
+    assert "sends 97.0% of held-out images to class 0, its pixels shuffled only 0.0% (anomalous" in message
     assert "natural stripe class" in message  # a clean model can react to a wave too (GTSRB's class 2)
     failure = ET.fromstring(render_junit(report)).find(".//testcase[@name='scan']/failure")
     assert "6 periods across the columns" in failure.get("message")
