@@ -393,12 +393,14 @@ def scan_command(model_path, arch, num_classes, trust_code, preset, mean, std, i
 
 
 def _add_scan_gate(report: Report) -> None:
-    """Gate ``scan``: fails (exit 1) when the scan flagged an anomalous class."""
+    """Gate ``scan``: fails (exit 1) when the scan flagged an anomalous class. Its value is the number of anomalous
+    classes (limit 0): the anomaly index alone does not decide (flip rate, size and the wave kind do too), so it is
+    reported beside it as ``max_score``."""
     section = report.scan or {}
     flagged = section.get("anomalous_classes") or []
     index = [v for v in (section.get("score") or []) if v is not None]
-    report.add_gate("scan", section.get("params", {}).get("anomaly_threshold", 2.0), max(index, default=0.0),
-                    not flagged, anomalous_classes=flagged)
+    report.add_gate("scan", 0, len(flagged), not flagged, anomalous_classes=flagged,
+                    max_score=max(index, default=None))
     if flagged:
         report.exit_code = 1
         click.echo(f"gate scan failed: anomalous class(es) {', '.join(map(str, flagged))} "

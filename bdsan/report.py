@@ -218,12 +218,21 @@ def render_scan_table(scan: dict, class_names: list[str] | None = None) -> list[
                     f"{blend['anomaly_index'][cls]:8.2f}")
         if wave:
             row += f"  {_pct(wave['flip_rate'][cls]):>9s}  {wave['wave'][cls]}"
-            if cls < len(wave.get("texture") or []) and wave["texture"][cls]:
-                row += " (texture: still rising at the top frequency)"
-            if cls < len(wave.get("sink") or []) and wave["sink"][cls]:
-                row += f" (sink: {_pct(wave['scrambled_flip_rate'][cls])} with its pixels shuffled)"
+            row += _set_aside(wave, cls, (scan.get("params") or {}).get("wave_threshold", 0.0))
         lines.append(row + ("  ANOMALOUS" if cls in scan.get("anomalous_classes", []) else ""))
     return lines
+
+
+def _set_aside(wave: dict, cls: int, threshold: float) -> str:
+    """Why a class whose wave flips ≥ ``threshold`` is not flagged: texture (edge rule), sink (structure control)."""
+    if wave["flip_rate"][cls] < threshold:
+        return ""
+    notes = []
+    if cls < len(wave.get("texture") or []) and wave["texture"][cls]:
+        notes.append(" (texture: still rising at the top frequency)")
+    if cls < len(wave.get("sink") or []) and wave["sink"][cls]:
+        notes.append(f" (sink: {_pct(wave['scrambled_flip_rate'][cls])} with its pixels shuffled)")
+    return "".join(notes)
 
 
 def _scan_message(scan: dict, names: list[str] | None) -> str:

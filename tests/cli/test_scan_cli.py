@@ -19,7 +19,8 @@ def test_cli_scan_flags_poisoned_model_and_writes_pngs(run_cli, tmp_path, poison
     assert data["command"] == "scan" and data["scan"]["anomalous"] is True
     assert data["scan"]["suspected_target"] == 0  # the conftest backdoor targets class 0
     assert data["scan"]["bf16"] is False and data["scan"]["params"]["precision"] == "fp32"
-    assert next(g for g in data["gates"] if g["name"] == "scan")["passed"] is False
+    gate = next(g for g in data["gates"] if g["name"] == "scan")
+    assert gate["passed"] is False and gate["value"] == len(gate["anomalous_classes"]) >= 1 and gate["limit"] == 0
     assert (out_dir / "patch_class0_trigger.png").is_file()
     assert "reconstructed" not in data["scan"] and "images" not in data["scan"]
 
@@ -86,7 +87,7 @@ def test_text_sarif_and_junit_name_the_wave_that_flagged_a_class():
     report.scan = {"anomalous": True, "anomalous_classes": [0], "anomalous_kinds": {"0": ["wave"]},
                    "suspected_target": 0, "mask_l1": None, "flip_rate": [0.97, 0.93, 0.91],
                    "anomaly_index": [None, None, None], "steps_run": 0, "time_s": 1.0, "n_opt": 10, "n_eval": 10,
-                   "params": {"wave_amplitude": 32 / 255},
+                   "params": {"wave_amplitude": 32 / 255, "wave_threshold": 0.9},
                    "wave": {"flip_rate": [0.97, 0.93, 0.91], "selection_flip_rate": [0.98, 0.95, 0.92],
                             "n_select": 10,
                             "wave": ["6 periods across the columns, phase 1π/2",
@@ -97,6 +98,9 @@ def test_text_sarif_and_junit_name_the_wave_that_flagged_a_class():
     assert "97.0%  6 periods across the columns, phase 1π/2  ANOMALOUS" in text
     assert "93.0%  12 periods across the rows, phase 0π/2 (texture: still rising at the top frequency)" in text
     assert "91.0%  9 periods across the rows, phase 0π/2 (sink: 25.0% with its pixels shuffled)\n" in text
+    report.scan["wave"]["flip_rate"][2] = 0.5  # under the wave threshold: nothing was set aside, no note
+    assert "50.0%  9 periods across the rows, phase 0π/2\n" in render_text(report)
+    report.scan["wave"]["flip_rate"][2] = 0.91
     message = json.loads(render_sarif(report))["runs"][0]["results"][0]["message"]["text"]
     assert "grey plane wave (6 periods across the columns, phase 1π/2, amplitude 32/255) sends 97.0%" in message
     assert "sends 97.0% of held-out images to class 0, its pixels shuffled only 0.0% (anomalous" in message
