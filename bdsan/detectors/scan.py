@@ -100,8 +100,8 @@ class ScanSettings:
     # texture, not a trigger (BENCHMARKS.md, "the wave kind's edge rule"); None: no edge rule
     wave_edge_ratio: float | None = 0.75
     # a class to which the best wave with its pixels shuffled still sends ≥ this share of held-out images is a sink,
-    # not a sine trigger; between the development sines' highest 0.030 and GTSRB's sink class's lowest 0.181
-    # (BENCHMARKS.md, "the wave kind's structure control"); None: no structure control
+    # not a sine trigger; between the development sines' highest 0.030 and GTSRB's sink class's lowest 0.181 (blind
+    # GTSRB sines reached 0.062: a thin margin; BENCHMARKS.md, "the wave kind's structure control"); None: off
     wave_scrambled_max: float | None = 0.075
     precision: str = "auto"
 
