@@ -29,6 +29,7 @@ from bdsan.detectors.scan import (
     _plane_waves,
     _split_for_scan,
     _torch_classifier,
+    best_waves,
     scrambled_flip_rates,
     wave_name,
     wave_rates,
@@ -52,9 +53,7 @@ def tables_at(net, opt, held, amplitude: float, cfg: ScanSettings, num_classes: 
 def scrambled_at_scan_amplitude(net, opt, held, table: dict, cfg: ScanSettings, num_classes: int, seed: int,
                                 bf16: bool) -> list[float]:
     """The scan's structure control for each class's best wave (by selection, at the scan's amplitude)."""
-    best = torch.tensor(table["select"]).argmax(0)
-    waves = cfg.wave_amplitude * _plane_waves(*held.x.shape[2:], cfg.wave_periods)
-    delta = waves[best].expand(-1, held.x.shape[1], -1, -1).contiguous()
+    delta = best_waves(torch.tensor(table["select"]), held.x.shape[1:], cfg)
     return scrambled_flip_rates(net, delta, held, num_classes, 512, torch.device("cpu"), bf16, seed)
 
 

@@ -369,14 +369,19 @@ def _wave_search(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_s
     """The ``wave`` kind: per class, the grey plane wave of amplitude ``wave_amplitude`` that sends the most of
     ``wave_select`` optimisation images of other classes to it (SIG's trigger family; no optimisation). Returns the
     chosen waves as blend-like parts, their selection rates and each class's edge ratio."""
-    channels, height, width = opt.x.shape[1:]
-    waves = cfg.wave_amplitude * _plane_waves(height, width, cfg.wave_periods).to(device)
+    waves = cfg.wave_amplitude * _plane_waves(*opt.x.shape[2:], cfg.wave_periods).to(device)
     count = min(cfg.wave_select, len(opt))  # opt is shuffled (stratified_split): its head is a random sample
     rates = wave_rates(net, to_float(opt.x[:count]), opt.y[:count], waves, num_classes, batch_size, device, bf16)
-    best = rates.argmax(0)
-    delta = waves[best].expand(-1, channels, -1, -1).contiguous()
-    return {"delta": delta}, {"selection_flip_rate": rates.max(0).values.tolist(), "n_select": count,
-                              "wave": [wave_name(int(b)) for b in best], "edge_ratio": edge_ratios(rates).tolist()}
+    return {"delta": best_waves(rates, opt.x.shape[1:], cfg).to(device)}, {
+        "selection_flip_rate": rates.max(0).values.tolist(), "n_select": count,
+        "wave": [wave_name(int(b)) for b in rates.argmax(0)], "edge_ratio": edge_ratios(rates).tolist()}
+
+
+def best_waves(rates: torch.Tensor, shape, cfg: ScanSettings) -> torch.Tensor:
+    """K×C×H×W: per class its best wave by the W×K selection ``rates`` (at ``wave_amplitude``), on every channel."""
+    channels, height, width = shape
+    waves = cfg.wave_amplitude * _plane_waves(height, width, cfg.wave_periods)
+    return waves[rates.argmax(0).cpu()].expand(-1, channels, -1, -1).contiguous()
 
 
 def scrambled_flip_rates(net, delta: torch.Tensor, held: Holdout, num_classes: int, batch_size: int,
