@@ -96,10 +96,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", help="results.json files of scan_detect.py")
     parser.add_argument("--detail", action="store_true", help="per model: each kind's target-class statistics")
+    parser.add_argument("--structure", action="store_true",
+                        help="per model: the wave kind's structure control (target, strongest other wave class)")
     args = parser.parse_args()
     runs = [r for path in args.results for r in json.loads(Path(path).read_text())]
     if args.detail:
         print_detail(runs)
+    if args.structure:
+        print_structure(runs)
     print_rules(runs)
 
 
@@ -133,6 +137,26 @@ def print_detail(runs: list[dict]) -> None:
             top = int(order[0])
             print(f"| {run['attack']} | {kind} | {top} | {index[top]:.2f} | {flips[top]:.2f} "
                   f"| {norms[top] / np.median(norms):.2f} | {index[order[1]]:.2f} | {wave} |")
+
+
+def print_structure(runs: list[dict]) -> None:
+    """Per model: the target's wave flip and shuffled-wave flip, the other class with the strongest wave (flip,
+    shuffled flip, edge ratio), and the sum of the shuffled-wave flips over all classes with the target's share."""
+    print("| model | target: wave / shuffled | strongest other class: wave / shuffled (edge ratio) "
+          "| shuffled sum | target's share |")
+    print("|---|---|---|---|---|")
+    for run in runs:
+        wave = run.get("wave") or {}
+        if wave.get("scrambled_flip_rate") is None:
+            continue
+        flips, shuffled = np.asarray(wave["flip_rate"]), np.asarray(wave["scrambled_flip_rate"])
+        ratios, target = np.asarray(wave["edge_ratio"]), run["target"] if run["backdoored"] else None
+        others = np.where(np.arange(len(flips)) == target, -1.0, flips)
+        other = int(others.argmax())
+        cell = "—" if target is None else f"{flips[target]:.3f} / {shuffled[target]:.3f}"
+        share = "—" if target is None else f"{shuffled[target] / max(shuffled.sum(), 1e-9):.2f}"
+        print(f"| {run['attack']} | {cell} | {other}: {flips[other]:.3f} / {shuffled[other]:.3f} "
+              f"({ratios[other]:.2f}) | {shuffled.sum():.2f} | {share} |")
 
 
 if __name__ == "__main__":
