@@ -242,7 +242,7 @@ def _scan_message(scan: dict, names: list[str] | None) -> str:
         wave = scan["wave"]
         return (f"A grey plane wave ({wave['wave'][target]}, amplitude "
                 f"{255 * scan['params']['wave_amplitude']:.0f}/255) sends {_pct(wave['flip_rate'][target])} of "
-                f"held-out images to class {_class_label(target, names)}{_shuffled_note(wave, target)} (anomalous "
+                f"held-out images to class {_class_label(target, names)}{_shuffled_note(wave, target, scan['params'])} (anomalous "
                 f"classes: {scan.get('anomalous_classes')}); the model likely has a sine-like (SIG) backdoor, unless "
                 f"models trained on trusted data of the same kind react to this wave too (a natural stripe class).")
     kinds = ", ".join(kind for kind in found if kind != "wave") or "patch/blend"
@@ -251,10 +251,17 @@ def _scan_message(scan: dict, names: list[str] | None) -> str:
             f"the model likely has a backdoor with an unknown trigger.")
 
 
-def _shuffled_note(wave: dict, target: int) -> str:
-    """", its pixels shuffled only X%" where the scan measured the structure control (scans before it did not)."""
+def _shuffled_note(wave: dict, target: int, params: dict) -> str:
+    """", its pixels shuffled only X%" where the scan measured the structure control (scans before it did not); where
+    the shuffled wave crossed ``wave_scrambled_max``, the class was kept because its response is tuned."""
     shuffled = wave.get("scrambled_flip_rate")
-    return f", its pixels shuffled only {_pct(shuffled[target])}" if shuffled else ""
+    if not shuffled:
+        return ""
+    limit = params.get("wave_scrambled_max")
+    if limit is not None and shuffled[target] >= limit:
+        return (f", its pixels shuffled {_pct(shuffled[target])} (but the response is tuned to one frequency: edge "
+                f"ratio {wave['edge_ratio'][target]:.2f})")
+    return f", its pixels shuffled only {_pct(shuffled[target])}"
 
 
 def _final_audit(data: dict) -> dict | None:

@@ -33,12 +33,15 @@ class Rule:
     wave_edge: float | None = ScanSettings.wave_edge_ratio  # the wave kind's edge rule (scans that stored edge ratios)
     wave_threshold: float = ScanSettings.wave_threshold
     wave_scrambled: float | None = ScanSettings.wave_scrambled_max  # the structure control (scans that stored it)
+    wave_sink_edge: float | None = ScanSettings.wave_sink_edge_min  # a sink's response is not tuned: edge ratio ≥
 
 
 _DEFAULT = ScanSettings()
 RULES = {f"scan default (size ≤ {_DEFAULT.max_norm_ratio:g} (patch) and {_DEFAULT.blend_max_norm_ratio:g} (blend)"
          f"·median; wave flip ≥ {_DEFAULT.wave_threshold:g}, edge rule {_DEFAULT.wave_edge_ratio:g}, shuffled wave < "
-         f"{_DEFAULT.wave_scrambled_max:g})": Rule(),
+         f"{_DEFAULT.wave_scrambled_max:g} or edge ratio < {_DEFAULT.wave_sink_edge_min:g})": Rule(),
+         "wave: structure control by the shuffled flip alone (2026-12-05 to blind GTSRB seed 4)": Rule(
+             wave_sink_edge=None),
          "wave: no structure control (the wave rule before 2026-12-05)": Rule(wave_scrambled=None),
          "patch size ≤ 0.3·median (before seed 13)": Rule(patch_ratio=0.3),
          "blend size ≤ 0.5·median": Rule(blend_ratio=0.5),
@@ -70,7 +73,7 @@ def verdict(run: dict, rule: Rule) -> tuple[float, set[int], int | None]:
     cfg = ScanSettings(max_norm_ratio=math.inf if rule.patch_ratio is None else rule.patch_ratio,
                        blend_max_norm_ratio=math.inf if rule.blend_ratio is None else rule.blend_ratio,
                        wave_edge_ratio=rule.wave_edge, wave_threshold=rule.wave_threshold,
-                       wave_scrambled_max=rule.wave_scrambled)
+                       wave_scrambled_max=rule.wave_scrambled, wave_sink_edge_min=rule.wave_sink_edge)
     flagged: set[int] = set()
     evidence = {}
     tables = kind_tables(run)

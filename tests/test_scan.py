@@ -130,6 +130,18 @@ def test_structure_control_sets_a_sink_class_aside():
     assert anomalous.tolist() == [True, True, False]
 
 
+def test_a_sink_needs_an_untuned_response():
+    """A class whose shuffled wave crosses the control is set aside only when its stripe response is not tuned to
+    one frequency (edge ratio ≥ wave_sink_edge_min): a sine target stays flagged when its model is noise-prone."""
+    flips, scrambled, edges = np.array([0.99, 0.95, 0.99]), [0.09, 0.2, 0.01], [0.02, 0.5, 0.5]
+    cfg = ScanSettings(wave_scrambled_max=0.075, wave_sink_edge_min=0.24)
+    anomalous, _, sink = wave_verdict(flips, edges, cfg, scrambled)
+    assert anomalous.tolist() == [True, False, True] and sink.tolist() == [False, True, False]
+    anomalous, _, sink = wave_verdict(flips, edges, ScanSettings(wave_scrambled_max=0.075, wave_sink_edge_min=None),
+                                      scrambled)
+    assert anomalous.tolist() == [False, False, True] and sink.tolist() == [True, True, False]
+
+
 class _SineOrEnergy(torch.nn.Module):
     """Class 0 when the image correlates with one sine, class 1 when neighbouring pixels differ a lot (any fine
     perturbation: a sink), class 2 otherwise."""

@@ -105,6 +105,10 @@ def test_text_sarif_and_junit_name_the_wave_that_flagged_a_class():
     assert "grey plane wave (6 periods across the columns, phase 1π/2, amplitude 32/255) sends 97.0%" in message
     assert "sends 97.0% of held-out images to class 0, its pixels shuffled only 0.0% (anomalous" in message
     assert "natural stripe class" in message  # a clean model can react to a wave too (GTSRB's class 2)
+    report.scan["params"]["wave_scrambled_max"] = 0.075
+    report.scan["wave"]["scrambled_flip_rate"][0] = 0.08  # kept: the shuffled wave crossed, the response is tuned
+    message = json.loads(render_sarif(report))["runs"][0]["results"][0]["message"]["text"]
+    assert "its pixels shuffled 8.0% (but the response is tuned to one frequency: edge ratio 0.20)" in message
     failure = ET.fromstring(render_junit(report)).find(".//testcase[@name='scan']/failure")
     assert "6 periods across the columns" in failure.get("message")
     details = json.loads(failure.text)
