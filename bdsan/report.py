@@ -240,9 +240,10 @@ def _scan_message(scan: dict, names: list[str] | None) -> str:
     found = (scan.get("anomalous_kinds") or {}).get(str(target), [])
     if found == ["wave"]:
         wave = scan["wave"]
+        shuffled = _shuffled_note(wave, target, scan["params"])
         return (f"A grey plane wave ({wave['wave'][target]}, amplitude "
                 f"{255 * scan['params']['wave_amplitude']:.0f}/255) sends {_pct(wave['flip_rate'][target])} of "
-                f"held-out images to class {_class_label(target, names)}{_shuffled_note(wave, target, scan['params'])} (anomalous "
+                f"held-out images to class {_class_label(target, names)}{shuffled} (anomalous "
                 f"classes: {scan.get('anomalous_classes')}); the model likely has a sine-like (SIG) backdoor, unless "
                 f"models trained on trusted data of the same kind react to this wave too (a natural stripe class).")
     kinds = ", ".join(kind for kind in found if kind != "wave") or "patch/blend"
