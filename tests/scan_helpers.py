@@ -5,6 +5,7 @@ import functools
 
 import torch
 
+from bdsan.detectors.triggers import sig
 from bdsan.train.fixtures import top_left_patch, train_toy_model
 
 UNKNOWN_TARGET = 2
@@ -16,8 +17,15 @@ def unknown_patch_toy():
     return train_toy_model(trigger=top_left_patch, target=UNKNOWN_TARGET, seed=1)
 
 
-def trigger_asr(model: torch.nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, target: int = UNKNOWN_TARGET) -> float:
-    """Real ASR of ``top_left_patch`` on images whose label is not ``target``."""
+@functools.lru_cache(maxsize=1)
+def sig_toy():
+    """ToyModel backdoored with SIG's sine (``sig``, across the columns) → class 2; trained once per session."""
+    return train_toy_model(trigger=sig, target=UNKNOWN_TARGET, seed=1)
+
+
+def trigger_asr(model: torch.nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, target: int = UNKNOWN_TARGET,
+                trigger=top_left_patch) -> float:
+    """Real ASR of ``trigger`` (default ``top_left_patch``) on images whose label is not ``target``."""
     x = x_uint8[y != target].float().div(255)
     with torch.no_grad():
-        return float((model.eval()(top_left_patch(x)).argmax(1) == target).float().mean())
+        return float((model.eval()(trigger(x)).argmax(1) == target).float().mean())

@@ -24,11 +24,10 @@ from bdsan.detectors.scan import (
     wave_name,
     wave_verdict,
 )
-from bdsan.detectors.triggers import Trigger, sig
+from bdsan.detectors.triggers import Trigger
 from bdsan.device import PRECISIONS, channels_last, cpu_supports_bf16, training_bf16, wants_bf16
 from bdsan.errors import DataError
 from bdsan.io.data import Holdout
-from bdsan.train.fixtures import train_toy_model
 
 SCAN_STEPS = 150  # early stopping usually ends sooner; toy scale
 TARGET = UNKNOWN_TARGET
@@ -173,7 +172,7 @@ def test_scrambled_wave_keeps_its_energy_but_loses_its_structure():
 
 
 def test_wave_kind_flags_a_sig_backdoor_and_not_a_clean_model(toy_clean):
-    sig_toy = train_toy_model(trigger=sig, target=TARGET, seed=1)
+    sig_toy = scan_helpers.sig_toy()
     settings = {"kinds": ("wave",), "wave_select": 60, "seed": 0, "device": "cpu"}
     backdoored = scan(sig_toy.model, sig_toy.holdout, **settings)
     section = scan_section(backdoored)

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import scan_helpers
 import torch
 from scan_helpers import trigger_asr
 
+from bdsan.detectors.triggers import sig
 from bdsan.io.data import split_holdout
 from bdsan.sanitize.context import Context
 from bdsan.sanitize.registry import get_method, list_methods
@@ -45,6 +47,25 @@ def test_unlearn_keeps_fit_accuracy_within_the_guard(unlearned):
     selected = next(h for h in guard["history"] if h["label"] == guard["selected"])
     assert selected["accepted"] and selected.get("drop_points", 0.0) <= guard["max_acc_drop"]
     assert guard["selected"] != "input"
+
+
+def test_scan_wave_gives_unlearn_a_sine_only_the_wave_kind_knows():
+    """A SIG backdoor the audit did not flag: with ``scan_wave`` the fit-split scan's wave kind flags the target and
+    unlearn stamps that plane wave (not the real sine); the real trigger's ASR goes under the gate."""
+    toy = scan_helpers.sig_toy()
+    fit, verify = split_holdout(toy.holdout, 0.5, 0)
+    model = copy.deepcopy(toy.model).normalized()
+    asr = functools.partial(trigger_asr, x_uint8=verify.x, y=verify.y, trigger=sig)
+    assert asr(model) > 0.8
+    ctx = Context(device=torch.device("cpu"), seed=0, batch_size=256, max_acc_drop=3.0)  # no known triggers
+    result = get_method("unlearn", epochs=5, scan_steps=150, scan_wave=True).run(model, fit, ctx)
+    used = result.details["triggers"]
+    assert {"name": f"scan_wave_class{scan_helpers.UNKNOWN_TARGET}", "source": "scan",
+            "target": scan_helpers.UNKNOWN_TARGET, "kind": "wave"} in used
+    assert all(t["source"] == "scan" for t in used)
+    assert "wave" in result.details["scan"]["anomalous_kinds"][str(scan_helpers.UNKNOWN_TARGET)]
+    assert result.details["scan"]["wave"]["flip_rate"][scan_helpers.UNKNOWN_TARGET] >= 0.9
+    assert asr(result.model) <= 0.2
 
 
 def test_unlearn_rejects_bad_parameters():

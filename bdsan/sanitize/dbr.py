@@ -68,6 +68,7 @@ class DBR:
     jitter: int = 2
     scan: bool | str = "auto"
     scan_steps: int = 300
+    scan_wave: bool = False
     augment: bool = True
     fit_val_fraction: float = 0.1
     bn: str = "reestimate-augmented"
@@ -92,7 +93,8 @@ class DBR:
         started = time.perf_counter()
         model = model.to(ctx.device).eval()
         train, fit_val = ctx.fit_val_split(fit.to(ctx.device), self.fit_val_fraction)
-        triggers, sources, scan_summary = gather_triggers(model, train, ctx, self.scan, self.scan_steps)
+        triggers, sources, scan_summary = gather_triggers(model, train, ctx, self.scan, self.scan_steps,
+                                                          wave=self.scan_wave)
         targets = _targets(ctx, triggers, sources)
         used = [(t, target) for t, target in zip(triggers, targets) if target is not None]
         guard = FitValGuard(fit_val, ctx.max_acc_drop, ctx.batch_size)

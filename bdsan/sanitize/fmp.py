@@ -339,6 +339,7 @@ class FMP:
     known_trigger_fraction: float | None = None
     scan: bool | str | None = None
     scan_steps: int = 300
+    scan_wave: bool = False
     rank_precision: str = "auto"
     rank: str = "fgsm"
     distill_weight: float | None = None
@@ -389,7 +390,8 @@ class FMP:
         triggers, sources, scan_summary = [], [], None
         if self.known_trigger_fraction > 0 or self.rank == "triggers":  # before pruning: the scan sees the model
             scan_started = time.perf_counter()
-            triggers, sources, scan_summary = gather_triggers(model, train, ctx, self.scan, self.scan_steps)
+            triggers, sources, scan_summary = gather_triggers(model, train, ctx, self.scan, self.scan_steps,
+                                                              wave=self.scan_wave)
             if scan_summary is not None:
                 timings["scan"] = time.perf_counter() - scan_started
 

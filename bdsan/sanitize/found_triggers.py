@@ -26,44 +26,51 @@ def scan_mode(value: bool | str) -> str:
 
 
 def gather_triggers(model: nn.Module, train: Holdout, ctx: Context, mode: str, steps: int,
-                    all_classes: bool = False) -> tuple[list, list[dict], dict | None]:
+                    all_classes: bool = False, wave: bool = False) -> tuple[list, list[dict], dict | None]:
     """(triggers, where each came from, scan summary or None): the audit's, then the scan's when ``mode`` says."""
     triggers = list(ctx.known_triggers)
     sources = [{"name": t.name, "source": "audit"} for t in triggers]
     summary = None
     if mode == "always" or (mode == "auto" and not triggers):
-        found, summary = scan_fit_split(model, train, ctx, steps, all_classes)
+        found, summary = scan_fit_split(model, train, ctx, steps, all_classes, wave)
         triggers += found
         sources += [{"name": t.name, "source": "scan", "target": t.params["target"], "kind": t.params["kind"]}
                     for t in found]
     return triggers, sources, summary
 
 
-def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, all_classes: bool = False
-                   ) -> tuple[list, dict]:
+def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, all_classes: bool = False,
+                   wave: bool = False) -> tuple[list, dict]:
     """Run the scan on fit images; return its reconstructed triggers worth using and a summary.
 
     Without ``all_classes``: the anomalous classes' triggers, or — when none is anomalous and the audit knew no
     trigger — the most suspicious class's (a weak scan signal is still the best lead a small holdout gives).
+    ``wave``: search the scan's ``wave`` kind too; a class's best plane wave is used only where it flagged the
+    class (every class has a best wave, most of them mean nothing).
     """
     from ..detectors.scan import OPTIMISED_KINDS, anomalous_triggers, scan, scan_section
 
     started = time.perf_counter()
     loaded = from_module(model, "module", train.num_classes, Preprocessing(), list(train.classes))
-    # patch and blend with the selection and size tests every unlearn/D-BR/FMP number was measured with; the wave
-    # kind and the detection scan's later defaults (keep=measured, patch size test 0.35) were chosen for detection
+    # patch and blend with the selection and size tests every unlearn/D-BR/FMP number was measured with; the
+    # detection scan's later defaults (keep=measured, patch size test 0.35) were chosen for detection
+    kinds = OPTIMISED_KINDS + (("wave",) if wave else ())
     result = scan(loaded, train, steps=steps, batch_size=ctx.batch_size, device=ctx.device, seed=ctx.seed,
-                  kinds=OPTIMISED_KINDS, keep="after-step", max_norm_ratio=0.3, blend_max_norm_ratio=0.3)
+                  kinds=kinds, keep="after-step", max_norm_ratio=0.3, blend_max_norm_ratio=0.3)
     model.eval()
+    usable = [t for t in result["reconstructed"] if t.params["kind"] in OPTIMISED_KINDS or t.params["anomalous"]]
     if all_classes:
-        found = list(result["reconstructed"])
+        found = usable
     else:
         found = anomalous_triggers(result)
         if not found and not ctx.known_triggers and result["suspected_target"] is not None:
-            found = [t for t in result["reconstructed"] if t.params["target"] == result["suspected_target"]]
+            found = [t for t in usable if t.params["target"] == result["suspected_target"]]
     section = scan_section(result)
-    summary = {k: section[k] for k in ("suspected_target", "anomalous", "anomalous_classes", "anomaly_index",
-                                       "flip_rate", "mask_l1", "steps_run", "time_s") if k in section}
+    summary = {k: section[k] for k in ("suspected_target", "anomalous", "anomalous_classes", "anomalous_kinds",
+                                       "anomaly_index", "flip_rate", "mask_l1", "steps_run", "time_s")
+               if k in section}
+    if wave:
+        summary["wave"] = {k: section["wave"][k] for k in ("flip_rate", "wave", "edge_ratio", "scrambled_flip_rate")}
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return found, summary
 

@@ -117,6 +117,7 @@ class Unlearn:
     scan: bool | str = "auto"
     scan_steps: int = 300
     scan_all_classes: bool = False
+    scan_wave: bool = False
     augment: bool = True
     fit_val_fraction: float = 0.1
     bn: str = "reestimate-augmented"
@@ -181,7 +182,7 @@ class Unlearn:
         timings: dict[str, float] = {}
         scan_started = time.perf_counter()
         triggers, sources, scan_summary = gather_triggers(model, train, ctx, self.scan, self.scan_steps,
-                                                          self.scan_all_classes)
+                                                          self.scan_all_classes, self.scan_wave)
         if scan_summary is not None:
             timings["scan"] = round(time.perf_counter() - scan_started, 3)
         guard = FitValGuard(fit_val, ctx.max_acc_drop, ctx.batch_size)
