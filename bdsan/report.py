@@ -457,6 +457,10 @@ def render_sanitize_text(report: Report) -> str:
         if known:
             lines.append("  triggers flagged on the fit split: " + ", ".join(
                 f"{k['name']} → {_class_label(k.get('suspected_target'), names)}" for k in known))
+        found = [t for t in details.get("triggers") or details.get("trigger_sources") or [] if t.get("source") == "scan"]
+        if found:
+            lines.append("  triggers the scan reconstructed on the fit split: " + ", ".join(
+                f"{t.get('kind')} → {_class_label(t.get('target'), names)}" for t in found))
         guard = defense.get("guard") or {}
         if guard:
             lines.append(f"  guard: clean accuracy on verify {_pct(guard.get('ca_verify_before'))} → "

@@ -56,3 +56,19 @@ def test_list_methods(run_cli):
     result = run_cli("sanitize", "--list-methods")
     assert result.code == 0 and "fmp" in result.stdout and "prune_ratio=" in result.stdout
     assert "rank_images=256  (depends on recipe)" in result.stdout  # resolved for the default recipe
+
+
+def test_text_report_names_the_triggers_the_fit_split_scan_found():
+    from bdsan.report import Report, render_sanitize_text
+
+    report = Report("sanitize")
+    report.defense = {"method": "unlearn", "params": {"scan_wave": True},
+                      "details": {"triggers": [{"name": "badnets_grid", "source": "audit"},
+                                               {"name": "scan_wave_class0", "source": "scan", "target": 0,
+                                                "kind": "wave"},
+                                               {"name": "scan_patch_class2", "source": "scan", "target": 2,
+                                                "kind": "patch"}]}}
+    text = render_sanitize_text(report)
+    assert "  triggers the scan reconstructed on the fit split: wave → 0, patch → 2\n" in text
+    report.defense["details"]["triggers"] = [{"name": "badnets_grid", "source": "audit"}]
+    assert "scan reconstructed" not in render_sanitize_text(report)
