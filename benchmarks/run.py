@@ -241,6 +241,12 @@ def _details_summary(details: dict) -> dict:
     if isinstance(details.get("pruned"), dict):
         summary["pruned"] = {k: details["pruned"][k] for k in ("n_pruned", "target_rate_fit", "untriggered_rate_fit",
                                                                "at_floor") if k in details["pruned"]}
+    sources = details.get("triggers") or details.get("trigger_sources")
+    if isinstance(sources, list):  # which triggers the defense used, and where each came from
+        summary["triggers"] = sources
+    if isinstance(details.get("scan"), dict):
+        summary["scan"] = {k: details["scan"][k] for k in ("suspected_target", "anomalous_kinds", "wave")
+                           if k in details["scan"]}
     return summary
 
 
