@@ -4,7 +4,7 @@ import torch
 
 import bdsan.detectors.scan as scan_module
 from bdsan.detectors.scan import ScanSettings
-from bdsan.detectors.triggers import get_trigger
+from bdsan.detectors.triggers import Trigger, get_trigger
 from bdsan.io.data import Holdout
 from bdsan.sanitize.context import Context
 from bdsan.sanitize.found_triggers import scan_fit_split, stamp_leading, stamped_like_training
@@ -67,3 +67,27 @@ def test_the_defenses_scan_keeps_the_settings_their_numbers_were_measured_with(m
     assert seen["kinds"] == ("patch", "blend") and seen["keep"] == "after-step"
     assert seen["blend_max_norm_ratio"] == 0.3 and ScanSettings().keep == "measured"
     assert seen["max_norm_ratio"] == 0.3 and ScanSettings().max_norm_ratio == 0.35
+    seen.clear()
+    with pytest.raises(RuntimeError, match="stop here"):
+        scan_fit_split(torch.nn.Flatten(), train, Context(), steps=1, wave=True)  # unlearn's scan_wave
+    assert seen["kinds"] == ("patch", "blend", "wave") and seen["keep"] == "after-step"
+
+
+def test_wave_phase_rolls_the_scans_wave_and_nothing_else():
+    rows_wave = torch.sin(2 * torch.pi * 2 * torch.arange(16) / 16).view(1, 1, 16, 1).expand(1, 3, 16, 16) * 0.1
+    wave = Trigger("scan_wave_class0", {"source": "scan", "kind": "wave", "target": 0},
+                   lambda x, **_: (x + rows_wave.to(x)).clamp(0, 1))
+    sine = get_trigger("sig")  # the suite's own sine is stamped as it is
+    x = torch.full((2, 3, 16, 16), 0.5)
+    changes = set()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        out, n = stamp_leading(x, [wave], 0.5, generator, wave_phase=True)
+        change = out[0] - x[0]
+        shifts = [k for k in range(16) if torch.allclose(change, torch.roll(rows_wave[0], k, dims=1), atol=1e-6)]
+        assert shifts and (out[n:] == 0.5).all()  # the found wave, rolled down the rows: another phase
+        changes.add(shifts[0])
+        assert torch.equal(stamp_leading(x, [sine], 0.5, generator, wave_phase=True)[0][:1], sine.apply(x[:1]))
+    assert len(changes) > 3
+    out, _ = stamp_leading(x, [wave], 0.5, generator)
+    assert torch.equal(out[:1], wave.apply(x[:1]))  # without it: exactly as found

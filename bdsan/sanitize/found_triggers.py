@@ -76,7 +76,8 @@ def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, a
 
 
 def stamp_leading(x: torch.Tensor, triggers: list, fraction: float, generator: torch.Generator, jitter: int = 0,
-                  strength: tuple[float, float] = (1.0, 1.0), jitter_suite: bool = False) -> tuple[torch.Tensor, int]:
+                  strength: tuple[float, float] = (1.0, 1.0), jitter_suite: bool = False,
+                  wave_phase: bool = False) -> tuple[torch.Tensor, int]:
     """(images, n): the first n = round(``fraction``·len(x)) (at least 1 when ``fraction`` > 0) images of a
     random batch each stamped with one randomly chosen trigger, labels untouched. Reconstructed *patch* triggers
     are shifted by up to ``jitter`` px (roll, stamp, roll back): the scan locates a patch only to a pixel or so;
@@ -85,7 +86,11 @@ def stamp_leading(x: torch.Tensor, triggers: list, fraction: float, generator: t
     variants, ALGORITHMS §3b.2; the shift wraps around the border).
 
     ``strength`` (lo, hi): a *full-image* trigger's change to each image (stamped − clean; a blend's alpha, SIG's
-    amplitude) is scaled by a factor drawn uniformly from [lo, hi] per image; patch triggers are left as found."""
+    amplitude) is scaled by a factor drawn uniformly from [lo, hi] per image; patch triggers are left as found.
+
+    ``wave_phase``: the scan's plane waves are stamped at a random phase (the same roll, over the whole image), not
+    at the one of four the scan chose: a model trained on a sine also answers it shifted (BENCHMARKS.md "Unlearn
+    with the scan's wave kind")."""
     n = max(1, round(fraction * len(x))) if fraction > 0 and triggers else 0
     if n == 0:
         return x, 0
@@ -95,10 +100,15 @@ def stamp_leading(x: torch.Tensor, triggers: list, fraction: float, generator: t
         rows = torch.nonzero(choice == index).flatten().to(x.device)
         if not len(rows):
             continue
-        if jitter > 0 and (_is_reconstructed_patch(trigger) or jitter_suite and not is_full_image(trigger, x[rows[:1]])):
+        if jitter > 0 and (_is_reconstructed(trigger, "patch") or jitter_suite and not is_full_image(trigger, x[rows[:1]])):
             dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
             shifted = torch.roll(x[rows], shifts=(-dy, -dx), dims=(2, 3))
             out[rows] = torch.roll(trigger.apply(shifted), shifts=(dy, dx), dims=(2, 3))
+        elif wave_phase and _is_reconstructed(trigger, "wave"):  # a whole-period roll of the wave: its phase
+            dy, dx = (int(torch.randint(size, (1,), generator=generator)) for size in x.shape[-2:])
+            shifted = torch.roll(x[rows], shifts=(-dy, -dx), dims=(2, 3))
+            stamped = torch.roll(trigger.apply(shifted), shifts=(dy, dx), dims=(2, 3))
+            out[rows] = _scaled(x[rows], stamped, strength, generator)
         else:
             out[rows] = _scaled(x[rows], trigger.apply(x[rows]), strength, generator)
     return out, n
@@ -115,9 +125,10 @@ def _scaled(clean: torch.Tensor, stamped: torch.Tensor, strength: tuple[float, f
 
 
 def stamped_like_training(triggers: list, fraction: float, generator: torch.Generator, jitter: int = 0,
-                          strength: tuple[float, float] = (1.0, 1.0), jitter_suite: bool = False):
+                          strength: tuple[float, float] = (1.0, 1.0), jitter_suite: bool = False,
+                          wave_phase: bool = False):
     """Batch → batch stamped as the fine-tuning batches are: for BN re-estimation (``bn_stamped``)."""
-    return lambda x: stamp_leading(x, triggers, fraction, generator, jitter, strength, jitter_suite)[0]
+    return lambda x: stamp_leading(x, triggers, fraction, generator, jitter, strength, jitter_suite, wave_phase)[0]
 
 
 def is_full_image(trigger, example: torch.Tensor) -> bool:
@@ -130,6 +141,6 @@ def is_full_image(trigger, example: torch.Tensor) -> bool:
     return bool((trigger.apply(example) != example).any(dim=1).float().mean() >= FULL_IMAGE_PIXELS)
 
 
-def _is_reconstructed_patch(trigger) -> bool:
+def _is_reconstructed(trigger, kind: str) -> bool:
     params = getattr(trigger, "params", None) or {}
-    return params.get("source") == "scan" and params.get("kind") == "patch"
+    return params.get("source") == "scan" and params.get("kind") == kind

@@ -120,6 +120,7 @@ class Unlearn:
     scan_steps: int = 300
     scan_all_classes: bool = False
     scan_wave: bool = True
+    wave_phase: str = "found"
     augment: bool = True
     fit_val_fraction: float = 0.1
     bn: str = "reestimate-augmented"
@@ -160,6 +161,8 @@ class Unlearn:
             raise ValueError(f"fewest_reference must be one of {', '.join(FEWEST_REFERENCES)}")
         if self.stamp not in STAMP_MODES:
             raise ValueError(f"stamp must be one of {', '.join(STAMP_MODES)}")
+        if self.wave_phase not in ("found", "random"):
+            raise ValueError("wave_phase must be found or random")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}")
 
@@ -354,7 +357,7 @@ class Unlearn:
                 if self.augment:
                     x = augment_batch(x, generator)
                 inputs, n_stamped = stamp_leading(x, triggers, self.stamp_fraction, generator, self.jitter,
-                                                  self._strength)
+                                                  self._strength, wave_phase=self.wave_phase == "random")
                 with precision_autocast(device, bf16):
                     logits = model(inputs).float()
                 teacher_logits = rows = None
@@ -387,7 +390,8 @@ class Unlearn:
                 sums["ce"] += float(ce.detach())
                 sums["reg"] += float(reg.detach())
                 ctx.report("unlearn", step, total)
-            stamp = stamped_like_training(triggers, self.stamp_fraction, generator, self.jitter, self._strength)
+            stamp = stamped_like_training(triggers, self.stamp_fraction, generator, self.jitter, self._strength,
+                                          wave_phase=self.wave_phase == "random")
             checkpoint_bn(model, self.bn, train, ctx.batch_size, self.augment, generator,
                           transform=stamp if self.bn_stamped else None)
             model.eval()
