@@ -408,6 +408,15 @@ AUDIT_RENDERERS = {".sarif": render_sarif, ".xml": render_junit}
 
 # --- sanitize: before / after / export side by side ------------------------------------------------------------
 
+def defense_trigger_sources(details: dict) -> tuple[list[dict], dict | None]:
+    """(the triggers a defense used, where each came from; its fit-split scan summary or None), wherever the
+    method keeps them (unlearn and D-BR at the top of their details, FMP under ``finetune``)."""
+    finetune = details.get("finetune") if isinstance(details.get("finetune"), dict) else {}
+    sources = details.get("triggers") or finetune.get("trigger_sources") or []
+    scan = details.get("scan") or finetune.get("scan")
+    return (sources if isinstance(sources, list) else []), (scan if isinstance(scan, dict) else None)
+
+
 def render_sanitize_text(report: Report) -> str:
     """The sanitize report for people: audits side by side, the defense, gates, artifacts, timings."""
     data = report.to_dict()
@@ -457,7 +466,7 @@ def render_sanitize_text(report: Report) -> str:
         if known:
             lines.append("  triggers flagged on the fit split: " + ", ".join(
                 f"{k['name']} → {_class_label(k.get('suspected_target'), names)}" for k in known))
-        found = [t for t in details.get("triggers") or details.get("trigger_sources") or [] if t.get("source") == "scan"]
+        found = [t for t in defense_trigger_sources(details)[0] if t.get("source") == "scan"]
         if found:
             lines.append("  triggers the scan reconstructed on the fit split: " + ", ".join(
                 f"{t.get('kind')} → {_class_label(t.get('target'), names)}" for t in found))

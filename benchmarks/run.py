@@ -34,7 +34,7 @@ from bdsan.allocator import keep_freed_memory
 from bdsan.charts import bar_chart
 from bdsan.device import describe_device, resolve_device
 from bdsan.io.data import stratified_split
-from bdsan.report import json_safe
+from bdsan.report import defense_trigger_sources, json_safe
 from bdsan.train.zoo import (
     RECIPES,
     Attack,
@@ -241,12 +241,11 @@ def _details_summary(details: dict) -> dict:
     if isinstance(details.get("pruned"), dict):
         summary["pruned"] = {k: details["pruned"][k] for k in ("n_pruned", "target_rate_fit", "untriggered_rate_fit",
                                                                "at_floor") if k in details["pruned"]}
-    sources = details.get("triggers") or details.get("trigger_sources")
-    if isinstance(sources, list):  # which triggers the defense used, and where each came from
+    sources, scan = defense_trigger_sources(details)
+    if sources:  # which triggers the defense used, and where each came from
         summary["triggers"] = sources
-    if isinstance(details.get("scan"), dict):
-        summary["scan"] = {k: details["scan"][k] for k in ("suspected_target", "anomalous_kinds", "wave")
-                           if k in details["scan"]}
+    if scan is not None:
+        summary["scan"] = {k: scan[k] for k in ("suspected_target", "anomalous_kinds", "wave") if k in scan}
     return summary
 
 

@@ -96,3 +96,5 @@ def test_details_summary_keeps_the_guards_choice_and_the_pruning_decision(bench)
     scan = {"suspected_target": 0, "anomalous_kinds": {"0": ["wave"]}, "mask_l1": [1.0, 2.0]}
     assert bench._details_summary({"triggers": used, "scan": scan}) == {
         "triggers": used, "scan": {"suspected_target": 0, "anomalous_kinds": {"0": ["wave"]}}}
+    fmp = {"finetune": {"trigger_sources": used, "scan": scan}}  # FMP keeps them under its fine-tuning
+    assert bench._details_summary(fmp) == bench._details_summary({"triggers": used, "scan": scan})

@@ -70,5 +70,9 @@ def test_text_report_names_the_triggers_the_fit_split_scan_found():
                                                 "kind": "patch"}]}}
     text = render_sanitize_text(report)
     assert "  triggers the scan reconstructed on the fit split: wave → 0, patch → 2\n" in text
-    report.defense["details"]["triggers"] = [{"name": "badnets_grid", "source": "audit"}]
+    fmp = {"method": "fmp", "params": {}, "details": {"finetune": {"trigger_sources": [
+        {"name": "scan_wave_class0", "source": "scan", "target": 0, "kind": "wave"}]}}}
+    report.defense = fmp  # FMP keeps its trigger sources under its fine-tuning details
+    assert "  triggers the scan reconstructed on the fit split: wave → 0\n" in render_sanitize_text(report)
+    fmp["details"]["finetune"]["trigger_sources"] = [{"name": "badnets_grid", "source": "audit"}]
     assert "scan reconstructed" not in render_sanitize_text(report)
