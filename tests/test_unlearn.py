@@ -77,6 +77,8 @@ def test_unlearn_rejects_bad_parameters():
         get_method("unlearn", distill_mode="magic")
     with pytest.raises(UsageError, match="precision must be one of"):
         get_method("unlearn", precision="fp16")
+    with pytest.raises(UsageError, match="wave_phase must be one of random, found"):
+        get_method("unlearn", wave_phase="exact")
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])

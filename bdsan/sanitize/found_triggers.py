@@ -102,16 +102,19 @@ def stamp_leading(x: torch.Tensor, triggers: list, fraction: float, generator: t
             continue
         if jitter > 0 and (_is_reconstructed(trigger, "patch") or jitter_suite and not is_full_image(trigger, x[rows[:1]])):
             dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
-            shifted = torch.roll(x[rows], shifts=(-dy, -dx), dims=(2, 3))
-            out[rows] = torch.roll(trigger.apply(shifted), shifts=(dy, dx), dims=(2, 3))
+            out[rows] = _stamped_shifted(trigger, x[rows], dy, dx)
         elif wave_phase and _is_reconstructed(trigger, "wave"):  # a whole-period roll of the wave: its phase
             dy, dx = (int(torch.randint(size, (1,), generator=generator)) for size in x.shape[-2:])
-            shifted = torch.roll(x[rows], shifts=(-dy, -dx), dims=(2, 3))
-            stamped = torch.roll(trigger.apply(shifted), shifts=(dy, dx), dims=(2, 3))
-            out[rows] = _scaled(x[rows], stamped, strength, generator)
+            out[rows] = _scaled(x[rows], _stamped_shifted(trigger, x[rows], dy, dx), strength, generator)
         else:
             out[rows] = _scaled(x[rows], trigger.apply(x[rows]), strength, generator)
     return out, n
+
+
+def _stamped_shifted(trigger, x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``trigger`` stamped ``dy``/``dx`` px further down/right (roll, stamp, roll back; wraps around the border)."""
+    shifted = torch.roll(x, shifts=(-dy, -dx), dims=(2, 3))
+    return torch.roll(trigger.apply(shifted), shifts=(dy, dx), dims=(2, 3))
 
 
 def _scaled(clean: torch.Tensor, stamped: torch.Tensor, strength: tuple[float, float], generator: torch.Generator

@@ -95,6 +95,7 @@ SELECT_MODES = ("latest-within-se", "lowest")
 STAMPED_LOSSES = ("ce", "consistency")
 STAMP_MODES = ("all", "patches")
 OBJECTIVES = ("target-rate", "triggered-error")
+WAVE_PHASES = ("random", "found")
 PRUNE_SCHEDULES = ("at-once", "fewest")
 FEWEST_REFERENCES = ("floor", "best")
 
@@ -164,8 +165,8 @@ class Unlearn:
             raise ValueError(f"fewest_reference must be one of {', '.join(FEWEST_REFERENCES)}")
         if self.stamp not in STAMP_MODES:
             raise ValueError(f"stamp must be one of {', '.join(STAMP_MODES)}")
-        if self.wave_phase not in ("found", "random"):
-            raise ValueError("wave_phase must be found or random")
+        if self.wave_phase not in WAVE_PHASES:
+            raise ValueError(f"wave_phase must be one of {', '.join(WAVE_PHASES)}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}")
 
@@ -182,6 +183,10 @@ class Unlearn:
     @property
     def _strength(self) -> tuple[float, float]:
         return self.strength_min, self.strength_max
+
+    @property
+    def _random_phase(self) -> bool:
+        return self.wave_phase == "random"
 
     def run(self, model: nn.Module, fit: Holdout, ctx: Context) -> DefenseResult:
         started = time.perf_counter()
@@ -360,7 +365,7 @@ class Unlearn:
                 if self.augment:
                     x = augment_batch(x, generator)
                 inputs, n_stamped = stamp_leading(x, triggers, self.stamp_fraction, generator, self.jitter,
-                                                  self._strength, wave_phase=self.wave_phase == "random")
+                                                  self._strength, wave_phase=self._random_phase)
                 with precision_autocast(device, bf16):
                     logits = model(inputs).float()
                 teacher_logits = rows = None
@@ -394,7 +399,7 @@ class Unlearn:
                 sums["reg"] += float(reg.detach())
                 ctx.report("unlearn", step, total)
             stamp = stamped_like_training(triggers, self.stamp_fraction, generator, self.jitter, self._strength,
-                                          wave_phase=self.wave_phase == "random")
+                                          wave_phase=self._random_phase)
             checkpoint_bn(model, self.bn, train, ctx.batch_size, self.augment, generator,
                           transform=stamp if self.bn_stamped else None)
             model.eval()
