@@ -91,3 +91,19 @@ def test_wave_phase_rolls_the_scans_wave_and_nothing_else():
     assert len(changes) > 3
     out, _ = stamp_leading(x, [wave], 0.5, generator)
     assert torch.equal(out[:1], wave.apply(x[:1]))  # without it: exactly as found
+
+
+def test_wave_strength_scales_the_scans_wave_and_not_the_suites_sine():
+    rows_wave = torch.sin(2 * torch.pi * 2 * torch.arange(16) / 16).view(1, 1, 16, 1).expand(1, 3, 16, 16) * 0.1
+    wave = Trigger("scan_wave_class0", {"source": "scan", "kind": "wave", "target": 0},
+                   lambda x, **_: (x + rows_wave.to(x)).clamp(0, 1))
+    sine = get_trigger("sig")
+    x = torch.full((64, 3, 16, 16), 0.5)
+    generator = torch.Generator().manual_seed(0)
+    out, n = stamp_leading(x, [wave], 0.5, generator, wave_strength=(1.0, 2.0))
+    factors = ((out[:n] - x[:n]) / rows_wave.to(x)).nan_to_num().amax(dim=(1, 2, 3))
+    assert n == 32 and 1.0 <= factors.min() and factors.max() <= 2.0 + 1e-5
+    assert factors.max() - factors.min() > 0.5  # one factor drawn per image, over the whole range
+    assert torch.equal(stamp_leading(x, [sine], 0.5, generator, wave_strength=(2.0, 2.0))[0][:1], sine.apply(x[:1]))
+    out, _ = stamp_leading(x, [wave], 0.5, generator, strength=(2.0, 2.0), wave_strength=(1.0, 1.0))
+    assert torch.equal(out[:1], wave.apply(x[:1]))  # the wave's own range replaces the full-image one

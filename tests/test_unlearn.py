@@ -79,6 +79,8 @@ def test_unlearn_rejects_bad_parameters():
         get_method("unlearn", precision="fp16")
     with pytest.raises(UsageError, match="wave_phase must be one of random, found"):
         get_method("unlearn", wave_phase="exact")
+    with pytest.raises(UsageError, match="wave_strength_min ≤ wave_strength_max"):
+        get_method("unlearn", wave_strength_min=2.0, wave_strength_max=1.5)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])

@@ -77,7 +77,8 @@ def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, a
 
 def stamp_leading(x: torch.Tensor, triggers: list, fraction: float, generator: torch.Generator, jitter: int = 0,
                   strength: tuple[float, float] = (1.0, 1.0), jitter_suite: bool = False,
-                  wave_phase: bool = False) -> tuple[torch.Tensor, int]:
+                  wave_phase: bool = False, wave_strength: tuple[float, float] | None = None
+                  ) -> tuple[torch.Tensor, int]:
     """(images, n): the first n = round(``fraction``·len(x)) (at least 1 when ``fraction`` > 0) images of a
     random batch each stamped with one randomly chosen trigger, labels untouched. Reconstructed *patch* triggers
     are shifted by up to ``jitter`` px (roll, stamp, roll back): the scan locates a patch only to a pixel or so;
@@ -90,7 +91,10 @@ def stamp_leading(x: torch.Tensor, triggers: list, fraction: float, generator: t
 
     ``wave_phase``: the scan's plane waves are stamped at a random phase (the same roll, over the whole image), not
     at the one of four the scan chose: a model trained on a sine also answers it shifted (BENCHMARKS.md "Unlearn
-    with the scan's wave kind")."""
+    with the scan's wave kind").
+
+    ``wave_strength`` (lo, hi): the scan's plane waves are scaled by this range instead of ``strength`` (the scan
+    searches at one amplitude, 32/255; a trigger may be stronger)."""
     n = max(1, round(fraction * len(x))) if fraction > 0 and triggers else 0
     if n == 0:
         return x, 0
@@ -100,14 +104,15 @@ def stamp_leading(x: torch.Tensor, triggers: list, fraction: float, generator: t
         rows = torch.nonzero(choice == index).flatten().to(x.device)
         if not len(rows):
             continue
+        scale = wave_strength if wave_strength is not None and _is_reconstructed(trigger, "wave") else strength
         if jitter > 0 and (_is_reconstructed(trigger, "patch") or jitter_suite and not is_full_image(trigger, x[rows[:1]])):
             dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
             out[rows] = _stamped_shifted(trigger, x[rows], dy, dx)
         elif wave_phase and _is_reconstructed(trigger, "wave"):  # a whole-period roll of the wave: its phase
             dy, dx = (int(torch.randint(size, (1,), generator=generator)) for size in x.shape[-2:])
-            out[rows] = _scaled(x[rows], _stamped_shifted(trigger, x[rows], dy, dx), strength, generator)
+            out[rows] = _scaled(x[rows], _stamped_shifted(trigger, x[rows], dy, dx), scale, generator)
         else:
-            out[rows] = _scaled(x[rows], trigger.apply(x[rows]), strength, generator)
+            out[rows] = _scaled(x[rows], trigger.apply(x[rows]), scale, generator)
     return out, n
 
 
@@ -129,9 +134,10 @@ def _scaled(clean: torch.Tensor, stamped: torch.Tensor, strength: tuple[float, f
 
 def stamped_like_training(triggers: list, fraction: float, generator: torch.Generator, jitter: int = 0,
                           strength: tuple[float, float] = (1.0, 1.0), jitter_suite: bool = False,
-                          wave_phase: bool = False):
+                          wave_phase: bool = False, wave_strength: tuple[float, float] | None = None):
     """Batch → batch stamped as the fine-tuning batches are: for BN re-estimation (``bn_stamped``)."""
-    return lambda x: stamp_leading(x, triggers, fraction, generator, jitter, strength, jitter_suite, wave_phase)[0]
+    return lambda x: stamp_leading(x, triggers, fraction, generator, jitter, strength, jitter_suite, wave_phase,
+                                   wave_strength)[0]
 
 
 def is_full_image(trigger, example: torch.Tensor) -> bool:

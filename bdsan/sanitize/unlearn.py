@@ -125,6 +125,8 @@ class Unlearn:
     scan_all_classes: bool = False
     scan_wave: bool = True
     wave_phase: str = "random"
+    wave_strength_min: float = 1.0
+    wave_strength_max: float = 1.0
     augment: bool = True
     fit_val_fraction: float = 0.1
     bn: str = "reestimate-augmented"
@@ -157,6 +159,8 @@ class Unlearn:
             raise ValueError(f"stamped_loss must be one of {', '.join(STAMPED_LOSSES)}")
         if not 0 < self.strength_min <= self.strength_max:
             raise ValueError("need 0 < strength_min ≤ strength_max")
+        if not 0 < self.wave_strength_min <= self.wave_strength_max:
+            raise ValueError("need 0 < wave_strength_min ≤ wave_strength_max")
         if not 0.0 <= self.prune_ratio < 1.0 or self.prune_images < 1:
             raise ValueError("need 0 ≤ prune_ratio < 1 and prune_images ≥ 1")
         if self.prune_schedule not in PRUNE_SCHEDULES:
@@ -183,6 +187,10 @@ class Unlearn:
     @property
     def _strength(self) -> tuple[float, float]:
         return self.strength_min, self.strength_max
+
+    @property
+    def _wave_strength(self) -> tuple[float, float]:
+        return self.wave_strength_min, self.wave_strength_max
 
     @property
     def _random_phase(self) -> bool:
@@ -365,7 +373,8 @@ class Unlearn:
                 if self.augment:
                     x = augment_batch(x, generator)
                 inputs, n_stamped = stamp_leading(x, triggers, self.stamp_fraction, generator, self.jitter,
-                                                  self._strength, wave_phase=self._random_phase)
+                                                  self._strength, wave_phase=self._random_phase,
+                                                  wave_strength=self._wave_strength)
                 with precision_autocast(device, bf16):
                     logits = model(inputs).float()
                 teacher_logits = rows = None
@@ -399,7 +408,7 @@ class Unlearn:
                 sums["reg"] += float(reg.detach())
                 ctx.report("unlearn", step, total)
             stamp = stamped_like_training(triggers, self.stamp_fraction, generator, self.jitter, self._strength,
-                                          wave_phase=self._random_phase)
+                                          wave_phase=self._random_phase, wave_strength=self._wave_strength)
             checkpoint_bn(model, self.bn, train, ctx.batch_size, self.augment, generator,
                           transform=stamp if self.bn_stamped else None)
             model.eval()
