@@ -18,6 +18,7 @@ from bdsan.detectors.scan import (
     anomalous_triggers,
     edge_ratios,
     kind_verdict,
+    plane_wave_trigger,
     scan,
     scan_section,
     scrambled_flip_rates,
@@ -188,6 +189,9 @@ def test_wave_kind_flags_a_sig_backdoor_and_not_a_clean_model(toy_clean):
     assert [t.params["kind"] for t in found] == ["wave"]
     x = sig_toy.holdout.x[:4].float() / 255
     assert float((found[0].fn(x) - x).abs().max()) <= 32 / 255 + 1e-6  # the wave, clipped to [0, 1]
+    index = found[0].params["wave_index"]  # the wave by number too, for defenses that stamp its neighbours
+    assert wave_name(index) == section["wave"]["wave"][TARGET]
+    assert torch.equal(plane_wave_trigger(index, TARGET, 32 / 255).apply(x), found[0].fn(x))
     clean = scan_section(scan(toy_clean.model, toy_clean.holdout, **settings))
     assert clean["anomalous"] is False and max(clean["wave"]["flip_rate"]) < 0.95
 

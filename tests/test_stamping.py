@@ -107,3 +107,25 @@ def test_wave_strength_scales_the_scans_wave_and_not_the_suites_sine():
     assert torch.equal(stamp_leading(x, [sine], 0.5, generator, wave_strength=(2.0, 2.0))[0][:1], sine.apply(x[:1]))
     out, _ = stamp_leading(x, [wave], 0.5, generator, strength=(2.0, 2.0), wave_strength=(1.0, 1.0))
     assert torch.equal(out[:1], wave.apply(x[:1]))  # the wave's own range replaces the full-image one
+
+
+def test_neighbour_waves_are_the_scans_wave_one_period_either_side():
+    from bdsan.detectors.scan import WAVES_PER_FREQUENCY, plane_wave_trigger, wave_name
+    from bdsan.sanitize.found_triggers import neighbour_waves
+
+    index = 4 * WAVES_PER_FREQUENCY + 4 + 1  # 5 periods down the rows, phase π/2
+    assert wave_name(index) == "5 periods across the rows, phase 1π/2"
+    wave = plane_wave_trigger(index, 3, 0.1)
+    x = torch.full((1, 3, 32, 32), 0.5)
+    rows = torch.arange(32).view(1, 1, 32, 1)
+    assert torch.allclose(wave.apply(x) - x, 0.1 * torch.sin(2 * torch.pi * 5 * rows / 32 + torch.pi / 2).expand_as(x),
+                          atol=1e-6)
+    found = neighbour_waves([wave, get_trigger("badnets_square")], 1)
+    assert [t.name for t in found] == ["scan_wave_class3_4periods", "scan_wave_class3_6periods"]
+    for trigger, periods in zip(found, (4, 6)):
+        expected = 0.1 * torch.sin(2 * torch.pi * periods * rows / 32 + torch.pi / 2).expand_as(x)
+        assert torch.allclose(trigger.apply(x) - x, expected, atol=1e-6)
+        assert trigger.params["target"] == 3 and trigger.params["kind"] == "wave"
+    assert neighbour_waves([wave], 0) == []
+    assert [t.name for t in neighbour_waves([plane_wave_trigger(2, 0, 0.1)], 2)] == [  # never under one period
+        "scan_wave_class0_2periods", "scan_wave_class0_3periods"]

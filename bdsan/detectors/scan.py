@@ -345,6 +345,20 @@ def _plane_waves(height: int, width: int, periods: int) -> torch.Tensor:
     return waves.reshape(-1, 1, height, width)
 
 
+def plane_wave_trigger(index: int, target: int, amplitude: float):
+    """Wave ``index`` of :func:`_plane_waves` (any frequency ≥ 1: index // 8 + 1 periods) at ``amplitude`` as a
+    Trigger that adds it to [0,1] images of any size (reconstructed, kind ``wave``, for ``target``)."""
+    from .triggers import Trigger
+
+    def apply(x: torch.Tensor, **_params) -> torch.Tensor:
+        wave = _plane_waves(*x.shape[-2:], index // WAVES_PER_FREQUENCY + 1)[index].to(x)
+        return (x + amplitude * wave).clamp(0, 1)
+
+    params = {"source": "scan", "kind": "wave", "target": target, "anomalous": True, "wave_index": index,
+              "amplitude": amplitude}
+    return Trigger(f"scan_wave_class{target}_{index // WAVES_PER_FREQUENCY + 1}periods", params, apply)
+
+
 def wave_name(index: int) -> str:
     """``index`` of :func:`_plane_waves` in words."""
     return f"{index // 8 + 1} periods across the {('columns', 'rows')[index // 4 % 2]}, phase {index % 4}π/2"
@@ -379,7 +393,8 @@ def _wave_search(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_s
     rates = wave_rates(net, to_float(opt.x[:count]), opt.y[:count], waves, num_classes, batch_size, device, bf16)
     return {"delta": best_waves(rates, opt.x.shape[1:], cfg).to(device)}, {
         "selection_flip_rate": rates.max(0).values.tolist(), "n_select": count,
-        "wave": [wave_name(int(b)) for b in rates.argmax(0)], "edge_ratio": edge_ratios(rates).tolist()}
+        "wave": [wave_name(int(b)) for b in rates.argmax(0)], "wave_index": rates.argmax(0).tolist(),
+        "edge_ratio": edge_ratios(rates).tolist()}
 
 
 def best_waves(rates: torch.Tensor, shape, cfg: ScanSettings) -> torch.Tensor:
@@ -545,6 +560,8 @@ def _make_triggers(bank: dict, section: dict, cfg: ScanSettings) -> list:
         for cls in range(len(next(iter(parts.values())))):
             trigger_parts = {name: tensor[cls:cls + 1] for name, tensor in parts.items()}
             params = {"source": "scan", "kind": kind, "target": cls, "anomalous": kind in anomalous.get(cls, [])}
+            if kind == "wave":  # which plane wave, so that a defense can stamp its neighbours too
+                params |= {"wave_index": section["wave"]["wave_index"][cls], "amplitude": cfg.wave_amplitude}
             triggers.append(Trigger(f"scan_{kind}_class{cls}", params, _ReconstructedTrigger(kind, trigger_parts)))
     triggers.sort(key=lambda t: not t.params["anomalous"])
     return triggers

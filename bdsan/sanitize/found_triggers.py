@@ -116,6 +116,23 @@ def stamp_leading(x: torch.Tensor, triggers: list, fraction: float, generator: t
     return out, n
 
 
+def neighbour_waves(triggers: list, count: int) -> list:
+    """For each of the scan's plane waves among ``triggers``: the same wave (axis, phase, amplitude, target) at up to
+    ``count`` periods fewer and more per image (at least one period). The scan finds a sine's axis and class but
+    not always its frequency (6 periods for a 5-period trigger on two of four models: BENCHMARKS.md "Unlearn's wave
+    at more than the scan's amplitude")."""
+    from ..detectors.scan import WAVES_PER_FREQUENCY, plane_wave_trigger
+
+    found = []
+    for trigger in triggers:
+        if count > 0 and _is_reconstructed(trigger, "wave") and "wave_index" in trigger.params:
+            index, params = trigger.params["wave_index"], trigger.params
+            found += [plane_wave_trigger(index + step * WAVES_PER_FREQUENCY, params["target"], params["amplitude"])
+                      for step in range(-count, count + 1)
+                      if step and index + step * WAVES_PER_FREQUENCY >= 0]
+    return found
+
+
 def _stamped_shifted(trigger, x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     """``trigger`` stamped ``dy``/``dx`` px further down/right (roll, stamp, roll back; wraps around the border)."""
     shifted = torch.roll(x, shifts=(-dy, -dx), dims=(2, 3))

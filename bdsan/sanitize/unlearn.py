@@ -86,7 +86,14 @@ from ..train.loop import predict
 from .batchnorm import check_bn_mode, checkpoint_bn, set_training
 from .context import Context, DefenseResult
 from .fmp import ChannelMask, class_balanced_batch, conv_bn_pairs, select_channels, trigger_response
-from .found_triggers import gather_triggers, is_full_image, scan_mode, stamp_leading, stamped_like_training
+from .found_triggers import (
+    gather_triggers,
+    is_full_image,
+    neighbour_waves,
+    scan_mode,
+    stamp_leading,
+    stamped_like_training,
+)
 from .guard import FitValGuard
 from .losses import DISTILL_MODES, distillation, frozen_copy, teacher_targets
 from .registry import register_method
@@ -127,6 +134,7 @@ class Unlearn:
     wave_phase: str = "random"
     wave_strength_min: float = 1.0
     wave_strength_max: float = 1.0
+    wave_neighbours: int = 0
     augment: bool = True
     fit_val_fraction: float = 0.1
     bn: str = "reestimate-augmented"
@@ -161,6 +169,8 @@ class Unlearn:
             raise ValueError("need 0 < strength_min ≤ strength_max")
         if not 0 < self.wave_strength_min <= self.wave_strength_max:
             raise ValueError("need 0 < wave_strength_min ≤ wave_strength_max")
+        if self.wave_neighbours < 0:
+            raise ValueError("wave_neighbours must be ≥ 0")
         if not 0.0 <= self.prune_ratio < 1.0 or self.prune_images < 1:
             raise ValueError("need 0 ≤ prune_ratio < 1 and prune_images ≥ 1")
         if self.prune_schedule not in PRUNE_SCHEDULES:
@@ -216,6 +226,7 @@ class Unlearn:
         stamped = self._stamped(triggers, train)
         targets = _trigger_targets(ctx, triggers)
         judged = triggers if self.objective == "target-rate" else stamped
+        stamped = stamped + neighbour_waves(stamped, self.wave_neighbours)  # stamped only: not pruned by, not judged
 
         def measure(state: nn.Module) -> tuple[float | None, float]:
             return self._measure(state, fit_val, judged, targets, ctx.batch_size)
