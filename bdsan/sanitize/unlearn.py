@@ -10,6 +10,11 @@ unlearn without it left 81.2% ASR, with it 2.6% at −0.7 points (BENCHMARKS.md 
 ``wave_phase=random`` (default): that wave is stamped at a random phase, not at the one of four phases the scan chose
 (it had found the trigger's frequency and axis at phase π/2 or π off on three of four models); on two fresh models
 2.1% / 5.0% ASR against 2.7% / 5.4% with ``found``, at 0.83 / 1.55 CA points against 1.02 / 1.05.
+``wave_strength_min``/``wave_strength_max`` (1/1): the wave's amplitude scaled per image by a factor from that range
+(the scan searches at 32/255; a trigger may be stronger); ``=2`` lowered the ASR on two fresh row-sine models (8.9 →
+5.4%, 3.4 → 2.0%) but cost 1.2 and 0.7 more CA points, so it stays off. ``wave_neighbours`` (0): the wave is also
+stamped one (N) periods either side; it left more of the sine on two 86% development models (BENCHMARKS.md
+"Unlearn's wave at more than the scan's amplitude").
 
 **Pruning first** (``prune_ratio``, default 1/64 of each conv layer's channels, hard: zeroed and kept at zero): the
 channels the found triggers excite most (FMP's ``rank=triggers`` ranking on ``prune_images`` class-balanced fit
