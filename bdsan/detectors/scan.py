@@ -361,7 +361,8 @@ def plane_wave_trigger(index: int, target: int, amplitude: float):
 
 def wave_name(index: int) -> str:
     """``index`` of :func:`_plane_waves` in words."""
-    return f"{index // 8 + 1} periods across the {('columns', 'rows')[index // 4 % 2]}, phase {index % 4}π/2"
+    return (f"{index // WAVES_PER_FREQUENCY + 1} periods across the {('columns', 'rows')[index // 4 % 2]}, "
+            f"phase {index % 4}π/2")
 
 
 @torch.no_grad()

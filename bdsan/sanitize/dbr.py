@@ -26,6 +26,11 @@ and FMP"): ``relabel`` took ``badnets_grid`` to 1.5% ASR at −1.00 CA point (un
 1.9–3.0 points and took the target class's recall from 89% to 64% there; on the noise blend both modes cost 2.7–3.0
 points. ``suspect_classes=all`` (relabel only) kept the target class's recall on a development model but not the
 overall CA; the default stays §3b's ``others``.
+
+``scan_wave`` (off): the scan also searches the wave kind and a flagged class's plane wave becomes a suspect. On two
+row-sine models the suite does not know it put D-BR on the right class (without it: none flagged, another class's
+patch and blend) but ascent moved the sine only to 67% ASR at 86% CA (−1.4 points) and was rolled back at 75%, so it
+stays opt-in (BENCHMARKS.md "D-BR with the scan's wave kind").
 """
 from __future__ import annotations
 
