@@ -73,10 +73,15 @@ def test_the_defenses_scan_keeps_the_settings_their_numbers_were_measured_with(m
     assert seen["kinds"] == ("patch", "blend", "wave") and seen["keep"] == "after-step"
 
 
-def test_wave_phase_rolls_the_scans_wave_and_nothing_else():
+def _scan_wave() -> tuple[torch.Tensor, Trigger]:
+    """(the change, a Trigger like the scan's wave kind): 2 periods of a 0.1 sine down the rows of 16×16 images."""
     rows_wave = torch.sin(2 * torch.pi * 2 * torch.arange(16) / 16).view(1, 1, 16, 1).expand(1, 3, 16, 16) * 0.1
-    wave = Trigger("scan_wave_class0", {"source": "scan", "kind": "wave", "target": 0},
-                   lambda x, **_: (x + rows_wave.to(x)).clamp(0, 1))
+    return rows_wave, Trigger("scan_wave_class0", {"source": "scan", "kind": "wave", "target": 0},
+                              lambda x, **_: (x + rows_wave.to(x)).clamp(0, 1))
+
+
+def test_wave_phase_rolls_the_scans_wave_and_nothing_else():
+    rows_wave, wave = _scan_wave()
     sine = get_trigger("sig")  # the suite's own sine is stamped as it is
     x = torch.full((2, 3, 16, 16), 0.5)
     changes = set()
@@ -94,9 +99,7 @@ def test_wave_phase_rolls_the_scans_wave_and_nothing_else():
 
 
 def test_wave_strength_scales_the_scans_wave_and_not_the_suites_sine():
-    rows_wave = torch.sin(2 * torch.pi * 2 * torch.arange(16) / 16).view(1, 1, 16, 1).expand(1, 3, 16, 16) * 0.1
-    wave = Trigger("scan_wave_class0", {"source": "scan", "kind": "wave", "target": 0},
-                   lambda x, **_: (x + rows_wave.to(x)).clamp(0, 1))
+    rows_wave, wave = _scan_wave()
     sine = get_trigger("sig")
     x = torch.full((64, 3, 16, 16), 0.5)
     generator = torch.Generator().manual_seed(0)

@@ -104,11 +104,12 @@ def stamp_leading(x: torch.Tensor, triggers: list, fraction: float, generator: t
         rows = torch.nonzero(choice == index).flatten().to(x.device)
         if not len(rows):
             continue
-        scale = wave_strength if wave_strength is not None and _is_reconstructed(trigger, "wave") else strength
+        is_wave = _is_reconstructed(trigger, "wave")
+        scale = wave_strength if wave_strength is not None and is_wave else strength
         if jitter > 0 and (_is_reconstructed(trigger, "patch") or jitter_suite and not is_full_image(trigger, x[rows[:1]])):
             dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
             out[rows] = _stamped_shifted(trigger, x[rows], dy, dx)
-        elif wave_phase and _is_reconstructed(trigger, "wave"):  # a whole-period roll of the wave: its phase
+        elif wave_phase and is_wave:  # a whole-period roll of the wave: its phase
             dy, dx = (int(torch.randint(size, (1,), generator=generator)) for size in x.shape[-2:])
             out[rows] = _scaled(x[rows], _stamped_shifted(trigger, x[rows], dy, dx), scale, generator)
         else:
@@ -123,14 +124,10 @@ def neighbour_waves(triggers: list, count: int) -> list:
     at more than the scan's amplitude")."""
     from ..detectors.scan import WAVES_PER_FREQUENCY, plane_wave_trigger
 
-    found = []
-    for trigger in triggers:
-        if count > 0 and _is_reconstructed(trigger, "wave") and "wave_index" in trigger.params:
-            index, params = trigger.params["wave_index"], trigger.params
-            found += [plane_wave_trigger(index + step * WAVES_PER_FREQUENCY, params["target"], params["amplitude"])
-                      for step in range(-count, count + 1)
-                      if step and index + step * WAVES_PER_FREQUENCY >= 0]
-    return found
+    waves = [t.params for t in triggers if _is_reconstructed(t, "wave") and "wave_index" in t.params]
+    return [plane_wave_trigger(wave["wave_index"] + step * WAVES_PER_FREQUENCY, wave["target"], wave["amplitude"])
+            for wave in waves for step in range(-count, count + 1)
+            if step and wave["wave_index"] + step * WAVES_PER_FREQUENCY >= 0]
 
 
 def _stamped_shifted(trigger, x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
