@@ -192,7 +192,9 @@ def run_defense(backdoored, defense: str, params: dict, args, device: torch.devi
             "guard": defense_info.get("guard"), "params": defense_info.get("params"),
             "suite_before": _suite_summary(data.get("audit_before")),
             "suite_after": _suite_summary(data.get("audit_after")),
-            "details_summary": _details_summary(defense_info.get("details") or {})}
+            "details_summary": _details_summary(defense_info.get("details") or {}),
+            "known_triggers": [{k: e.get(k) for k in ("name", "suspected_target", "asr_net")}  # the fit audit's
+                               for e in (defense_info.get("fit_audit") or {}).get("known_triggers") or []]}
 
 
 def limit_holdout(backdoored, holdout_n: int, seed: int) -> None:
@@ -240,7 +242,7 @@ def _details_summary(details: dict) -> dict:
         summary["selected"] = details["guard"]["selected"]
     if isinstance(details.get("pruned"), dict):
         summary["pruned"] = {k: details["pruned"][k] for k in ("n_pruned", "target_rate_fit", "untriggered_rate_fit",
-                                                               "at_floor") if k in details["pruned"]}
+                                                               "at_floor", "by_trigger") if k in details["pruned"]}
     sources, scan = defense_trigger_sources(details)
     if sources:  # which triggers the defense used, and where each came from
         summary["triggers"] = sources

@@ -41,6 +41,8 @@ def test_harness_runs_end_to_end_at_toy_scale(bench, tmp_path):
         assert run["defense_seconds"] > 0 and run["timings_s"]
         assert run["suite_before"]["max_asr"] is not None
         assert run["holdout_split"] == {"fit": 150, "verify": 150}
+        known = {t["name"]: t for t in run["known_triggers"]}  # the fit audit's evidence, kept with the row
+        assert known["badnets_grid"]["suspected_target"] == 0 and known["badnets_grid"]["asr_net"] >= 0.5
 
     saved = json.loads((out / "results.json").read_text())
     assert [r["defense"] for r in saved["summary"]] == defenses
@@ -86,11 +88,11 @@ def test_summary_mean_and_std_over_seeds(bench):
 def test_details_summary_keeps_the_guards_choice_and_the_pruning_decision(bench):
     details = {"fit_train": 10, "fit_val": 2, "guard": {"selected": "pruned", "history": [1, 2]},
                "pruned": {"n_pruned": 3, "target_rate_fit": 0.01, "untriggered_rate_fit": 0.02, "at_floor": True,
-                          "layers": {"conv": [0, 1, 2]}}}
+                          "layers": {"conv": [0, 1, 2]}, "by_trigger": [{"name": "badnets_grid", "target": 0}]}}
     summary = bench._details_summary(details)
     assert summary == {"fit_train": 10, "fit_val": 2, "selected": "pruned",
                        "pruned": {"n_pruned": 3, "target_rate_fit": 0.01, "untriggered_rate_fit": 0.02,
-                                  "at_floor": True}}
+                                  "at_floor": True, "by_trigger": [{"name": "badnets_grid", "target": 0}]}}
     assert bench._details_summary({"fit_train": 1}) == {"fit_train": 1}
     used = [{"name": "scan_wave_class0", "source": "scan", "target": 0, "kind": "wave"}]
     scan = {"suspected_target": 0, "anomalous_kinds": {"0": ["wave"]}, "mask_l1": [1.0, 2.0]}

@@ -147,6 +147,10 @@ def test_pruning_stage_keeps_the_trigger_channels_dead_and_stamps_only_patches(t
     details = result.details
     assert details["stamped_triggers"] == ["badnets_square"]
     assert details["pruned"]["n_pruned"] > 0 and details["hard_pruned"]
+    by_trigger = details["pruned"]["by_trigger"]  # what each found trigger still does after pruning, and its floor
+    assert [t["name"] for t in by_trigger] == ["badnets_square", "blend_noise"]
+    for key in ("target_rate_fit", "untriggered_rate_fit"):
+        assert sum(t[key] for t in by_trigger) / 2 == pytest.approx(details["pruned"][key])
     modules = dict(result.model.named_modules())
     for name, channels in details["hard_pruned"].items():
         assert modules[name].weight.detach()[channels].abs().sum() == 0, "a pruned channel grew back"

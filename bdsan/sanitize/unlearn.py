@@ -245,14 +245,19 @@ class Unlearn:
         if self.prune_ratio > 0:
             prune_started = time.perf_counter()
             fit = fit.to(ctx.device)
-            floor = _target_rate(model, fit, triggers, targets, ctx.batch_size, stamped=False)
+            floors = _target_rates(model, fit, triggers, targets, ctx.batch_size, stamped=False)
+            floor = sum(r for _, r, _ in floors) / len(floors), sum(n for _, _, n in floors)
             mask, details["pruned"], after = self._prune(model, train, fit, triggers, targets, floor, ctx)
+            rates = _target_rates(model, fit, triggers, targets, ctx.batch_size)
             objective, objective_se = measure(model)
             accepted = guard.check(model, "pruned", objective=objective, objective_se=objective_se)
             at_floor = _at_floor(after, floor)
             enough = self.stop_at_floor and accepted and at_floor
             details["pruned"] |= {"target_rate_fit": after[0], "untriggered_rate_fit": floor[0], "n_fit": after[1],
-                                  "at_floor": at_floor}
+                                  "at_floor": at_floor,
+                                  "by_trigger": [{"name": name, "target": targets.get(name), "target_rate_fit": rate,
+                                                  "untriggered_rate_fit": untriggered}
+                                                 for (name, rate, _), (_, untriggered, _) in zip(rates, floors)]}
             timings["prune"] = round(time.perf_counter() - prune_started, 3)
         epochs_log = []
         if enough:
@@ -462,7 +467,6 @@ def _trigger_targets(ctx: Context, triggers: list) -> dict[str, int | None]:
     return {t.name: audit.get(t.name, (getattr(t, "params", None) or {}).get("target")) for t in triggers}
 
 
-@torch.no_grad()
 def _target_rate(model: nn.Module, fit_val: Holdout, triggers: list, targets: dict[str, int | None],
                  batch_size: int, stamped: bool = True) -> tuple[float | None, int]:
     """(mean over triggers of the share of stamped fit-val images of other classes predicted as the trigger's
@@ -474,12 +478,19 @@ def _target_rate(model: nn.Module, fit_val: Holdout, triggers: list, targets: di
         return None, 0
     if not len(fit_val):
         return float("nan"), 0
-    rates, n = [], 0
+    rates = _target_rates(model, fit_val, triggers, targets, batch_size, stamped)
+    return sum(r for _, r, _ in rates) / len(rates), sum(n for _, _, n in rates)
+
+
+@torch.no_grad()
+def _target_rates(model: nn.Module, fit_val: Holdout, triggers: list, targets: dict[str, int | None],
+                  batch_size: int, stamped: bool = True) -> list[tuple[str, float, int]]:
+    """Per trigger: (its name, its target rate as in ``_target_rate``, images judged)."""
+    rates = []
     for trigger in triggers:
         target = targets.get(trigger.name)
         rows = fit_val.y != target if target is not None else torch.ones_like(fit_val.y, dtype=torch.bool)
         predicted = predict(model, fit_val.x[rows], batch_size, transform=trigger.apply if stamped else None)
         wrong = predicted == target if target is not None else predicted != fit_val.y[rows]
-        rates.append(float(wrong.float().mean()) if len(predicted) else 0.0)
-        n += len(predicted)
-    return sum(rates) / len(rates), n
+        rates.append((trigger.name, float(wrong.float().mean()) if len(predicted) else 0.0, len(predicted)))
+    return rates
