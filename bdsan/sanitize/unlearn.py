@@ -246,7 +246,7 @@ class Unlearn:
             prune_started = time.perf_counter()
             fit = fit.to(ctx.device)
             floors = _target_rates(model, fit, triggers, targets, ctx.batch_size, stamped=False)
-            floor = sum(r for _, r, _ in floors) / len(floors), sum(n for _, _, n in floors)
+            floor = _mean_rate(floors)
             mask, details["pruned"], after = self._prune(model, train, fit, triggers, targets, floor, ctx)
             rates = _target_rates(model, fit, triggers, targets, ctx.batch_size)
             objective, objective_se = measure(model)
@@ -478,7 +478,11 @@ def _target_rate(model: nn.Module, fit_val: Holdout, triggers: list, targets: di
         return None, 0
     if not len(fit_val):
         return float("nan"), 0
-    rates = _target_rates(model, fit_val, triggers, targets, batch_size, stamped)
+    return _mean_rate(_target_rates(model, fit_val, triggers, targets, batch_size, stamped))
+
+
+def _mean_rate(rates: list[tuple[str, float, int]]) -> tuple[float, int]:
+    """(the mean of per-trigger rates, images judged in all)."""
     return sum(r for _, r, _ in rates) / len(rates), sum(n for _, _, n in rates)
 
 
