@@ -218,7 +218,7 @@ def test_fewest_schedule_prunes_the_fewest_channels_that_reach_the_reference(toy
         mask, _ = original(model, fit, triggers, targets, chosen, pairs, batch_size)
         size = sum(len(c) for c in chosen.values())
         tried.append(size)
-        return mask, (1.0 if size < 5 else 0.05 if size < 10 else 0.0, 1000)
+        return mask, [("badnets_square", 1.0 if size < 5 else 0.05 if size < 10 else 0.0, 1000)]
 
     monkeypatch.setattr(Unlearn, "_prune_step", staticmethod(rate_falls_at_five_then_ten))
     model = copy.deepcopy(toy_poisoned.model).normalized()
@@ -226,10 +226,10 @@ def test_fewest_schedule_prunes_the_fewest_channels_that_reach_the_reference(toy
     fit, _ = split_holdout(toy_poisoned.holdout, 0.5, 0)
     method = get_method("unlearn", prune_ratio=0.25, prune_images=48, prune_schedule="fewest",
                         fewest_reference=reference)
-    mask, summary, after = method._prune(model, fit, fit, [get_trigger("badnets_square")], {"badnets_square": 0},
+    mask, summary, rates = method._prune(model, fit, fit, [get_trigger("badnets_square")], {"badnets_square": 0},
                                          (0.06, 1000), Context(seed=0))
     assert summary["n_selected"] >= 16 and [t for t in tried if t < summary["n_selected"]][:4] == [1, 2, 4, 8]
-    assert summary["n_pruned"] == expected and after[0] == (0.05 if expected == 5 else 0.0)
+    assert summary["n_pruned"] == expected and rates == [("badnets_square", 0.05 if expected == 5 else 0.0, 1000)]
     assert sum(len(c) for c in summary["layers"].values()) == expected
     mask.apply()  # the returned mask is the kept state's: re-applying it zeroes nothing more
     zeroed = sum(int((p.detach().flatten(1).abs().sum(1) == 0).sum() - (before[name].flatten(1).abs().sum(1) == 0)

@@ -350,13 +350,15 @@ def plane_wave_trigger(index: int, target: int, amplitude: float):
     Trigger that adds it to [0,1] images of any size (reconstructed, kind ``wave``, for ``target``)."""
     from .triggers import Trigger
 
+    periods = index // WAVES_PER_FREQUENCY + 1
+
     def apply(x: torch.Tensor, **_params) -> torch.Tensor:
-        wave = _plane_waves(*x.shape[-2:], index // WAVES_PER_FREQUENCY + 1)[index].to(x)
+        wave = _plane_waves(*x.shape[-2:], periods)[index].to(x)
         return (x + amplitude * wave).clamp(0, 1)
 
     params = {"source": "scan", "kind": "wave", "target": target, "anomalous": True, "wave_index": index,
               "amplitude": amplitude}
-    return Trigger(f"scan_wave_class{target}_{index // WAVES_PER_FREQUENCY + 1}periods", params, apply)
+    return Trigger(f"scan_wave_class{target}_{periods}periods", params, apply)
 
 
 def wave_name(index: int) -> str:

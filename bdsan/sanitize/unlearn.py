@@ -247,8 +247,8 @@ class Unlearn:
             fit = fit.to(ctx.device)
             floors = _target_rates(model, fit, triggers, targets, ctx.batch_size, stamped=False)
             floor = _mean_rate(floors)
-            mask, details["pruned"], after = self._prune(model, train, fit, triggers, targets, floor, ctx)
-            rates = _target_rates(model, fit, triggers, targets, ctx.batch_size)
+            mask, details["pruned"], rates = self._prune(model, train, fit, triggers, targets, floor, ctx)
+            after = _mean_rate(rates)
             objective, objective_se = measure(model)
             accepted = guard.check(model, "pruned", objective=objective, objective_se=objective_se)
             at_floor = _at_floor(after, floor)
@@ -289,7 +289,7 @@ class Unlearn:
         return [t for t in triggers if not is_full_image(t, example)]
 
     def _prune(self, model: nn.Module, train: Holdout, fit: Holdout, triggers: list, targets: dict[str, int | None],
-               floor: tuple[float | None, int], ctx: Context) -> tuple[ChannelMask, dict, tuple[float | None, int]]:
+               floor: tuple[float | None, int], ctx: Context) -> tuple[ChannelMask, dict, list[tuple[str, float, int]]]:
         """Zero the ``prune_ratio`` of each conv layer's channels that the found triggers excite most (FMP's
         ``rank=triggers`` ranking on ``prune_images`` class-balanced fit images); the mask keeps them at zero.
 
@@ -297,7 +297,7 @@ class Unlearn:
         target rate on the fit images is within ``fewest_z`` standard errors of the reference (``fewest_reference``:
         the untriggered floor, or the lower of it and the rate with every candidate pruned), by doubling 1, 2, 4, …
         to bracket the count, then bisection (the rate is taken to fall as channels are added); all of them when no
-        smaller count does. Returns (mask, summary, the target rate on the fit images)."""
+        smaller count does. Returns (mask, summary, each found trigger's target rate on the fit images)."""
         x_rank, _ = class_balanced_batch(train, self.prune_images, ctx.seed + 17)
         order, pairs = conv_bn_pairs(model, x_rank[:2])
         modules = dict(model.named_modules())
@@ -314,11 +314,11 @@ class Unlearn:
         def prune(size: int) -> tuple[float | None, int]:
             if original is not None:  # the fewest search goes back to fewer channels: start from the input weights
                 model.load_state_dict(original)
-            mask, after = self._prune_step(model, fit, triggers, targets, self._chosen(ranked, selection, size),
+            mask, rates = self._prune_step(model, fit, triggers, targets, self._chosen(ranked, selection, size),
                                            pairs, ctx.batch_size)
-            steps[size] = after
-            last[:] = [size, mask, after]
-            return after
+            steps[size] = _mean_rate(rates)
+            last[:] = [size, mask, rates]
+            return steps[size]
 
         def rate(size: int) -> tuple[float | None, int]:
             return steps[size] if size in steps else prune(size)
@@ -347,14 +347,14 @@ class Unlearn:
             count = high
         if not last or last[0] != count:
             prune(count)
-        _, mask, after = last
+        _, mask, rates = last
         summary = {"ratio": self.prune_ratio, "schedule": self.prune_schedule, "rank_images": len(x_rank),
                    "n_pruned": count, "n_selected": len(ranked),
                    "n_channels": sum(len(s["accuracy"]) for s in scores.values()),
                    "layers": self._chosen(ranked, selection, count)}
         if fewest:
             summary["steps"] = [{"n": n, "target_rate_fit": rate} for n, (rate, _) in steps.items()]
-        return mask, summary, after
+        return mask, summary, rates
 
     @staticmethod
     def _chosen(ranked: list[tuple[str, int]], selection: dict[str, list[int]], size: int) -> dict[str, list[int]]:
@@ -364,11 +364,11 @@ class Unlearn:
     @staticmethod
     def _prune_step(model: nn.Module, fit: Holdout, triggers: list, targets: dict[str, int | None],
                     chosen: dict[str, list[int]], pairs: dict[str, str | None], batch_size: int
-                    ) -> tuple[ChannelMask, tuple[float | None, int]]:
-        """Zero ``chosen`` and measure the found triggers' target rate on ``fit``."""
+                    ) -> tuple[ChannelMask, list[tuple[str, float, int]]]:
+        """Zero ``chosen`` and measure each found trigger's target rate on ``fit``."""
         mask = ChannelMask(model, chosen, pairs, zero_biases=True)
         mask.apply()
-        return mask, _target_rate(model, fit, triggers, targets, batch_size)
+        return mask, _target_rates(model, fit, triggers, targets, batch_size)
 
     def _finetune(self, model: nn.Module, train: Holdout, triggers: list, suspected: list[int], guard: FitValGuard,
                   measure, ctx: Context, teacher: nn.Module | None, mask: ChannelMask | None) -> list[dict]:
@@ -476,8 +476,6 @@ def _target_rate(model: nn.Module, fit_val: Holdout, triggers: list, targets: di
     model's own rate into those targets)."""
     if not triggers:
         return None, 0
-    if not len(fit_val):
-        return float("nan"), 0
     return _mean_rate(_target_rates(model, fit_val, triggers, targets, batch_size, stamped))
 
 
@@ -489,7 +487,9 @@ def _mean_rate(rates: list[tuple[str, float, int]]) -> tuple[float, int]:
 @torch.no_grad()
 def _target_rates(model: nn.Module, fit_val: Holdout, triggers: list, targets: dict[str, int | None],
                   batch_size: int, stamped: bool = True) -> list[tuple[str, float, int]]:
-    """Per trigger: (its name, its target rate as in ``_target_rate``, images judged)."""
+    """Per trigger: (its name, its target rate as in ``_target_rate``, images judged); NaN on no images."""
+    if not len(fit_val):
+        return [(trigger.name, float("nan"), 0) for trigger in triggers]
     rates = []
     for trigger in triggers:
         target = targets.get(trigger.name)
