@@ -146,18 +146,19 @@ def _watch_guard(measure) -> list[dict]:
 
 def _watch_pruning(measure, trajectory: list[dict]) -> None:
     """Wrap unlearn's pruning step the same way: each step of ``prune_schedule=fewest`` is measured too."""
-    from bdsan.sanitize.unlearn import Unlearn
+    from bdsan.sanitize.unlearn import Unlearn, _mean_rate
 
     original = Unlearn._prune_step
 
     def step(*args, **kwargs):
-        mask, after = original(*args, **kwargs)
+        mask, rates = original(*args, **kwargs)
         m = measure(args[0])
         n = sum(len(c) for c in args[4].values())
-        trajectory.append({"label": f"prune {n}", "target_rate_fit": after[0], "ca": m["ca"], "asr": m["asr"]})
+        rate = _mean_rate(rates)[0]
+        trajectory.append({"label": f"prune {n}", "target_rate_fit": rate, "ca": m["ca"], "asr": m["asr"]})
         print(f"  prune {n:>3d}: dev CA {100 * m['ca']:.1f}  ASR {100 * m['asr']:.1f}  "
-              f"fit target rate {100 * after[0]:.2f}", flush=True)
-        return mask, after
+              f"fit target rate {100 * rate:.2f}", flush=True)
+        return mask, rates
 
     Unlearn._prune_step = staticmethod(step)
 
