@@ -239,3 +239,36 @@ def test_fewest_schedule_prunes_the_fewest_channels_that_reach_the_reference(toy
         get_method("unlearn", prune_schedule="greedy")
     with pytest.raises(Exception, match="fewest_reference must be one of"):
         get_method("unlearn", fewest_reference="median")
+
+
+def test_shifted_statistics_keep_the_delivered_ones_until_the_weights_change(toy_poisoned):
+    """``bn=reestimate-shift``: the fit images' estimation error cancels — unchanged weights keep the delivered
+    running statistics exactly (plain re-estimation replaces them) — while a weight change moves them by the change
+    it makes on the fit images."""
+    from torch import nn
+
+    from bdsan.sanitize.batchnorm import ShiftedStatistics, reestimate_bn
+
+    model = copy.deepcopy(toy_poisoned.model).normalized()
+    fit, _ = split_holdout(toy_poisoned.holdout, 0.5, 0)
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    delivered = bn.running_mean.clone(), bn.running_var.clone()
+    shift = ShiftedStatistics(fit, 64, True, seed=3)
+    shift.start(model)
+    shift.checkpoint(model)
+    assert torch.allclose(bn.running_mean, delivered[0], atol=1e-6) and torch.allclose(bn.running_var, delivered[1])
+    reestimated = copy.deepcopy(model)
+    reestimate_bn(reestimated, fit, 64)
+    assert not torch.allclose(next(m for m in reestimated.modules() if isinstance(m, nn.BatchNorm2d)).running_mean,
+                              delivered[0])
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    with torch.no_grad():  # the first conv layer's output doubles: its BN's mean doubles, its variance quadruples
+        conv.weight.mul_(2.0)
+        if conv.bias is not None:
+            conv.bias.mul_(2.0)
+    shift.checkpoint(model)
+    reference = shift.reference[next(n for n, m in model.named_modules() if m is bn)]
+    assert torch.allclose(bn.running_mean, delivered[0] + reference[0], atol=1e-5)
+    assert torch.allclose(bn.running_var, delivered[1] * 4, rtol=1e-3)
+    with pytest.raises(Exception, match="bn must be one of"):
+        get_method("fmp", bn="reestimate-shift")

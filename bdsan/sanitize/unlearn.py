@@ -88,7 +88,7 @@ from ..device import channels_last, check_precision, precision_autocast, trainin
 from ..io.data import Holdout, to_float
 from ..train.augment import augment_batch
 from ..train.loop import predict
-from .batchnorm import check_bn_mode, checkpoint_bn, set_training
+from .batchnorm import ShiftedStatistics, check_bn_mode, checkpoint_bn, set_training
 from .context import Context, DefenseResult
 from .fmp import ChannelMask, class_balanced_batch, conv_bn_pairs, select_channels, trigger_response
 from .found_triggers import (
@@ -158,7 +158,7 @@ class Unlearn:
 
     def __post_init__(self):
         self.scan = scan_mode(self.scan)
-        check_bn_mode(self.bn)
+        check_bn_mode(self.bn, shift=True)
         if self.regularizer not in ("distill", "l2", "none"):
             raise ValueError("regularizer must be distill, l2 or none")
         check_precision(self.precision)
@@ -281,6 +281,12 @@ class Unlearn:
             details["hard_pruned"] = {name: chans for name, chans in details["pruned"]["layers"].items() if chans}
         return DefenseResult(model, details)
 
+    def _bn_stamp(self, triggers: list):
+        """generator → the batch transform that stamps BN re-estimation batches as the training batches are."""
+        return lambda generator: stamped_like_training(triggers, self.stamp_fraction, generator, self.jitter,
+                                                       self._strength, wave_phase=self._random_phase,
+                                                       wave_strength=self._wave_strength)
+
     def _stamped(self, triggers: list, train: Holdout) -> list:
         """The found triggers stamped while fine-tuning: all, or with ``stamp=patches`` the patch ones only."""
         if self.stamp == "all" or not len(train):
@@ -385,6 +391,11 @@ class Unlearn:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total))
         log = []
         step = 0
+        shift = None
+        if self.bn == "reestimate-shift":
+            shift = ShiftedStatistics(train, ctx.batch_size, self.augment, ctx.seed * 1_000_003 + 41,
+                                      transform_for=self._bn_stamp(triggers) if self.bn_stamped else None)
+            shift.start(model)
         for epoch in range(1, self.epochs + 1):
             set_training(model, self.bn)
             sums = {"ce": 0.0, "reg": 0.0}
@@ -428,10 +439,11 @@ class Unlearn:
                 sums["ce"] += float(ce.detach())
                 sums["reg"] += float(reg.detach())
                 ctx.report("unlearn", step, total)
-            stamp = stamped_like_training(triggers, self.stamp_fraction, generator, self.jitter, self._strength,
-                                          wave_phase=self._random_phase, wave_strength=self._wave_strength)
-            checkpoint_bn(model, self.bn, train, ctx.batch_size, self.augment, generator,
-                          transform=stamp if self.bn_stamped else None)
+            if shift is not None:
+                shift.checkpoint(model)
+            else:
+                checkpoint_bn(model, self.bn, train, ctx.batch_size, self.augment, generator,
+                              transform=self._bn_stamp(triggers)(generator) if self.bn_stamped else None)
             model.eval()
             objective, objective_se = measure(model)
             guard.check(model, f"epoch {epoch}", objective=objective, objective_se=objective_se)
