@@ -72,9 +72,10 @@ noise blend at 75% ASR and SIG at 15% (rolled back) — the network had unlearnt
 half-stamped batches and was judged under clean ones; stamped re-estimation took them to 3.9% and 4.5%.
 After pruning, that re-estimation is most of what the fine-tuning costs: on an 86% badnets development model it
 cost 0.7 CA points with no weight changed (BENCHMARKS.md "BatchNorm statistics after pruning"). ``bn=frozen`` with
-``lr=0.003`` (it diverges at 0.01) keeps the delivered statistics and lost 0.3–0.4 points instead of 1.0 on two 86%
-development models, but left a row sine at 3.4% instead of 2.4%; ``bn=reestimate-shift`` (the delivered statistics
-moved by the change fine-tuning makes on the fit images; ``ShiftedStatistics``) lowered every ASR and cost the most.
+``lr=0.001`` (it diverges at 0.01) keeps the delivered statistics: a fresh 86% badnets grid 1.78% at −0.77 points
+where the default gave 1.62% at −1.16, but a development row sine left at 4.1% instead of 2.4%, and at ``lr=0.003``
+more CA lost than the default on all four 75% models; ``bn=reestimate-shift`` (the delivered statistics moved by
+the change fine-tuning makes on the fit images; ``ShiftedStatistics``) lowered most ASRs and cost the most.
 
 Speed: the fine-tuning runs with channels_last weights (same outputs); ``precision`` ``auto`` is bf16 autocast on
 CUDA and fp32 on the CPU, where bf16 gave the same CA/ASR but ran slower (BENCHMARKS.md "Unlearn in bf16 on the CPU").
