@@ -74,7 +74,7 @@ After pruning, that re-estimation is most of what the fine-tuning costs: on an 8
 cost 0.7 CA points with no weight changed (BENCHMARKS.md "BatchNorm statistics after pruning"). ``bn=frozen`` with
 ``lr=0.001`` (it diverges at 0.01) keeps the delivered statistics: a fresh 86% badnets grid 1.78% at −0.77 points
 where the default gave 1.62% at −1.16, but a development row sine left at 4.1% instead of 2.4%, and at ``lr=0.003``
-more CA lost than the default on all four 75% models; ``bn=reestimate-shift`` (the delivered statistics moved by
+more CA lost than the default on the four 75% suite-attack models; ``bn=reestimate-shift`` (the delivered statistics moved by
 the change fine-tuning makes on the fit images; ``ShiftedStatistics``) lowered most ASRs and cost the most.
 
 Speed: the fine-tuning runs with channels_last weights (same outputs); ``precision`` ``auto`` is bf16 autocast on
