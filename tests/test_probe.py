@@ -2,7 +2,6 @@
 development images, and must follow those functions' return shapes (a refactor once broke them unnoticed)."""
 import copy
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,13 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 @pytest.fixture
 def probe(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location("bdsan_bench_probe", BENCHMARKS / "probe.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     # the hooks replace these class attributes; monkeypatch puts the originals back after the test
     monkeypatch.setattr(FitValGuard, "check", FitValGuard.check)
     monkeypatch.setattr(Unlearn, "_prune_step", Unlearn._prune_step)
-    yield module
-    sys.modules.pop("bdsan_bench_probe", None)
+    return module
 
 
 def test_probe_measures_every_pruning_step_and_guard_check(probe, toy_poisoned, capsys):

@@ -62,7 +62,7 @@ def reestimate_bn(model: nn.Module, data: Holdout, batch_size: int, augment_pass
     """Recompute BN running statistics with no-grad passes over the data (ALGORITHMS §0.5): one unaugmented pass,
     or ``augment_passes`` passes of crop+flip copies (the distribution the network was trained to normalise);
     ``transform`` is applied to each batch after augmentation."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = list(_batchnorms(model).values())
     if not bns or len(data) == 0:
         return
     momenta = [bn.momentum for bn in bns]
