@@ -272,3 +272,60 @@ def test_shifted_statistics_keep_the_delivered_ones_until_the_weights_change(toy
     assert torch.allclose(bn.running_var, delivered[1] * 4, rtol=1e-3)
     with pytest.raises(Exception, match="bn must be one of"):
         get_method("fmp", bn="reestimate-shift")
+
+
+def test_bn_auto_keeps_the_statistics_only_when_every_trigger_toward_the_primary_target_is_a_patch(toy_poisoned):
+    """``bn=auto``: the primary target is the found trigger's that fires most above its untriggered rate; patches
+    only toward it → frozen statistics, lr 0.001, fine-tune even at the floor; a full-image trigger toward it →
+    the re-estimation as before. A full-image trigger toward another class does not decide."""
+    from bdsan.detectors.triggers import Trigger, get_trigger
+    from bdsan.sanitize.unlearn import _target_rates
+    from bdsan.train.fixtures import corner_square
+
+    fit, _ = split_holdout(toy_poisoned.holdout, 0.5, 0)
+    model = copy.deepcopy(toy_poisoned.model).normalized().eval()
+    triggers = [Trigger("planted", {}, lambda x: corner_square(x)), get_trigger("blend_noise")]
+
+    def settings(blend_target: int, **params) -> dict:
+        targets = {"planted": 0, "blend_noise": blend_target}
+        floors = _target_rates(model, fit, triggers, targets, 256, stamped=False)
+        return get_method("unlearn", **params)._settings(model, fit, fit, triggers, targets, floors, 256)
+
+    patch = settings(3)
+    assert (patch["primary_target"], patch["toward_primary"], patch["full_image"]) == (0, ["planted"], [])
+    assert (patch["bn"], patch["lr"], patch["stop_at_floor"]) == ("frozen", None, False)  # lr: calibrated later
+    mixed = settings(0)
+    assert mixed["full_image"] == ["blend_noise"]
+    assert (mixed["bn"], mixed["lr"], mixed["stop_at_floor"]) == ("reestimate-augmented", 0.01, True)
+    explicit = settings(3, lr="0.005", stop_at_floor="true")
+    assert (explicit["bn"], explicit["lr"], explicit["stop_at_floor"]) == ("frozen", 0.005, True)
+    earlier = settings(3, bn="reestimate-augmented")
+    assert (earlier["bn"], earlier["lr"], earlier["stop_at_floor"]) == ("reestimate-augmented", 0.01, True)
+    assert "primary_target" not in earlier
+    with pytest.raises(Exception, match="lr must be auto"):
+        get_method("unlearn", lr="fast")
+    with pytest.raises(Exception, match="bn must be one of"):
+        get_method("fmp", bn="auto")
+
+
+def test_frozen_statistics_lr_sets_the_median_conv_step_and_leaves_the_statistics_alone(toy_poisoned):
+    """The lr for frozen BatchNorm statistics: one step moves the median conv layer by ``FROZEN_STEP`` of its norm
+    (at most ``cap``), so a model whose weights are larger for the same function gets a larger lr; the running
+    statistics are not touched and no gradient is left behind."""
+    from bdsan.sanitize.unlearn import FROZEN_STEP, frozen_statistics_lr
+
+    model = copy.deepcopy(toy_poisoned.model).normalized()
+    x, y = toy_poisoned.holdout.x[:64].float() / 255, toy_poisoned.holdout.y[:64]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lr, per_lr = frozen_statistics_lr(model, x, y, cap=100.0)
+    assert per_lr > 0 and lr == pytest.approx(FROZEN_STEP / per_lr)
+    assert frozen_statistics_lr(model, x, y, cap=lr / 2)[0] == lr / 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+    with torch.no_grad():  # the same function with every conv's weights doubled: a step moves them 4× less
+        layers = list(model.model)
+        for conv, bn in ((a, b) for a, b in zip(layers, layers[1:]) if isinstance(b, torch.nn.BatchNorm2d)):
+            conv.weight.mul_(2)
+            bn.running_mean.mul_(2)
+            bn.running_var.mul_(4)
+    assert frozen_statistics_lr(model, x, y, cap=100.0)[0] == pytest.approx(4 * lr, rel=1e-3)

@@ -22,9 +22,10 @@ BN_MODES = ("reestimate-augmented", "reestimate", "reestimate-shift", "frozen", 
 AUGMENTED_PASSES = 4
 
 
-def check_bn_mode(bn: str, shift: bool = False) -> None:
-    """Reject a ``bn`` parameter that is not one of ``BN_MODES`` (``reestimate-shift`` only where ``shift``)."""
-    modes = [m for m in BN_MODES if shift or m != "reestimate-shift"]
+def check_bn_mode(bn: str, shift: bool = False, auto: bool = False) -> None:
+    """Reject a ``bn`` parameter that is not one of ``BN_MODES`` (``reestimate-shift`` only where ``shift``;
+    ``auto``, a method's own choice per model, only where ``auto``)."""
+    modes = [m for m in BN_MODES if shift or m != "reestimate-shift"] + (["auto"] if auto else [])
     if bn not in modes:
         raise ValueError(f"bn must be one of {', '.join(modes)}, got {bn!r}")
 

@@ -83,6 +83,7 @@ CUDA and fp32 on the CPU, where bf16 gave the same CA/ASR but ran slower (BENCHM
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -93,7 +94,7 @@ from torch import nn
 from ..device import channels_last, check_precision, precision_autocast, training_bf16
 from ..io.data import Holdout, to_float
 from ..train.augment import augment_batch
-from ..train.loop import predict
+from ..train.loop import freeze_batchnorm, predict
 from .batchnorm import ShiftedStatistics, check_bn_mode, checkpoint_bn, set_training
 from .context import Context, DefenseResult
 from .fmp import ChannelMask, class_balanced_batch, conv_bn_pairs, select_channels, trigger_response
@@ -116,6 +117,8 @@ OBJECTIVES = ("target-rate", "triggered-error")
 WAVE_PHASES = ("random", "found")
 PRUNE_SCHEDULES = ("at-once", "fewest")
 FEWEST_REFERENCES = ("floor", "best")
+DEFAULT_LR = 0.01
+FROZEN_STEP = 1e-4  # with frozen statistics: the median conv layer's first step, relative to its weights' norm
 
 
 @register_method("unlearn", "Fine-tune with found triggers (suite + scan) stamped on clean images, true labels")
@@ -124,7 +127,7 @@ class Unlearn:
     """Fine-tune with found triggers (suite + scan) stamped on clean images, true labels."""
 
     epochs: int = 10
-    lr: float = 0.01
+    lr: float | str = "auto"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 128
@@ -148,7 +151,7 @@ class Unlearn:
     wave_neighbours: int = 0
     augment: bool = True
     fit_val_fraction: float = 0.1
-    bn: str = "reestimate-augmented"
+    bn: str = "auto"
     bn_stamped: bool = True
     select: str = "latest-within-se"
     stamped_loss: str = "ce"
@@ -157,21 +160,25 @@ class Unlearn:
     prune_schedule: str = "fewest"
     fewest_z: float = 1.0
     fewest_reference: str = "floor"
-    stop_at_floor: bool = True
+    stop_at_floor: bool | str = "auto"
     stamp: str = "all"
     objective: str = "target-rate"
     precision: str = "auto"
 
     def __post_init__(self):
         self.scan = scan_mode(self.scan)
-        check_bn_mode(self.bn, shift=True)
+        check_bn_mode(self.bn, shift=True, auto=True)
+        if self.lr != "auto" and (isinstance(self.lr, str) or self.lr <= 0):
+            raise ValueError(f"lr must be auto or a number > 0, got {self.lr!r}")
+        if self.stop_at_floor not in (True, False, "auto"):
+            raise ValueError(f"stop_at_floor must be true, false or auto, got {self.stop_at_floor!r}")
         if self.regularizer not in ("distill", "l2", "none"):
             raise ValueError("regularizer must be distill, l2 or none")
         check_precision(self.precision)
         if self.distill_mode not in DISTILL_MODES:
             raise ValueError(f"distill_mode must be one of {', '.join(DISTILL_MODES)}")
-        if not 0 < self.stamp_fraction < 1 or self.epochs < 0 or self.lr <= 0 or self.batch_size < 2:
-            raise ValueError("need 0 < stamp_fraction < 1, epochs ≥ 0, lr > 0, batch_size ≥ 2")
+        if not 0 < self.stamp_fraction < 1 or self.epochs < 0 or self.batch_size < 2:
+            raise ValueError("need 0 < stamp_fraction < 1, epochs ≥ 0, batch_size ≥ 2")
         if self.select not in SELECT_MODES:
             raise ValueError(f"select must be one of {', '.join(SELECT_MODES)}")
         if self.stamped_loss not in STAMPED_LOSSES:
@@ -247,18 +254,20 @@ class Unlearn:
         details["suspected_targets"] = suspected
         details["stamped_triggers"] = [t.name for t in stamped]
         teacher = frozen_copy(model) if self.regularizer == "distill" or self.stamped_loss == "consistency" else None
+        fit = fit.to(ctx.device)
+        floors = _target_rates(model, fit, triggers, targets, ctx.batch_size, stamped=False)
+        settings = self._settings(model, fit, train, triggers, targets, floors, ctx.batch_size)
+        details["statistics"] = settings
         mask, enough = None, False
         if self.prune_ratio > 0:
             prune_started = time.perf_counter()
-            fit = fit.to(ctx.device)
-            floors = _target_rates(model, fit, triggers, targets, ctx.batch_size, stamped=False)
             floor = _mean_rate(floors)
             mask, details["pruned"], rates = self._prune(model, train, fit, triggers, targets, floor, ctx)
             after = _mean_rate(rates)
             objective, objective_se = measure(model)
             accepted = guard.check(model, "pruned", objective=objective, objective_se=objective_se)
             at_floor = _at_floor(after, floor)
-            enough = self.stop_at_floor and accepted and at_floor
+            enough = settings["stop_at_floor"] and accepted and at_floor
             details["pruned"] |= {"target_rate_fit": after[0], "untriggered_rate_fit": floor[0], "n_fit": after[1],
                                   "at_floor": at_floor,
                                   "by_trigger": [{"name": name, "target": targets.get(name), "target_rate_fit": rate,
@@ -271,8 +280,12 @@ class Unlearn:
                                "model's own untriggered rate: not fine-tuned")
         elif stamped:
             ft_started = time.perf_counter()
+            if settings["lr"] is None:
+                x, y = to_float(train.x[:self.batch_size]), train.y[:self.batch_size]
+                settings["lr"], settings["relative_step_per_lr"] = frozen_statistics_lr(model, x, y)
             with channels_last(model):  # faster convolutions (oneDNN, CUDA); the layout is given back afterwards
-                epochs_log = self._finetune(model, train, stamped, suspected, guard, measure, ctx, teacher, mask)
+                epochs_log = self._finetune(model, train, stamped, suspected, guard, measure, ctx, teacher, mask,
+                                            settings["bn"], settings["lr"])
             timings["finetune"] = round(time.perf_counter() - ft_started, 3)
         else:
             details["note"] = ("only full-image triggers found: pruned, not fine-tuned (fine-tuning without them "
@@ -286,6 +299,31 @@ class Unlearn:
         if mask is not None:
             details["hard_pruned"] = {name: chans for name, chans in details["pruned"]["layers"].items() if chans}
         return DefenseResult(model, details)
+
+    def _settings(self, model: nn.Module, fit: Holdout, train: Holdout, triggers: list,
+                  targets: dict[str, int | None], floors: list[tuple[str, float, int]], batch_size: int) -> dict:
+        """The BatchNorm mode, learning rate and stop rule this model gets (``bn``/``lr``/``stop_at_floor`` auto).
+
+        ``bn=auto``: the primary target is that of the found trigger whose target rate on the fit images exceeds
+        its untriggered rate the most; when every found trigger toward it is a patch, the delivered statistics are
+        kept (``frozen``), else re-estimated (``reestimate-augmented``). ``lr=auto``: 0.01, or with frozen
+        statistics None — ``frozen_statistics_lr`` calibrates it on the model about to be fine-tuned.
+        ``stop_at_floor=auto``: stop at the floor only when the statistics are re-estimated (that re-estimation is
+        what fine-tuning after pruning cost: BENCHMARKS.md "BatchNorm statistics after pruning")."""
+        out: dict = {}
+        bn = self.bn
+        if bn == "auto":
+            rates = _target_rates(model, fit, triggers, targets, batch_size)
+            net = [rate - untriggered for (_, rate, _), (_, untriggered, _) in zip(rates, floors)]
+            primary = targets.get(triggers[max(range(len(triggers)), key=lambda i: net[i])].name)
+            example = to_float(train.x[:8] if len(train) else fit.x[:8])
+            toward = [t for t in triggers if targets.get(t.name) == primary]
+            full = [t.name for t in toward if is_full_image(t, example)]
+            bn = "frozen" if not full else "reestimate-augmented"
+            out |= {"primary_target": primary, "toward_primary": [t.name for t in toward], "full_image": full}
+        lr = self.lr if self.lr != "auto" else (None if bn == "frozen" else DEFAULT_LR)  # None: calibrated later
+        stop = self.stop_at_floor if self.stop_at_floor != "auto" else bn != "frozen"
+        return {"bn": bn, "lr": lr, "stop_at_floor": stop} | out
 
     def _bn_stamp(self, triggers: list):
         """generator → the batch transform that stamps BN re-estimation batches as the training batches are."""
@@ -383,7 +421,8 @@ class Unlearn:
         return mask, _target_rates(model, fit, triggers, targets, batch_size)
 
     def _finetune(self, model: nn.Module, train: Holdout, triggers: list, suspected: list[int], guard: FitValGuard,
-                  measure, ctx: Context, teacher: nn.Module | None, mask: ChannelMask | None) -> list[dict]:
+                  measure, ctx: Context, teacher: nn.Module | None, mask: ChannelMask | None, bn: str,
+                  lr: float) -> list[dict]:
         device = ctx.device
         bf16 = training_bf16(device, self.precision)
         generator = ctx.generator(offset=31)
@@ -392,18 +431,18 @@ class Unlearn:
         batch = min(self.batch_size, max(2, len(train)))
         steps_per_epoch = max(self.min_steps_per_epoch, math.ceil(len(train) / batch))
         total = self.epochs * steps_per_epoch
-        optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum,
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=self.momentum,
                                     weight_decay=self.weight_decay if anchor is None else 0.0, nesterov=True)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total))
         log = []
         step = 0
         shift = None
-        if self.bn == "reestimate-shift":
+        if bn == "reestimate-shift":
             shift = ShiftedStatistics(train, ctx.batch_size, self.augment, ctx.seed * 1_000_003 + 41,
                                       transform_for=self._bn_stamp(triggers) if self.bn_stamped else None)
             shift.start(model)
         for epoch in range(1, self.epochs + 1):
-            set_training(model, self.bn)
+            set_training(model, bn)
             sums = {"ce": 0.0, "reg": 0.0}
             for _ in range(steps_per_epoch):
                 index = torch.randint(len(train), (batch,), generator=generator).to(device)
@@ -448,7 +487,7 @@ class Unlearn:
             if shift is not None:
                 shift.checkpoint(model)
             else:
-                checkpoint_bn(model, self.bn, train, ctx.batch_size, self.augment, generator,
+                checkpoint_bn(model, bn, train, ctx.batch_size, self.augment, generator,
                               transform=self._bn_stamp(triggers)(generator) if self.bn_stamped else None)
             model.eval()
             objective, objective_se = measure(model)
@@ -456,6 +495,25 @@ class Unlearn:
             log.append({"epoch": epoch, "ce": sums["ce"] / steps_per_epoch, "reg": sums["reg"] / steps_per_epoch,
                         f"{self.objective}_fit_val": objective})
         return log
+
+
+def frozen_statistics_lr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cap: float = DEFAULT_LR
+                         ) -> tuple[float, float]:
+    """(lr, median relative step per unit lr): the learning rate at which one cross-entropy step on ``x``, ``y``
+    with BatchNorm in eval mode changes the median conv layer's weights by ``FROZEN_STEP`` of their norm, at most
+    ``cap``. Without batch statistics the weights are no longer scale-free, and how far a step moves them depends
+    on the model: at lr 0.01 the first step was 1e-3 of the norm on the 86% CPU benchmark models (which diverged
+    there; at lr 0.001 they did not) and 6e-5 on the toy test model (where lr 0.001 left 41% ASR)."""
+    model.train()
+    freeze_batchnorm(model)
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    ratios = [float(m.weight.grad.norm() / norm) for m in model.modules()
+              if isinstance(m, nn.Conv2d) and m.weight.grad is not None and (norm := m.weight.detach().norm()) > 0]
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    per_lr = statistics.median(ratios) if ratios else 0.0
+    return (min(cap, FROZEN_STEP / per_lr) if per_lr > 0 else cap), per_lr
 
 
 def _suspected_targets(ctx: Context, sources: list[dict]) -> list[int]:
