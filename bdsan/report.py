@@ -417,6 +417,19 @@ def defense_trigger_sources(details: dict) -> tuple[list[dict], dict | None]:
     return (sources if isinstance(sources, list) else []), (scan if isinstance(scan, dict) else None)
 
 
+def _statistics_line(statistics: dict, names: list[str] | None) -> str:
+    """How unlearn treated BatchNorm (``bn=auto`` says why), its lr and its stop rule, in one line."""
+    why = ""
+    if "primary_target" in statistics:
+        target = _class_label(statistics["primary_target"], names)
+        full = statistics.get("full_image") or []
+        why = (f" (a full-image trigger points at {target}: {', '.join(full)})" if full
+               else f" (every found trigger toward {target} is a patch)")
+    lr = statistics.get("lr")
+    return (f"BatchNorm statistics: {statistics.get('bn')}{why}; lr {'-' if lr is None else f'{lr:.3g}'}; "
+            f"{'stops' if statistics.get('stop_at_floor') else 'fine-tunes'} after pruning at the floor")
+
+
 def render_sanitize_text(report: Report) -> str:
     """The sanitize report for people: audits side by side, the defense, gates, artifacts, timings."""
     data = report.to_dict()
@@ -459,6 +472,9 @@ def render_sanitize_text(report: Report) -> str:
             touched = sum(1 for layer in layers if layer.get("n_pruned"))
             lines.append(f"  pruned {details['n_pruned']} of {details.get('n_channels')} channels in {touched}/"
                          f"{len(layers)} conv layers (ranking on {details.get('rank_images')} fit images)")
+        statistics = details.get("statistics")
+        if isinstance(statistics, dict):
+            lines.append("  " + _statistics_line(statistics, names))
         finetune = details.get("finetune") or {}
         if finetune.get("note"):
             lines.append(f"  fine-tune: {finetune['note']}")

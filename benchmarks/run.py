@@ -236,7 +236,7 @@ def _suite_summary(audit: dict | None) -> dict | None:
 
 def _details_summary(details: dict) -> dict:
     """What the tables need from a defense's details: sizes, pruning, and the state its guard kept."""
-    keep = ("n_pruned", "n_channels", "fit_train", "fit_val")
+    keep = ("n_pruned", "n_channels", "fit_train", "fit_val", "statistics")
     summary = {k: details[k] for k in keep if k in details}
     if isinstance(details.get("guard"), dict) and "selected" in details["guard"]:
         summary["selected"] = details["guard"]["selected"]

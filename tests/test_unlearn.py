@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 
 import pytest
 import scan_helpers
@@ -323,8 +324,7 @@ def test_frozen_statistics_lr_sets_the_median_conv_step_and_leaves_the_statistic
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()) and not model.training
     with torch.no_grad():  # the same function with every conv's weights doubled: a step moves them 4× less
-        layers = list(model.model)
-        for conv, bn in ((a, b) for a, b in zip(layers, layers[1:]) if isinstance(b, torch.nn.BatchNorm2d)):
+        for conv, bn in ((a, b) for a, b in itertools.pairwise(model.model) if isinstance(b, torch.nn.BatchNorm2d)):
             conv.weight.mul_(2)
             bn.running_mean.mul_(2)
             bn.running_var.mul_(4)

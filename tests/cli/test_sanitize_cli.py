@@ -76,3 +76,19 @@ def test_text_report_names_the_triggers_the_fit_split_scan_found():
     assert "  triggers the scan reconstructed on the fit split: wave → 0\n" in render_sanitize_text(report)
     fmp["details"]["finetune"]["trigger_sources"] = [{"name": "badnets_grid", "source": "audit"}]
     assert "scan reconstructed" not in render_sanitize_text(report)
+
+
+def test_text_report_says_how_unlearn_treated_batchnorm_and_why():
+    from bdsan.report import Report, render_sanitize_text
+
+    report = Report("sanitize")
+    statistics = {"bn": "frozen", "lr": 0.00094, "stop_at_floor": False, "primary_target": 0,
+                  "toward_primary": ["badnets_grid"], "full_image": []}
+    report.defense = {"method": "unlearn", "params": {"bn": "auto"}, "details": {"statistics": statistics}}
+    assert ("  BatchNorm statistics: frozen (every found trigger toward 0 is a patch); lr 0.00094; fine-tunes after "
+            "pruning at the floor\n") in render_sanitize_text(report)
+    statistics.update(bn="reestimate-augmented", lr=0.01, stop_at_floor=True, full_image=["blend_noise"])
+    assert ("  BatchNorm statistics: reestimate-augmented (a full-image trigger points at 0: blend_noise); lr 0.01; "
+            "stops after pruning at the floor\n") in render_sanitize_text(report)
+    report.defense["details"] = {}
+    assert "BatchNorm statistics" not in render_sanitize_text(report)
