@@ -71,11 +71,17 @@ training batches** (``bn_stamped``: the same fraction carries a found trigger). 
 noise blend at 75% ASR and SIG at 15% (rolled back) — the network had unlearnt the trigger under the statistics of
 half-stamped batches and was judged under clean ones; stamped re-estimation took them to 3.9% and 4.5%.
 After pruning, that re-estimation is most of what the fine-tuning costs: on an 86% badnets development model it
-cost 0.7 CA points with no weight changed (BENCHMARKS.md "BatchNorm statistics after pruning"). ``bn=frozen`` with
-``lr=0.001`` (it diverges at 0.01) keeps the delivered statistics: a fresh 86% badnets grid 1.78% at −0.77 points
-where the default gave 1.62% at −1.16, but a development row sine left at 4.1% instead of 2.4%, and at ``lr=0.003``
-more CA lost than the default on the four 75% suite-attack models; ``bn=reestimate-shift`` (the delivered statistics moved by
-the change fine-tuning makes on the fit images; ``ShiftedStatistics``) lowered most ASRs and cost the most.
+cost 0.7 CA points with no weight changed (BENCHMARKS.md "BatchNorm statistics after pruning"). Frozen statistics
+(``bn=frozen``, lr 0.001 on the 86% models, where 0.01 diverged) were inside the goal on three 86% badnets grids
+where re-estimation was inside it on one, but left a development row sine at 4.1% instead of 2.4%.
+So ``bn=auto`` (default) decides per model (``_settings``): frozen statistics when every found trigger toward the
+primary target (the one whose trigger fires most above its untriggered rate) is a patch, else the re-estimation
+above. With frozen statistics ``lr=auto`` is calibrated (``frozen_statistics_lr``: the lr at which one step moves
+the median conv layer by 1e-4 of its norm; without batch statistics that distance depends on the model — 17× more
+on the 86% CPU models than on the toy test model at the same lr) and ``stop_at_floor=auto`` fine-tunes after
+pruning even at the floor (BENCHMARKS.md "BatchNorm statistics by trigger kind"). ``bn=reestimate-augmented`` gives
+the earlier default; ``bn=reestimate-shift`` (the delivered statistics moved by the change fine-tuning makes on the
+fit images; ``ShiftedStatistics``) lowered most ASRs and cost the most.
 
 Speed: the fine-tuning runs with channels_last weights (same outputs); ``precision`` ``auto`` is bf16 autocast on
 CUDA and fp32 on the CPU, where bf16 gave the same CA/ASR but ran slower (BENCHMARKS.md "Unlearn in bf16 on the CPU").
