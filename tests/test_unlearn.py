@@ -329,3 +329,28 @@ def test_frozen_statistics_lr_sets_the_median_conv_step_and_leaves_the_statistic
             bn.running_mean.mul_(2)
             bn.running_var.mul_(4)
     assert frozen_statistics_lr(model, x, y, cap=100.0)[0] == pytest.approx(4 * lr, rel=1e-3)
+
+
+def test_scan_auto_runs_unless_the_audit_flagged_a_backdoor_strength_trigger(monkeypatch):
+    """A clean model's natural flip (net ASR 0.5–0.6) must not keep the fit-split scan from looking for the real
+    backdoor; a suite trigger at backdoor strength (≥ 0.9), or one a caller hands in without evidence, does."""
+    from bdsan.detectors.triggers import get_trigger
+    from bdsan.sanitize import found_triggers
+
+    calls = []
+    monkeypatch.setattr(found_triggers, "scan_fit_split", lambda *a, **k: (calls.append(1), ([], {}))[1])
+    blend = get_trigger("blend_noise")
+
+    def scanned(mode: str, asr_net: float | None) -> bool:
+        calls.clear()
+        evidence = [] if asr_net is None else [{"name": "blend_noise", "asr_net": asr_net, "suspected_target": 6}]
+        ctx = Context(known_triggers=[blend], trigger_evidence=evidence)
+        triggers, _, _ = found_triggers.gather_triggers(None, None, ctx, mode, steps=1)
+        assert triggers == [blend]
+        return bool(calls)
+
+    assert scanned("auto", 0.55) and not scanned("if-none", 0.55)
+    assert not scanned("auto", 0.98) and not scanned("auto", None)
+    assert scanned("always", 0.98) and not scanned("never", 0.55)
+    with pytest.raises(Exception, match="scan must be auto"):
+        get_method("unlearn", scan="sometimes")

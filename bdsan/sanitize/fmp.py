@@ -308,8 +308,8 @@ class FMP:
     ``recipe="bdsan"`` (default): 256-image class-balanced ranking, pruned channels kept dead (mask re-applied
     after every step, BN β and conv bias zeroed too), and — bdsan's addition, ALGORITHMS §7.9 — the triggers the
     pipeline's fit-split audit flagged (``ctx.known_triggers``) stamped on ``known_trigger_fraction`` of every
-    fine-tuning batch with their true labels; when the audit flagged none, ``scan=auto`` reverse-engineers
-    triggers on the fit images (``bdsan scan``) and uses those instead. ``recipe="paper"``: the release's 32-image
+    fine-tuning batch with their true labels; unless the audit flagged one at backdoor strength (net ASR ≥ 0.9),
+    ``scan=auto`` also reverse-engineers triggers on the fit images (``bdsan scan``) and uses those. ``recipe="paper"``: the release's 32-image
     ranking, a one-time zeroing of conv slice and BN γ only (fine-tuning may regrow them), no trigger knowledge,
     no scan. Fields set to None take the recipe's value. ``bn_stamped``: BN statistics re-estimated from batches
     stamped like the fine-tuning batches (measured: SIG 8.8% ASR at −2.1 points, rolled back by the verify guard →

@@ -12,26 +12,41 @@ from ..io.models import from_module
 from ..io.preprocess import Preprocessing
 from .context import Context
 
-SCAN_MODES = ("auto", "always", "never")
+SCAN_MODES = ("auto", "if-none", "always", "never")
 FULL_IMAGE_PIXELS = 0.25  # a trigger that changes at least this share of the pixels is a full-image one (blend, SIG)
+# scan=auto skips the scan only when the fit audit flagged a trigger this strong (net ASR): the suite triggers that
+# matched a planted backdoor scored 0.978–0.988 on the CPU benchmark models, natural flips of clean 86% models (a noise
+# blend to frog) 0.50–0.60 — one of those kept the scan from running on a backdoor the suite does not know
+SCAN_SKIP_NET_ASR = 0.9
 
 
 def scan_mode(value: bool | str) -> str:
-    """``scan`` parameter: auto (only when the audit flagged no trigger), always, never; true/false accepted."""
+    """``scan`` parameter: auto (unless the audit flagged a trigger at net ASR ≥ ``SCAN_SKIP_NET_ASR``), if-none
+    (only when the audit flagged no trigger at all: the earlier auto), always, never; true/false accepted."""
     if isinstance(value, bool):
         return "always" if value else "never"
     if value not in SCAN_MODES:
-        raise ValueError("scan must be auto (when the audit found no trigger), always or never")
+        raise ValueError("scan must be auto (unless the audit found a backdoor-strength trigger), if-none (when the "
+                         "audit found no trigger), always or never")
     return value
+
+
+def audit_found_backdoor(ctx: Context) -> bool:
+    """Did the fit audit flag a trigger at backdoor strength (net ASR ≥ ``SCAN_SKIP_NET_ASR``)? A known trigger
+    with no recorded evidence (handed in by a caller, not by the pipeline's audit) counts as one."""
+    evidence = {e["name"]: e.get("asr_net") for e in ctx.trigger_evidence}
+    return any((evidence.get(t.name) if evidence.get(t.name) is not None else 1.0) >= SCAN_SKIP_NET_ASR
+               for t in ctx.known_triggers)
 
 
 def gather_triggers(model: nn.Module, train: Holdout, ctx: Context, mode: str, steps: int,
                     all_classes: bool = False, wave: bool = False) -> tuple[list, list[dict], dict | None]:
-    """(triggers, where each came from, scan summary or None): the audit's, then the scan's when ``mode`` says."""
+    """(triggers, where each came from, scan summary or None): the audit's, then the scan's when ``mode`` says
+    (``scan_mode``)."""
     triggers = list(ctx.known_triggers)
     sources = [{"name": t.name, "source": "audit"} for t in triggers]
     summary = None
-    if mode == "always" or (mode == "auto" and not triggers):
+    if mode == "always" or (mode == "auto" and not audit_found_backdoor(ctx)) or (mode == "if-none" and not triggers):
         found, summary = scan_fit_split(model, train, ctx, steps, all_classes, wave)
         triggers += found
         sources += [{"name": t.name, "source": "scan", "target": t.params["target"], "kind": t.params["kind"]}

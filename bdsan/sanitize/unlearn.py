@@ -2,8 +2,10 @@
 
 Fine-tune with the triggers we *found* stamped on half of each batch of fit images, keeping their TRUE labels,
 so the model learns that the trigger means nothing. Triggers come from the pipeline's fit-split audit
-(``ctx.known_triggers``) and from ``bdsan scan`` run here on the fit split (``scan=auto``: only when the audit found
-none) — its reconstructed triggers of anomalous classes, or, when it flags none, the most suspicious class's.
+(``ctx.known_triggers``) and from ``bdsan scan`` run here on the fit split (``scan=auto``: unless the audit found a
+trigger at backdoor strength, net ASR ≥ 0.9 — a natural flip of a clean model, 0.5–0.6, once kept the scan from
+running on a backdoor the suite does not know; ``scan=if-none`` is the earlier rule) — its reconstructed triggers
+of anomalous classes, or, when it flags none and the audit flagged nothing, the most suspicious class's.
 Never the real trigger. ``scan_wave`` (default on): that scan searches the wave kind too, and a class's best plane
 wave is stamped where it flagged the class — on an 86% CIFAR-10 model with a row sine the suite does not know,
 unlearn without it left 81.2% ASR, with it 2.6% at −0.7 points (BENCHMARKS.md "Unlearn with the scan's wave kind").
