@@ -275,10 +275,12 @@ def test_shifted_statistics_keep_the_delivered_ones_until_the_weights_change(toy
         get_method("fmp", bn="reestimate-shift")
 
 
-def test_bn_auto_keeps_the_statistics_only_when_every_trigger_toward_the_primary_target_is_a_patch(toy_poisoned):
-    """``bn=auto``: the primary target is the found trigger's that fires most above its untriggered rate; patches
-    only toward it → frozen statistics, lr 0.001, fine-tune even at the floor; a full-image trigger toward it →
-    the re-estimation as before. A full-image trigger toward another class does not decide."""
+def test_bn_auto_keeps_the_statistics_only_when_every_trigger_toward_the_primary_target_is_a_suite_patch(
+        toy_poisoned):
+    """``bn=auto``: the primary target is the found trigger's that fires most above its untriggered rate; suite
+    patches only toward it → frozen statistics, a calibrated lr, fine-tune even at the floor; a full-image trigger
+    or one only the scan found toward it → the re-estimation as before. A trigger toward another class does not
+    decide."""
     from bdsan.detectors.triggers import Trigger, get_trigger
     from bdsan.sanitize.unlearn import _target_rates
     from bdsan.train.fixtures import corner_square
@@ -300,6 +302,10 @@ def test_bn_auto_keeps_the_statistics_only_when_every_trigger_toward_the_primary
     assert (mixed["bn"], mixed["lr"], mixed["stop_at_floor"]) == ("reestimate-augmented", 0.01, True)
     explicit = settings(3, lr="0.005", stop_at_floor="true")
     assert (explicit["bn"], explicit["lr"], explicit["stop_at_floor"]) == ("frozen", 0.005, True)
+    triggers[0] = Trigger("planted", {"source": "scan", "kind": "patch"}, lambda x, **_: corner_square(x))
+    scanned = settings(3)  # the same patch, but only the scan found it: statistics re-estimated
+    assert (scanned["from_scan"], scanned["bn"], scanned["lr"], scanned["stop_at_floor"]) == (
+        ["planted"], "reestimate-augmented", 0.01, True)
     earlier = settings(3, bn="reestimate-augmented")
     assert (earlier["bn"], earlier["lr"], earlier["stop_at_floor"]) == ("reestimate-augmented", 0.01, True)
     assert "primary_target" not in earlier

@@ -83,10 +83,13 @@ def test_text_report_says_how_unlearn_treated_batchnorm_and_why():
 
     report = Report("sanitize")
     statistics = {"bn": "frozen", "lr": 0.00094, "stop_at_floor": False, "primary_target": 0,
-                  "toward_primary": ["badnets_grid"], "full_image": []}
+                  "toward_primary": ["badnets_grid"], "full_image": [], "from_scan": []}
     report.defense = {"method": "unlearn", "params": {"bn": "auto"}, "details": {"statistics": statistics}}
-    assert ("  BatchNorm statistics: frozen (every found trigger toward 0 is a patch); lr 0.00094; fine-tunes after "
-            "pruning at the floor\n") in render_sanitize_text(report)
+    assert ("  BatchNorm statistics: frozen (every found trigger toward 0 is a suite patch); lr 0.00094; fine-tunes "
+            "after pruning at the floor\n") in render_sanitize_text(report)
+    statistics.update(bn="reestimate-augmented", lr=0.01, stop_at_floor=True, from_scan=["scan_patch_class0"])
+    assert ("  BatchNorm statistics: reestimate-augmented (a trigger only the scan found points at 0: "
+            "scan_patch_class0); lr 0.01; stops after pruning at the floor\n") in render_sanitize_text(report)
     statistics.update(bn="reestimate-augmented", lr=0.01, stop_at_floor=True, full_image=["blend_noise"])
     assert ("  BatchNorm statistics: reestimate-augmented (a full-image trigger points at 0: blend_noise); lr 0.01; "
             "stops after pruning at the floor\n") in render_sanitize_text(report)
