@@ -423,7 +423,7 @@ def _statistics_line(statistics: dict, names: list[str] | None) -> str:
     if "primary_target" in statistics:
         target = _class_label(statistics["primary_target"], names)
         full = statistics.get("full_image") or []
-        scanned = [name for name in statistics.get("from_scan") or [] if name not in full]
+        scanned = statistics.get("from_scan") or []
         why = (f" (a full-image trigger points at {target}: {', '.join(full)})" if full
                else f" (a trigger only the scan found points at {target}: {', '.join(scanned)})" if scanned
                else f" (every found trigger toward {target} is a suite patch)")

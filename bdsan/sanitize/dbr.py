@@ -3,11 +3,12 @@
 bdsan gets no training set, so the SD module has nothing to rank. Instead the suspects are synthesised: every trigger
 the fit-split audit flagged (net ASR ≥ 0.5; ``ctx.known_triggers``), and — with ``scan=auto``, unless one reached
 backdoor strength (net ASR ≥ 0.9) — the scan's reconstructions, stamped on fit images of other classes and labelled
-with the trigger's target (what a poisoned training sample carries). Full-image triggers (blends, SIG) are stamped at a strength drawn per image from
-``strength_min``–``strength_max`` (default 0.5–1.5: a 0.2 blend between alpha 0.1 and 0.3, §3b.2), patches (suite
-and reconstructed) shifted by up to ``jitter`` px (±2, §3b.2). On the toy model, whose real trigger sits one pixel
-from the suite's ``badnets_square``, ascent on the exact square took the square's ASR to 6% on fit-val while the real
-trigger's stayed at 49% (tests/test_dbr.py); shifted variants are what makes the proxy reach the real trigger.
+with the trigger's target (what a poisoned training sample carries). Full-image triggers (blends, SIG) are stamped at a
+strength drawn per image from ``strength_min``–``strength_max`` (default 0.5–1.5: a 0.2 blend between alpha 0.1 and 0.3,
+§3b.2), patches (suite and reconstructed) shifted by up to ``jitter`` px (±2, §3b.2). On the toy model, whose real
+trigger sits one pixel from the suite's ``badnets_square``, ascent on the exact square took the square's ASR to 6% on
+fit-val while the real trigger's stayed at 49% (tests/test_dbr.py); shifted variants are what makes the proxy reach the
+real trigger.
 
 Every epoch (20; lr 1e-4 constant; SGD momentum 0.9, wd 5e-4, batch 128, crop + flip):
 1. **unlearn** — one pass over the suspects: ``mode=ascent`` steps on −CE(f(x̃), target) (the paper's gradient

@@ -309,11 +309,11 @@ class FMP:
     after every step, BN β and conv bias zeroed too), and — bdsan's addition, ALGORITHMS §7.9 — the triggers the
     pipeline's fit-split audit flagged (``ctx.known_triggers``) stamped on ``known_trigger_fraction`` of every
     fine-tuning batch with their true labels; unless the audit flagged one at backdoor strength (net ASR ≥ 0.9),
-    ``scan=auto`` also reverse-engineers triggers on the fit images (``bdsan scan``) and uses those. ``recipe="paper"``: the release's 32-image
-    ranking, a one-time zeroing of conv slice and BN γ only (fine-tuning may regrow them), no trigger knowledge,
-    no scan. Fields set to None take the recipe's value. ``bn_stamped``: BN statistics re-estimated from batches
-    stamped like the fine-tuning batches (measured: SIG 8.8% ASR at −2.1 points, rolled back by the verify guard →
-    3.7% at −0.5; blend 4.1% at −1.0; BENCHMARKS.md "BatchNorm statistics of stamped batches").
+    ``scan=auto`` also reverse-engineers triggers on the fit images (``bdsan scan``) and uses those. ``recipe="paper"``:
+    the release's 32-image ranking, a one-time zeroing of conv slice and BN γ only (fine-tuning may regrow them), no
+    trigger knowledge, no scan. Fields set to None take the recipe's value. ``bn_stamped``: BN statistics re-estimated
+    from batches stamped like the fine-tuning batches (measured: SIG 8.8% ASR at −2.1 points, rolled back by the verify
+    guard → 3.7% at −0.5; blend 4.1% at −1.0; BENCHMARKS.md "BatchNorm statistics of stamped batches").
     ``rank="triggers"``: rank channels by how strongly the found triggers (audit, else scan) excite them
     (:func:`trigger_response`) instead of by FGSM; FGSM when no trigger was found. ``scan_wave``: the scan also
     searches the wave kind and a flagged class's plane wave is stamped (row-sine models: 98.1% → 5.1% and

@@ -15,8 +15,8 @@ from .context import Context
 SCAN_MODES = ("auto", "if-none", "always", "never")
 FULL_IMAGE_PIXELS = 0.25  # a trigger that changes at least this share of the pixels is a full-image one (blend, SIG)
 # scan=auto skips the scan only when the fit audit flagged a trigger this strong (net ASR): the suite triggers that
-# matched a planted backdoor scored 0.978–0.988 on the CPU benchmark models, natural flips of clean 86% models (a noise
-# blend to frog) 0.50–0.60 — one of those kept the scan from running on a backdoor the suite does not know
+# matched a planted backdoor scored 0.978–0.988 on the CPU benchmark models, natural flips of clean 86% models (a
+# noise blend to frog) 0.50–0.60 — one of those kept the scan from running on a backdoor the suite does not know
 SCAN_SKIP_NET_ASR = 0.9
 
 
@@ -173,12 +173,15 @@ def is_full_image(trigger, example: torch.Tensor) -> bool:
     """Is ``trigger`` a full-image one (a blend, SIG): the scan's blend reconstructions, or a trigger that changes at
     least ``FULL_IMAGE_PIXELS`` of ``example``'s pixels (a reconstructed patch's soft mask touches every pixel a
     little, so the scan's own ``kind`` decides for those)."""
-    params = getattr(trigger, "params", None) or {}
-    if params.get("source") == "scan":
-        return params.get("kind") != "patch"
+    if found_by_scan(trigger):
+        return trigger.params.get("kind") != "patch"
     return bool((trigger.apply(example) != example).any(dim=1).float().mean() >= FULL_IMAGE_PIXELS)
 
 
+def found_by_scan(trigger) -> bool:
+    """Is ``trigger`` one of the scan's reconstructions (not a suite trigger the audit flagged)?"""
+    return (getattr(trigger, "params", None) or {}).get("source") == "scan"
+
+
 def _is_reconstructed(trigger, kind: str) -> bool:
-    params = getattr(trigger, "params", None) or {}
-    return params.get("source") == "scan" and params.get("kind") == kind
+    return found_by_scan(trigger) and trigger.params.get("kind") == kind

@@ -79,7 +79,8 @@ where re-estimation was inside it on one, but left a development row sine at 4.1
 So ``bn=auto`` (default) decides per model (``_settings``): frozen statistics when every found trigger toward the
 primary target (the one whose trigger fires most above its untriggered rate) is a patch of the suite that the fit
 audit flagged, else the re-estimation above — for a patch only the scan found, frozen statistics left more of the
-real patch on three models (development 5.0% against 3.4%; 4.18 / 3.71%, 4.07 / 3.82% on two fresh ones). With frozen statistics ``lr=auto`` is calibrated (``frozen_statistics_lr``: the lr at which one step moves
+real patch on four models (development 5.0% against 3.4%; fresh 4.18 / 3.71%, 4.07 / 3.82%, 3.13 / 2.93%).
+With frozen statistics ``lr=auto`` is calibrated (``frozen_statistics_lr``: the lr at which one step moves
 the median conv layer by 1e-4 of its norm; without batch statistics that distance depends on the model — 17× more
 on the 86% CPU models than on the toy test model at the same lr) and ``stop_at_floor=auto`` fine-tunes after
 pruning even at the floor (BENCHMARKS.md "BatchNorm statistics by trigger kind"). ``bn=reestimate-augmented`` gives
@@ -103,11 +104,12 @@ from torch import nn
 from ..device import channels_last, check_precision, precision_autocast, training_bf16
 from ..io.data import Holdout, to_float
 from ..train.augment import augment_batch
-from ..train.loop import freeze_batchnorm, predict
+from ..train.loop import predict
 from .batchnorm import ShiftedStatistics, check_bn_mode, checkpoint_bn, set_training
 from .context import Context, DefenseResult
 from .fmp import ChannelMask, class_balanced_batch, conv_bn_pairs, select_channels, trigger_response
 from .found_triggers import (
+    found_by_scan,
     gather_triggers,
     is_full_image,
     neighbour_waves,
@@ -236,7 +238,8 @@ class Unlearn:
     def run(self, model: nn.Module, fit: Holdout, ctx: Context) -> DefenseResult:
         started = time.perf_counter()
         model = model.to(ctx.device).eval()
-        train, fit_val = ctx.fit_val_split(fit.to(ctx.device), self.fit_val_fraction)
+        fit = fit.to(ctx.device)
+        train, fit_val = ctx.fit_val_split(fit, self.fit_val_fraction)
         timings: dict[str, float] = {}
         scan_started = time.perf_counter()
         triggers, sources, scan_summary = gather_triggers(model, train, ctx, self.scan, self.scan_steps,
@@ -263,7 +266,6 @@ class Unlearn:
         details["suspected_targets"] = suspected
         details["stamped_triggers"] = [t.name for t in stamped]
         teacher = frozen_copy(model) if self.regularizer == "distill" or self.stamped_loss == "consistency" else None
-        fit = fit.to(ctx.device)
         floors = _target_rates(model, fit, triggers, targets, ctx.batch_size, stamped=False)
         settings = self._settings(model, fit, train, triggers, targets, floors, ctx.batch_size)
         details["statistics"] = settings
@@ -329,7 +331,7 @@ class Unlearn:
             example = to_float(train.x[:8] if len(train) else fit.x[:8])
             toward = [t for t in triggers if targets.get(t.name) == primary]
             full = [t.name for t in toward if is_full_image(t, example)]
-            scanned = [t.name for t in toward if (getattr(t, "params", None) or {}).get("source") == "scan"]
+            scanned = [t.name for t in toward if found_by_scan(t)]
             bn = "frozen" if not full and not scanned else "reestimate-augmented"
             out |= {"primary_target": primary, "toward_primary": [t.name for t in toward], "full_image": full,
                     "from_scan": scanned}
@@ -516,8 +518,7 @@ def frozen_statistics_lr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cap
     ``cap``. Without batch statistics the weights are no longer scale-free, and how far a step moves them depends
     on the model: at lr 0.01 the first step was 1e-3 of the norm on the 86% CPU benchmark models (which diverged
     there; at lr 0.001 they did not) and 6e-5 on the toy test model (where lr 0.001 left 41% ASR)."""
-    model.train()
-    freeze_batchnorm(model)
+    set_training(model, "frozen")
     model.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
     ratios = [float(m.weight.grad.norm() / norm) for m in model.modules()
