@@ -12,11 +12,13 @@ from scan_helpers import UNKNOWN_TARGET
 
 from bdsan.cli import SCAN_PRECISIONS
 from bdsan.detectors.scan import (
+    KEY_MASK_CUTOFF,
     ScanSettings,
     _anomaly_index,
     _plane_waves,
     anomalous_triggers,
     edge_ratios,
+    further_patch_keys,
     kind_verdict,
     plane_wave_trigger,
     scan,
@@ -304,3 +306,25 @@ def test_the_blend_kind_has_its_own_size_test():
     settings = ScanSettings(max_norm_ratio=0.3, blend_max_norm_ratio=0.75)
     assert kind_verdict(norms, flips, settings, kind="blend")[1].tolist() == [True] + [False] * 9
     assert not kind_verdict(norms, flips, settings, kind="patch")[1].any()  # the patch kind keeps 0.3
+
+
+def test_further_keys_avoid_the_first_reconstruction_and_flip_toward_its_class(unknown_patch_toy, unknown_patch_scan):
+    first = next(t for t in anomalous_triggers(unknown_patch_scan) if t.params["kind"] == "patch")
+    keys = further_patch_keys(unknown_patch_toy.model, unknown_patch_toy.holdout, first, 2, steps=SCAN_STEPS, seed=0,
+                              device="cpu")
+    assert len(keys) == 2 and [k.params["key"] for k in keys] == [1, 2]
+    assert all(k.params["target"] == TARGET and k.params["source"] == "scan" for k in keys)
+    barred = first.fn.parts["mask"][0, 0] >= KEY_MASK_CUTOFF
+    holdout = unknown_patch_toy.holdout
+    x = holdout.x[holdout.y != TARGET].float().div(255)
+    for index, key in enumerate(keys):
+        mask = key.fn.parts["mask"][0, 0]
+        assert float(mask[barred].max()) == 0.0  # never on the pixels the first reconstruction covers
+        if index:
+            assert float(mask[keys[0].fn.parts["mask"][0, 0] >= KEY_MASK_CUTOFF].max()) == 0.0
+        # near the real trigger (rows/cols 0–3, a receptive-field margin), not anywhere on the image
+        rows, cols = torch.nonzero(mask >= 0.5 * mask.max(), as_tuple=True)
+        assert float(((rows < 8) & (cols < 8)).float().mean()) >= 0.75, (rows.tolist(), cols.tolist())
+        with torch.no_grad():
+            predicted = unknown_patch_toy.model.normalized()(key.apply(x)).argmax(1)
+        assert float((predicted == TARGET).float().mean()) >= 0.5

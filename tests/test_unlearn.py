@@ -360,3 +360,20 @@ def test_scan_auto_runs_unless_the_audit_flagged_a_backdoor_strength_trigger(mon
     assert scanned("always", 0.98) and not scanned("never", 0.55)
     with pytest.raises(Exception, match="scan must be auto"):
         get_method("unlearn", scan="sometimes")
+
+
+def test_scan_keys_add_further_patches_toward_the_flagged_class():
+    """``scan_keys``: after the fit-split scan, each found patch brings up to that many further keys toward its class
+    (the scan's own triggers first, the keys after them); they are stamped and pruned by like the first."""
+    from bdsan.sanitize.found_triggers import scan_fit_split
+
+    toy = scan_helpers.unknown_patch_toy()
+    fit, _ = split_holdout(toy.holdout, 0.5, 0)
+    ctx = Context(device=torch.device("cpu"), seed=0, batch_size=256)
+    model = copy.deepcopy(toy.model).normalized()
+    plain, _ = scan_fit_split(model, fit, ctx, steps=150)
+    found, summary = scan_fit_split(model, fit, ctx, steps=150, keys=1)
+    patches = [t for t in plain if t.params["kind"] == "patch"]
+    assert patches and [t.name for t in found[:len(plain)]] == [t.name for t in plain]
+    assert [t.name for t in found[len(plain):]] == [f"{t.name}_key1" for t in patches] == summary["keys"]["found"]
+    assert all(t.params["target"] == scan_helpers.UNKNOWN_TARGET for t in found[len(plain):])

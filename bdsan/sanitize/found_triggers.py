@@ -40,14 +40,15 @@ def audit_found_backdoor(ctx: Context) -> bool:
 
 
 def gather_triggers(model: nn.Module, train: Holdout, ctx: Context, mode: str, steps: int,
-                    all_classes: bool = False, wave: bool = False) -> tuple[list, list[dict], dict | None]:
+                    all_classes: bool = False, wave: bool = False, keys: int = 0
+                    ) -> tuple[list, list[dict], dict | None]:
     """(triggers, where each came from, scan summary or None): the audit's, then the scan's when ``mode`` says
     (``scan_mode``)."""
     triggers = list(ctx.known_triggers)
     sources = [{"name": t.name, "source": "audit"} for t in triggers]
     summary = None
     if mode == "always" or (mode == "auto" and not audit_found_backdoor(ctx)) or (mode == "if-none" and not triggers):
-        found, summary = scan_fit_split(model, train, ctx, steps, all_classes, wave)
+        found, summary = scan_fit_split(model, train, ctx, steps, all_classes, wave, keys)
         triggers += found
         sources += [{"name": t.name, "source": "scan", "target": t.params["target"], "kind": t.params["kind"]}
                     for t in found]
@@ -55,15 +56,16 @@ def gather_triggers(model: nn.Module, train: Holdout, ctx: Context, mode: str, s
 
 
 def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, all_classes: bool = False,
-                   wave: bool = False) -> tuple[list, dict]:
+                   wave: bool = False, keys: int = 0) -> tuple[list, dict]:
     """Run the scan on fit images; return its reconstructed triggers worth using and a summary.
 
     Without ``all_classes``: the anomalous classes' triggers, or — when none is anomalous and the audit knew no
     trigger — the most suspicious class's (a weak scan signal is still the best lead a small holdout gives).
     ``wave``: search the scan's ``wave`` kind too; a class's best plane wave is used only where it flagged the
-    class (every class has a best wave, most of them mean nothing).
+    class (every class has a best wave, most of them mean nothing). ``keys``: for each patch among them, up to
+    that many further patches toward its class on pixels it does not cover (``further_patch_keys``).
     """
-    from ..detectors.scan import OPTIMISED_KINDS, anomalous_triggers, scan, scan_section
+    from ..detectors.scan import OPTIMISED_KINDS, anomalous_triggers, further_patch_keys, scan, scan_section
 
     started = time.perf_counter()
     loaded = from_module(model, "module", train.num_classes, Preprocessing(), list(train.classes))
@@ -80,12 +82,21 @@ def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, a
         found = anomalous_triggers(result)
         if not found and not ctx.known_triggers and result["suspected_target"] is not None:
             found = [t for t in usable if t.params["target"] == result["suspected_target"]]
+    if keys > 0:
+        keys_started = time.perf_counter()
+        found += [key for trigger in found if trigger.params["kind"] == "patch"
+                  for key in further_patch_keys(loaded, train, trigger, keys, steps=steps, device=ctx.device,
+                                                seed=ctx.seed)]
+        model.eval()
     section = scan_section(result)
     summary = {k: section[k] for k in ("suspected_target", "anomalous", "anomalous_classes", "anomalous_kinds",
                                        "anomaly_index", "flip_rate", "mask_l1", "steps_run", "time_s")
                if k in section}
     if wave:
         summary["wave"] = {k: section["wave"][k] for k in ("flip_rate", "wave", "edge_ratio", "scrambled_flip_rate")}
+    if keys > 0:
+        summary["keys"] = {"found": [t.name for t in found if "key" in t.params],
+                           "seconds": round(time.perf_counter() - keys_started, 3)}
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return found, summary
 

@@ -16,7 +16,11 @@ unlearn without it left 81.2% ASR, with it 2.6% at −0.7 points (BENCHMARKS.md 
 (the scan searches at 32/255; a trigger may be stronger); ``=2`` lowered the ASR on two fresh row-sine models (8.9 →
 5.4%, 3.4 → 2.0%) but cost 1.2 and 0.7 more CA points, so it stays off. ``wave_neighbours`` (0): the wave is also
 stamped one (N) periods either side; it left more of the sine on two 86% development models (BENCHMARKS.md
-"Unlearn's wave at more than the scan's amplitude").
+"Unlearn's wave at more than the scan's amplitude"). ``scan_keys`` (0, opt-in): for each patch that scan found, up to
+that many further reconstructions toward its class on pixels the earlier ones do not cover
+(``further_patch_keys``): a network backdoored with a random-colour patch answered 3-pixel parts of it at many
+positions, and the first reconstruction was one of them, beside the real patch; with four keys a development model
+kept 3.0% of it instead of 3.4% (BENCHMARKS.md "Keys of a patch the suite does not know").
 
 **Pruning first** (``prune_ratio``, default 1/64 of each conv layer's channels, hard: zeroed and kept at zero): the
 channels the found triggers excite most (FMP's ``rank=triggers`` ranking on ``prune_images`` class-balanced fit
@@ -156,6 +160,7 @@ class Unlearn:
     scan_steps: int = 300
     scan_all_classes: bool = False
     scan_wave: bool = True
+    scan_keys: int = 0
     wave_phase: str = "random"
     wave_strength_min: float = 1.0
     wave_strength_max: float = 1.0
@@ -198,8 +203,8 @@ class Unlearn:
             raise ValueError("need 0 < strength_min ≤ strength_max")
         if not 0 < self.wave_strength_min <= self.wave_strength_max:
             raise ValueError("need 0 < wave_strength_min ≤ wave_strength_max")
-        if self.wave_neighbours < 0:
-            raise ValueError("wave_neighbours must be ≥ 0")
+        if self.wave_neighbours < 0 or self.scan_keys < 0:
+            raise ValueError("wave_neighbours and scan_keys must be ≥ 0")
         if not 0.0 <= self.prune_ratio < 1.0 or self.prune_images < 1:
             raise ValueError("need 0 ≤ prune_ratio < 1 and prune_images ≥ 1")
         if self.prune_schedule not in PRUNE_SCHEDULES:
@@ -243,7 +248,7 @@ class Unlearn:
         timings: dict[str, float] = {}
         scan_started = time.perf_counter()
         triggers, sources, scan_summary = gather_triggers(model, train, ctx, self.scan, self.scan_steps,
-                                                          self.scan_all_classes, self.scan_wave)
+                                                          self.scan_all_classes, self.scan_wave, self.scan_keys)
         if scan_summary is not None:
             timings["scan"] = round(time.perf_counter() - scan_started, 3)
         guard = FitValGuard(fit_val, ctx.max_acc_drop, ctx.batch_size)
