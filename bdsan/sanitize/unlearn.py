@@ -20,7 +20,8 @@ stamped one (N) periods either side; it left more of the sine on two 86% develop
 that many further reconstructions toward its class on pixels the earlier ones do not cover
 (``further_patch_keys``): a network backdoored with a random-colour patch answered 3-pixel parts of it at many
 positions, and the first reconstruction was one of them, beside the real patch; with four keys a development model
-kept 3.0% of it instead of 3.4% (BENCHMARKS.md "Keys of a patch the suite does not know").
+kept 3.0% of it instead of 3.4%, but on two fresh models 1.67% / 1.33% against the default's 1.72% / 1.24%, for
+1.00 / 0.38 CA points against 0.59 / 0.35 (BENCHMARKS.md "Keys of a patch the suite does not know"), so it stays off.
 
 **Pruning first** (``prune_ratio``, default 1/64 of each conv layer's channels, hard: zeroed and kept at zero): the
 channels the found triggers excite most (FMP's ``rank=triggers`` ranking on ``prune_images`` class-balanced fit
