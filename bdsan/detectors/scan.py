@@ -344,8 +344,9 @@ def further_patch_keys(model: LoadedModel, holdout: Holdout, trigger, count: int
     """Up to ``count`` more patch triggers toward the class of the reconstructed patch ``trigger``, each barred
     from the pixels the earlier ones cover (mask ≥ ``KEY_MASK_CUTOFF``), optimised one at a time on ``holdout``'s
     images of other classes with the scan's size penalty and schedule. A convolutional network backdoored with a
-    4×4 random-colour patch answered 3-pixel parts of it at many positions (five disjoint keys, each flipping
-    84–88% of held-out images, on an 86% CIFAR-10 model: BENCHMARKS.md "Keys of a patch the suite does not know");
+    4×4 random-colour patch answered 3-pixel fragments of its colours at many positions (five further keys of 3–4
+    px, each sending 81–89% of development images to the target, on an 86% CIFAR-10 model: BENCHMARKS.md "Keys of a
+    patch the suite does not know");
     one reconstruction covers one of them. Stops early at the first key that never reaches the success rate."""
     cfg = ScanSettings(steps=steps)
     device = resolve_device(device)
