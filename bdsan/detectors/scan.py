@@ -348,6 +348,8 @@ def further_patch_keys(model: LoadedModel, holdout: Holdout, trigger, count: int
     px, each sending 81–89% of development images to the target, on an 86% CIFAR-10 model: BENCHMARKS.md "Keys of a
     patch the suite does not know");
     one reconstruction covers one of them. Stops early at the first key that never reaches the success rate."""
+    from .triggers import Trigger
+
     cfg = ScanSettings(steps=steps)
     device = resolve_device(device)
     bf16 = wants_bf16(device, precision)
@@ -369,9 +371,8 @@ def further_patch_keys(model: LoadedModel, holdout: Holdout, trigger, count: int
                 if found is None:
                     break
                 allowed = allowed * (found["mask"] < KEY_MASK_CUTOFF).float()
-                params = dict(trigger.params) | {"key": index + 1}
-                keys.append(type(trigger)(f"{trigger.name}_key{index + 1}", params,
-                                          _ReconstructedTrigger("patch", found)))
+                keys.append(Trigger(f"{trigger.name}_key{index + 1}", dict(trigger.params) | {"key": index + 1},
+                                    _ReconstructedTrigger("patch", found)))
     finally:
         for p, flag in zip(net.parameters(), requires_grad):
             p.requires_grad_(flag)
