@@ -44,10 +44,12 @@ measured 0.73 (BENCHMARKS.md, "Seeds 10 (development) and 11 (blind)").
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -183,6 +185,22 @@ def _torch_classifier(model: LoadedModel, device: torch.device) -> torch.nn.Modu
     return net
 
 
+@contextlib.contextmanager
+def _frozen_classifier(model: LoadedModel, device: torch.device) -> Iterator[torch.nn.Module]:
+    """The model's normalised network in eval mode with channels_last weights and no parameter gradients (only the
+    triggers are optimised); its parameters' ``requires_grad`` and layout are given back afterwards."""
+    net = _torch_classifier(model, device)
+    requires_grad = [p.requires_grad for p in net.parameters()]
+    for p in net.parameters():
+        p.requires_grad_(False)
+    try:
+        with channels_last(net):
+            yield net
+    finally:
+        for p, flag in zip(net.parameters(), requires_grad):
+            p.requires_grad_(flag)
+
+
 def scan(model: LoadedModel, holdout: Holdout, *, steps: int = 200, batch_size: int = 256, device=None,
          seed: int = 0, progress=None, sample_images: int = 8, **settings) -> dict:
     """Reverse-engineer one trigger per class and kind and flag classes whose trigger is anomalous.
@@ -208,28 +226,20 @@ def scan(model: LoadedModel, holdout: Holdout, *, steps: int = 200, batch_size: 
     if len(holdout) < 2 * num_classes:
         raise DataError(f"scan needs at least 2 holdout images per class; got {len(holdout)} for {num_classes}")
     opt, held = _split_for_scan(holdout, cfg.eval_fraction, seed)
-    net = _torch_classifier(model, device)
-    requires_grad = [p.requires_grad for p in net.parameters()]
-    for p in net.parameters():
-        p.requires_grad_(False)
     optimised = tuple(kind for kind in cfg.kinds if kind in OPTIMISED_KINDS)
-    try:
-        with channels_last(net):
-            if optimised:
-                bank, trace = _optimise(net, opt, num_classes, replace(cfg, kinds=optimised), batch_size, seed,
-                                        device, progress, bf16)
-            else:
-                bank, trace = {}, {"steps_run": 0, "reached_success": []}
-            if "wave" in cfg.kinds:
-                bank["wave"], trace["wave"] = _wave_search(net, opt, num_classes, cfg, batch_size, device, bf16)
-            flip = {kind: _flip_rates(net, bank[kind], kind, held, num_classes, batch_size, device, bf16)
-                    for kind in cfg.kinds}
-            if "wave" in cfg.kinds:
-                trace["wave"]["scrambled_flip_rate"] = scrambled_flip_rates(
-                    net, bank["wave"]["delta"], held, num_classes, batch_size, device, bf16, seed)
-    finally:
-        for p, flag in zip(net.parameters(), requires_grad):
-            p.requires_grad_(flag)
+    with _frozen_classifier(model, device) as net:
+        if optimised:
+            bank, trace = _optimise(net, opt, num_classes, replace(cfg, kinds=optimised), batch_size, seed,
+                                    device, progress, bf16)
+        else:
+            bank, trace = {}, {"steps_run": 0, "reached_success": []}
+        if "wave" in cfg.kinds:
+            bank["wave"], trace["wave"] = _wave_search(net, opt, num_classes, cfg, batch_size, device, bf16)
+        flip = {kind: _flip_rates(net, bank[kind], kind, held, num_classes, batch_size, device, bf16)
+                for kind in cfg.kinds}
+        if "wave" in cfg.kinds:
+            trace["wave"]["scrambled_flip_rate"] = scrambled_flip_rates(
+                net, bank["wave"]["delta"], held, num_classes, batch_size, device, bf16, seed)
     trace["bf16"] = bf16
     result = _verdict(bank, flip, cfg, holdout, model, opt, held, trace)
     result["reconstructed"] = _make_triggers(bank, result, cfg)
@@ -346,8 +356,8 @@ def further_patch_keys(model: LoadedModel, holdout: Holdout, trigger, count: int
     images of other classes with the scan's size penalty and schedule. A convolutional network backdoored with a
     4×4 random-colour patch answered 3-pixel fragments of its colours at many positions (five further keys of 3–4
     px, each sending 81–89% of development images to the target, on an 86% CIFAR-10 model: BENCHMARKS.md "Keys of a
-    patch the suite does not know");
-    one reconstruction covers one of them. Stops early at the first key that never reaches the success rate."""
+    patch the suite does not know"); one reconstruction covers one of them. Stops at the first key that never
+    reaches the success rate."""
     from .triggers import Trigger
 
     cfg = ScanSettings(steps=steps)
@@ -358,24 +368,16 @@ def further_patch_keys(model: LoadedModel, holdout: Holdout, trigger, count: int
     others = others.subset(torch.nonzero(others.y != target).flatten())
     if not len(others):
         return []
-    net = _torch_classifier(model, device)
-    requires_grad = [p.requires_grad for p in net.parameters()]
-    for p in net.parameters():
-        p.requires_grad_(False)
     allowed = (trigger.fn.parts["mask"].to(device) < KEY_MASK_CUTOFF).float()
     keys = []
-    try:
-        with channels_last(net):
-            for index in range(count):
-                found = _optimise_key(net, others, target, allowed, cfg, images_per_step, seed + 1 + index, bf16)
-                if found is None:
-                    break
-                allowed = allowed * (found["mask"] < KEY_MASK_CUTOFF).float()
-                keys.append(Trigger(f"{trigger.name}_key{index + 1}", dict(trigger.params) | {"key": index + 1},
-                                    _ReconstructedTrigger("patch", found)))
-    finally:
-        for p, flag in zip(net.parameters(), requires_grad):
-            p.requires_grad_(flag)
+    with _frozen_classifier(model, device) as net:
+        for index in range(count):
+            found = _optimise_key(net, others, target, allowed, cfg, images_per_step, seed + 1 + index, bf16)
+            if found is None:
+                break
+            allowed = allowed * (found["mask"] < KEY_MASK_CUTOFF).float()
+            keys.append(Trigger(f"{trigger.name}_key{index + 1}", dict(trigger.params) | {"key": index + 1},
+                                _ReconstructedTrigger("patch", found)))
     return keys
 
 
@@ -385,11 +387,8 @@ def _optimise_key(net, others: Holdout, target: int, allowed: torch.Tensor, cfg:
     flipped ``cfg.success`` of a batch (as measured), or None when none did."""
     device = allowed.device
     generator = torch.Generator().manual_seed(seed)
-    channels, height, width = others.x.shape[1:]
-    mask_logit = (torch.full((1, 1, height, width), cfg.mask_init)
-                  + 0.1 * torch.randn(1, 1, height, width, generator=generator)).to(device).requires_grad_()
-    pattern_logit = (2.0 * torch.randn(1, channels, height, width, generator=generator)).to(device).requires_grad_()
-    optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=cfg.lr, betas=(0.5, 0.9))
+    bank = _TriggerBank(("patch",), 1, tuple(others.x.shape[1:]), cfg.blend_epsilon, cfg.mask_init, generator, device)
+    optimizer = torch.optim.Adam(bank.tensors(), lr=cfg.lr, betas=(0.5, 0.9))
     cost = torch.full((1,), cfg.init_cost, device=device)
     up = torch.zeros(1, dtype=torch.long, device=device)
     down = torch.zeros(1, dtype=torch.long, device=device)
@@ -397,7 +396,8 @@ def _optimise_key(net, others: Holdout, target: int, allowed: torch.Tensor, cfg:
     labels = torch.full((min(images_per_step, len(others)),), target, device=device)
     for step in range(1, cfg.steps + 1):
         x = to_float(others.x[torch.randint(len(others), (len(labels),), generator=generator).to(device)])
-        mask, pattern = torch.sigmoid(mask_logit) * allowed, torch.sigmoid(pattern_logit)
+        parts = bank.parts("patch")
+        mask, pattern = parts["mask"] * allowed, parts["pattern"]
         with precision_autocast(device, bf16):
             logits = net((1 - mask) * x + mask * pattern).float()
         norm = mask.mean()
