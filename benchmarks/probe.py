@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache", default=".cache/bdsan-bench")
     parser.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
                         help="also measure ASR with the attack's trigger at other parameter values, e.g. alpha=0.1,0.3")
+    parser.add_argument("--known-trigger", action="store_true",
+                        help="diagnosis: the attack's own trigger joins the suite the pipeline audits, as a user's "
+                             "--trigger-image would (an upper bound for what a found trigger can give)")
     parser.add_argument("--details", action="store_true", help="print the defense's details (epochs, triggers)")
     parser.add_argument("--prune-curve", action="store_true",
                         help="with unlearn's prune_schedule=fewest: measure every count of channels, 1 to all")
@@ -94,18 +97,23 @@ def main(argv: list[str] | None = None) -> dict:
     trajectory = _watch_guard(lambda model: attack_metrics(model, x_dev, y_dev, attack, data.num_classes)) \
         if args.per_epoch else None
     started = time.perf_counter()
-    report = sanitize(backdoored.model, backdoored.holdout, args.defense, params, None, seed=args.seed,
+    from bdsan.detectors.triggers import DEFAULT_SUITE
+
+    triggers = list(DEFAULT_SUITE) + [attack.build_trigger()] if args.known_trigger else None
+    report = sanitize(backdoored.model, backdoored.holdout, args.defense, params, None, seed=args.seed, triggers=triggers,
                       device=device, max_acc_drop=args.max_acc_drop, fit_fraction=args.fit_fraction,
                       progress=lambda *a: None)
     seconds = time.perf_counter() - started
     data_out = report.to_dict()
     result = {"attack": attack.label, "defense": args.defense, "params": params, "fit_fraction": args.fit_fraction, "seconds": round(seconds, 1),
+              "known_trigger": args.known_trigger,
               "before": dev(backdoored.model), "after": dev(report.defended),
               "rolled_back": bool((data_out["defense"].get("guard") or {}).get("rolled_back")),
               "selected": ((data_out["defense"].get("details") or {}).get("guard") or {}).get("selected")}
     if trajectory is not None:
         result["per_epoch"] = trajectory
-    print(json.dumps(json_safe({k: result[k] for k in ("attack", "defense", "params", "fit_fraction", "seconds", "rolled_back", "selected")})))
+    print(json.dumps(json_safe({k: result[k] for k in ("attack", "defense", "params", "known_trigger", "fit_fraction", "seconds",
+                                                  "rolled_back", "selected")})))
     for phase in ("before", "after"):
         m = result[phase]
         print(f"  dev {phase:6s}: CA {100 * m['ca']:.1f}  ASR {100 * m['asr']:.1f}  RA {100 * m['ra']:.1f}  "

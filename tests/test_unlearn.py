@@ -201,6 +201,10 @@ def test_pruning_is_enough_only_at_the_untriggered_floor():
     assert not _at_floor((0.100, 1000), (0.015, 1000))  # a tenth of the images still follow the trigger
     assert not _at_floor((0.040, 100), (0.0, 100))  # 4 of 100 against none: 2.04 SE, not at the floor
     assert not _at_floor((None, 0), (0.015, 1000)) and not _at_floor((0.0, 0), (0.0, 0))
+    # 5 of 225 against 2 of 225: 1.1 SE on 225 images, but 2.4 SE when the errors are taken on 1,000 images
+    assert _at_floor((5 / 225, 225), (2 / 225, 225), z=2.0)
+    assert not _at_floor((5 / 225, 225), (2 / 225, 225), z=2.0, se_images=1000)
+    assert _at_floor((0.020, 1125), (0.015, 1125), se_images=1000) == _at_floor((0.020, 1125), (0.015, 1125))
 
 
 @pytest.mark.parametrize("reference, expected", [("floor", 5), ("best", 10)])

@@ -31,8 +31,10 @@ share of stamped images of other classes predicted as the trigger's suspected ta
 standard errors of the input model's own rate into those targets without any trigger (``fewest_reference=floor``,
 default; ``best``: the lower of that floor and the rate all candidates pruned reach). Chosen on the development
 models; at a 1% holdout (~225 fit images, also the ranking images) the search is noisy and let too few channels
-pass on three of six evaluation models (BENCHMARKS.md "The fewest channels"). ``at-once`` zeroes all
-candidates. When the pruned model's rate is then within two standard errors of the floor,
+pass on three of six evaluation models (BENCHMARKS.md "The fewest channels"); ``floor_se_images`` (0 = off;
+experimental) computes the standard errors of both floor tests on at least that many images, so a small fit split
+does not widen the slack (1,000 leaves a 5% CIFAR-10 holdout, 1,125 non-target fit images, unchanged). ``at-once``
+zeroes all candidates. When the pruned model's rate is then within two standard errors of the floor,
 it is returned (``stop_at_floor``); otherwise the fine-tuning below runs from it (``stamp``: ``all`` found triggers
 stamped, or ``patches`` only). The guard judges the pruned state and every epoch by that target rate on fit-val
 (``objective=target-rate``; ``triggered-error``, the error on stamped images, was the objective before).
@@ -177,6 +179,7 @@ class Unlearn:
     prune_schedule: str = "fewest"
     fewest_z: float = 1.0
     fewest_reference: str = "floor"
+    floor_se_images: int = 0
     stop_at_floor: bool | str = "auto"
     stamp: str = "all"
     objective: str = "target-rate"
@@ -204,8 +207,8 @@ class Unlearn:
             raise ValueError("need 0 < strength_min ≤ strength_max")
         if not 0 < self.wave_strength_min <= self.wave_strength_max:
             raise ValueError("need 0 < wave_strength_min ≤ wave_strength_max")
-        if self.wave_neighbours < 0 or self.scan_keys < 0:
-            raise ValueError("wave_neighbours and scan_keys must be ≥ 0")
+        if self.wave_neighbours < 0 or self.scan_keys < 0 or self.floor_se_images < 0:
+            raise ValueError("wave_neighbours, scan_keys and floor_se_images must be ≥ 0")
         if not 0.0 <= self.prune_ratio < 1.0 or self.prune_images < 1:
             raise ValueError("need 0 ≤ prune_ratio < 1 and prune_images ≥ 1")
         if self.prune_schedule not in PRUNE_SCHEDULES:
@@ -283,7 +286,7 @@ class Unlearn:
             after = _mean_rate(rates)
             objective, objective_se = measure(model)
             accepted = guard.check(model, "pruned", objective=objective, objective_se=objective_se)
-            at_floor = _at_floor(after, floor)
+            at_floor = _at_floor(after, floor, se_images=self.floor_se_images)
             enough = settings["stop_at_floor"] and accepted and at_floor
             details["pruned"] |= {"target_rate_fit": after[0], "untriggered_rate_fit": floor[0], "n_fit": after[1],
                                   "at_floor": at_floor,
@@ -400,7 +403,7 @@ class Unlearn:
                 reference = min(floor, steps[count], key=lambda r: r[0])  # what pruning every candidate reaches
 
             def down(size: int) -> bool:
-                return _at_floor(rate(size), reference, self.fewest_z)
+                return _at_floor(rate(size), reference, self.fewest_z, self.floor_se_images)
 
             low, high = 0, count  # the rate is above the reference at `low`; `high` is the answer unless a smaller is
             for size in _doubling(count):
@@ -547,12 +550,15 @@ def _doubling(count: int) -> list[int]:
     return sizes + [count] if count else []
 
 
-def _at_floor(rate: tuple[float | None, int], floor: tuple[float | None, int], z: float = 2.0) -> bool:
+def _at_floor(rate: tuple[float | None, int], floor: tuple[float | None, int], z: float = 2.0,
+              se_images: int = 0) -> bool:
     """Is the pruned model's target rate with the triggers within ``z`` standard errors of the input model's rate
-    into the same targets without them (the rate no trigger removal goes below)?"""
+    into the same targets without them (the rate no trigger removal goes below)? ``se_images``: the standard
+    errors are computed on at least that many images, so a small fit split does not widen the slack."""
     (p, n), (f, m) = rate, floor
     if p is None or f is None or not n or not m or math.isnan(p) or math.isnan(f):
         return False
+    n, m = max(n, se_images), max(m, se_images)
     return p <= f + z * math.sqrt(p * (1 - p) / n + f * (1 - f) / m)
 
 
