@@ -20,7 +20,9 @@ from bdsan.detectors.scan import (
     edge_ratios,
     further_patch_keys,
     kind_verdict,
+    paste_at_random,
     plane_wave_trigger,
+    roaming_patch,
     scan,
     scan_section,
     scrambled_flip_rates,
@@ -328,3 +330,51 @@ def test_further_keys_avoid_the_first_reconstruction_and_flip_toward_its_class(u
         with torch.no_grad():
             predicted = unknown_patch_toy.model.normalized()(key.apply(x)).argmax(1)
         assert float((predicted == TARGET).float().mean()) >= 0.5
+
+
+def _colour_detector(strength: float) -> torch.nn.Module:
+    """5 classes; class 2's logit rises with the best match of a fixed 4×4 colour template anywhere in the image
+    (a position-invariant backdoor like a global-pooling CNN's), times ``strength`` (0: a model without one)."""
+    template = (torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(5)) > 0.5).float() * 2 - 1
+    conv = torch.nn.Conv2d(3, 1, 4, bias=False)
+    head = torch.nn.Linear(1, 5)
+    with torch.no_grad():
+        conv.weight.copy_(template[None])
+        head.weight.zero_()
+        head.weight[TARGET, 0] = strength
+        head.bias.copy_(torch.tensor([2.0, 2.0, 2.0 - 10.0 * strength, 2.0, 2.0]))
+    return torch.nn.Sequential(conv, torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(), head).eval()
+
+
+def test_roaming_patch_finds_a_position_invariant_backdoor_and_not_a_missing_one():
+    """A patch optimised at random positions toward a class: pasted anywhere, it sends nearly every image of a
+    model whose backdoor answers colours wherever they are to that class, and none of a model without one."""
+    from bdsan.io.models import from_module
+    from bdsan.io.preprocess import Preprocessing
+
+    generator = torch.Generator().manual_seed(1)
+    holdout = Holdout((torch.rand(64, 3, 16, 16, generator=generator) * 255).to(torch.uint8),
+                      torch.arange(64) % 5, [f"c{i}" for i in range(5)])
+    found = Trigger("scan_patch_c2", {"source": "scan", "kind": "patch", "target": TARGET}, lambda x, **_: x)
+    flips = []
+    for strength in (1.0, 0.0):
+        model = from_module(_colour_detector(strength), "module", 5, Preprocessing(), list(holdout.classes))
+        roam = roaming_patch(model, holdout, found, 4, steps=100, images_per_step=32, seed=0, device="cpu")
+        assert roam.name == "scan_patch_c2_roam" and roam.params["roam"] == 4 and roam.params["target"] == TARGET
+        x = holdout.x[holdout.y != TARGET].float().div(255)
+        stamped = roam.apply(x)
+        assert ((stamped != x).any(1).sum((1, 2)) <= 16).all()  # one 4×4 patch per image, nothing else
+        with torch.no_grad():
+            flips.append(float((model.module(stamped).argmax(1) == TARGET).float().mean()))
+    assert flips[0] >= 0.9 and flips[1] == 0.0, flips
+
+
+def test_paste_at_random_puts_the_patch_inside_the_image_and_is_differentiable():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.zeros(64, 3, 8, 8)
+    patch = torch.ones(3, 3, 3, requires_grad=True)
+    out = paste_at_random(x, patch, generator)
+    assert out.shape == x.shape and (out.sum((1, 2, 3)) == 27).all()
+    assert len({tuple(torch.nonzero(o[0])[0].tolist()) for o in out}) > 5  # positions vary between images
+    out.sum().backward()
+    assert float(patch.grad.sum()) == 64 * 27

@@ -366,18 +366,22 @@ def test_scan_auto_runs_unless_the_audit_flagged_a_backdoor_strength_trigger(mon
         get_method("unlearn", scan="sometimes")
 
 
-def test_scan_keys_add_further_patches_toward_the_flagged_class():
+def test_scan_keys_and_roam_add_further_patches_toward_the_flagged_class():
     """``scan_keys``: after the fit-split scan, each found patch brings up to that many further keys toward its class
-    (the scan's own triggers first, the keys after them); they are stamped and pruned by like the first."""
+    (the scan's own triggers first, the keys after them); ``scan_roam``: then one patch toward its class that is
+    stamped at random positions. They are stamped and pruned by like the first."""
     from bdsan.sanitize.found_triggers import scan_fit_split
 
     toy = scan_helpers.unknown_patch_toy()
     fit, _ = split_holdout(toy.holdout, 0.5, 0)
     ctx = Context(device=torch.device("cpu"), seed=0, batch_size=256)
     model = copy.deepcopy(toy.model).normalized()
-    found, summary = scan_fit_split(model, fit, ctx, steps=150, keys=1)
-    scanned = [t for t in found if "key" not in t.params]
+    found, summary = scan_fit_split(model, fit, ctx, steps=150, keys=1, roam=4)
+    scanned = [t for t in found if "key" not in t.params and "roam" not in t.params]
     patches = [t for t in scanned if t.params["kind"] == "patch"]
+    extra = found[len(scanned):]
     assert patches and found[:len(scanned)] == scanned  # the scan's own triggers first
-    assert [t.name for t in found[len(scanned):]] == [f"{t.name}_key1" for t in patches] == summary["keys"]["found"]
-    assert all(t.params["target"] == scan_helpers.UNKNOWN_TARGET for t in found[len(scanned):])
+    assert [t.name for t in extra] == ([f"{t.name}_key1" for t in patches] + [f"{t.name}_roam" for t in patches])
+    assert summary["keys"]["found"] == [f"{t.name}_key1" for t in patches]
+    assert [r["name"] for r in summary["roam"]["found"]] == [f"{t.name}_roam" for t in patches]
+    assert all(t.params["target"] == scan_helpers.UNKNOWN_TARGET for t in extra)

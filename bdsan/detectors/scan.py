@@ -381,6 +381,70 @@ def further_patch_keys(model: LoadedModel, holdout: Holdout, trigger, count: int
     return keys
 
 
+def roaming_patch(model: LoadedModel, holdout: Holdout, trigger, side: int, *, steps: int = 300,
+                  images_per_step: int = 64, device=None, seed: int = 0, precision: str = "auto"):
+    """A ``side``×``side`` patch toward the class of the reconstructed patch ``trigger`` whose colours are optimised
+    at a random position per image (``holdout``'s images of other classes, Adam on logits, cross-entropy to the
+    class), returned as a Trigger that pastes it at a random position per image. A network backdoored with a
+    random-colour patch answers a patch like this anywhere (two 86% CIFAR-10 models: 95.7% and 99.8% of the images
+    to the target, averaged over every position; a clean twin 3.5%: BENCHMARKS.md "The known-trigger bound"), where
+    the scan's smallest reconstruction covers a 3-pixel fragment at one place. ``flip`` in its params: the share of
+    the last 8 steps' images it sent to the class."""
+    from .triggers import Trigger
+
+    device = resolve_device(device)
+    bf16 = wants_bf16(device, precision)
+    target = int(trigger.params["target"])
+    others = holdout.to(device)
+    others = others.subset(torch.nonzero(others.y != target).flatten())
+    height, width = others.x.shape[-2:]
+    if not len(others) or side > min(height, width):
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    logits = (0.5 * torch.randn(others.x.shape[1], side, side, generator=generator)).to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([logits], lr=0.1)
+    batch = min(images_per_step, len(others))
+    labels = torch.full((batch,), target, device=device)
+    hits = []
+    with _frozen_classifier(model, device) as net:
+        for _ in range(steps):
+            x = to_float(others.x[torch.randint(len(others), (batch,), generator=generator).to(device)])
+            with precision_autocast(device, bf16):
+                out = net(paste_at_random(x, torch.sigmoid(logits), generator)).float()
+            loss = F.cross_entropy(out, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            hits.append(float((out.argmax(1) == labels).float().mean()))
+    patch = torch.sigmoid(logits).detach().cpu()
+    params = dict(trigger.params) | {"roam": side, "flip": round(sum(hits[-8:]) / len(hits[-8:]), 4)}
+    return Trigger(f"{trigger.name}_roam", params, _RoamingPatch(patch, seed))
+
+
+def paste_at_random(x: torch.Tensor, patch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``x`` (N×C×H×W) with ``patch`` (C×s×s) pasted at a random position per image (differentiable in ``patch``)."""
+    n, _, height, width = x.shape
+    side = patch.shape[-1]
+    top = torch.randint(0, height - side + 1, (n,), generator=generator).to(x.device)
+    left = torch.randint(0, width - side + 1, (n,), generator=generator).to(x.device)
+    offsets = torch.arange(side, device=x.device)
+    rows = (top[:, None] + offsets)[:, :, None].expand(n, side, side)
+    cols = (left[:, None] + offsets)[:, None, :].expand(n, side, side)
+    images = torch.arange(n, device=x.device)[:, None, None].expand(n, side, side)
+    values = patch.to(x.device, x.dtype).permute(1, 2, 0)[None].expand(n, side, side, -1)
+    return x.permute(0, 2, 3, 1).index_put((images, rows, cols), values).permute(0, 3, 1, 2)
+
+
+class _RoamingPatch:
+    """Callable ``fn(x)`` for a Trigger: pastes a fixed patch at a random position per image (seeded)."""
+
+    def __init__(self, patch: torch.Tensor, seed: int):
+        self.patch, self.generator = patch, torch.Generator().manual_seed(seed + 1)
+
+    def __call__(self, x: torch.Tensor, **_params) -> torch.Tensor:
+        return paste_at_random(x, self.patch, self.generator).contiguous()
+
+
 def _optimise_key(net, others: Holdout, target: int, allowed: torch.Tensor, cfg: ScanSettings, images_per_step: int,
                   seed: int, bf16: bool) -> dict[str, torch.Tensor] | None:
     """One patch trigger toward ``target`` whose mask is zero outside ``allowed`` (1×1×H×W): the smallest that

@@ -40,7 +40,7 @@ def audit_found_backdoor(ctx: Context) -> bool:
 
 
 def gather_triggers(model: nn.Module, train: Holdout, ctx: Context, mode: str, steps: int,
-                    all_classes: bool = False, wave: bool = False, keys: int = 0
+                    all_classes: bool = False, wave: bool = False, keys: int = 0, roam: int = 0
                     ) -> tuple[list, list[dict], dict | None]:
     """(triggers, where each came from, scan summary or None): the audit's, then the scan's when ``mode`` says
     (``scan_mode``)."""
@@ -48,7 +48,7 @@ def gather_triggers(model: nn.Module, train: Holdout, ctx: Context, mode: str, s
     sources = [{"name": t.name, "source": "audit"} for t in triggers]
     summary = None
     if mode == "always" or (mode == "auto" and not audit_found_backdoor(ctx)) or (mode == "if-none" and not triggers):
-        found, summary = scan_fit_split(model, train, ctx, steps, all_classes, wave, keys)
+        found, summary = scan_fit_split(model, train, ctx, steps, all_classes, wave, keys, roam)
         triggers += found
         sources += [{"name": t.name, "source": "scan", "target": t.params["target"], "kind": t.params["kind"]}
                     for t in found]
@@ -56,16 +56,25 @@ def gather_triggers(model: nn.Module, train: Holdout, ctx: Context, mode: str, s
 
 
 def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, all_classes: bool = False,
-                   wave: bool = False, keys: int = 0) -> tuple[list, dict]:
+                   wave: bool = False, keys: int = 0, roam: int = 0) -> tuple[list, dict]:
     """Run the scan on fit images; return its reconstructed triggers worth using and a summary.
 
     Without ``all_classes``: the anomalous classes' triggers, or — when none is anomalous and the audit knew no
     trigger — the most suspicious class's (a weak scan signal is still the best lead a small holdout gives).
     ``wave``: search the scan's ``wave`` kind too; a class's best plane wave is used only where it flagged the
     class (every class has a best wave, most of them mean nothing). ``keys``: for each patch among them, up to
-    that many further patches toward its class on pixels it does not cover (``further_patch_keys``).
+    that many further patches toward its class on pixels it does not cover (``further_patch_keys``). ``roam``:
+    for each patch among them, a ``roam``×``roam`` patch toward its class optimised and stamped at random positions
+    (``roaming_patch``).
     """
-    from ..detectors.scan import OPTIMISED_KINDS, anomalous_triggers, further_patch_keys, scan, scan_section
+    from ..detectors.scan import (
+        OPTIMISED_KINDS,
+        anomalous_triggers,
+        further_patch_keys,
+        roaming_patch,
+        scan,
+        scan_section,
+    )
 
     started = time.perf_counter()
     loaded = from_module(model, "module", train.num_classes, Preprocessing(), list(train.classes))
@@ -88,6 +97,12 @@ def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, a
                   for key in further_patch_keys(loaded, train, trigger, keys, steps=steps, device=ctx.device,
                                                 seed=ctx.seed)]
         model.eval()
+    if roam > 0:
+        roam_started = time.perf_counter()
+        roaming = [roaming_patch(loaded, train, trigger, roam, steps=steps, device=ctx.device, seed=ctx.seed)
+                   for trigger in found if trigger.params["kind"] == "patch" and "key" not in trigger.params]
+        found += [t for t in roaming if t is not None]
+        model.eval()
     section = scan_section(result)
     summary = {k: section[k] for k in ("suspected_target", "anomalous", "anomalous_classes", "anomalous_kinds",
                                        "anomaly_index", "flip_rate", "mask_l1", "steps_run", "time_s")
@@ -97,6 +112,9 @@ def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, a
     if keys > 0:
         summary["keys"] = {"found": [t.name for t in found if "key" in t.params],
                            "seconds": round(time.perf_counter() - keys_started, 3)}
+    if roam > 0:
+        summary["roam"] = {"found": [{"name": t.name, "flip": t.params["flip"]} for t in found if "roam" in t.params],
+                           "seconds": round(time.perf_counter() - roam_started, 3)}
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return found, summary
 

@@ -164,6 +164,7 @@ class Unlearn:
     scan_all_classes: bool = False
     scan_wave: bool = True
     scan_keys: int = 0
+    scan_roam: int = 0
     wave_phase: str = "random"
     wave_strength_min: float = 1.0
     wave_strength_max: float = 1.0
@@ -207,8 +208,8 @@ class Unlearn:
             raise ValueError("need 0 < strength_min ≤ strength_max")
         if not 0 < self.wave_strength_min <= self.wave_strength_max:
             raise ValueError("need 0 < wave_strength_min ≤ wave_strength_max")
-        if self.wave_neighbours < 0 or self.scan_keys < 0 or self.floor_se_images < 0:
-            raise ValueError("wave_neighbours, scan_keys and floor_se_images must be ≥ 0")
+        if min(self.wave_neighbours, self.scan_keys, self.scan_roam, self.floor_se_images) < 0:
+            raise ValueError("wave_neighbours, scan_keys, scan_roam and floor_se_images must be ≥ 0")
         if not 0.0 <= self.prune_ratio < 1.0 or self.prune_images < 1:
             raise ValueError("need 0 ≤ prune_ratio < 1 and prune_images ≥ 1")
         if self.prune_schedule not in PRUNE_SCHEDULES:
@@ -252,7 +253,8 @@ class Unlearn:
         timings: dict[str, float] = {}
         scan_started = time.perf_counter()
         triggers, sources, scan_summary = gather_triggers(model, train, ctx, self.scan, self.scan_steps,
-                                                          self.scan_all_classes, self.scan_wave, self.scan_keys)
+                                                          self.scan_all_classes, self.scan_wave, self.scan_keys,
+                                                          self.scan_roam)
         if scan_summary is not None:
             timings["scan"] = round(time.perf_counter() - scan_started, 3)
         guard = FitValGuard(fit_val, ctx.max_acc_drop, ctx.batch_size)
