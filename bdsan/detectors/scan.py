@@ -387,7 +387,7 @@ def roaming_patch(model: LoadedModel, holdout: Holdout, trigger, side: int, *, s
     at a random position per image (``holdout``'s images of other classes, Adam on logits, cross-entropy to the
     class), returned as a Trigger that pastes it at a random position per image. A network backdoored with a
     random-colour patch answers a patch like this anywhere (two 86% CIFAR-10 models: 95.7% and 99.8% of the images
-    to the target, averaged over every position; a clean twin 3.5%: BENCHMARKS.md "The known-trigger bound"), where
+    to the target, averaged over every position; a clean twin 3.5%: BENCHMARKS.md "Fresh full-image models (seed 5)… and the known-trigger bound"), where
     the scan's smallest reconstruction covers a 3-pixel fragment at one place. ``flip`` in its params: the share of
     the last 8 steps' images it sent to the class."""
     from .triggers import Trigger
