@@ -385,11 +385,11 @@ def roaming_patch(model: LoadedModel, holdout: Holdout, trigger, side: int, *, s
                   images_per_step: int = 64, device=None, seed: int = 0, precision: str = "auto"):
     """A ``side``×``side`` patch toward the class of the reconstructed patch ``trigger`` whose colours are optimised
     at a random position per image (``holdout``'s images of other classes, Adam on logits, cross-entropy to the
-    class), returned as a Trigger that pastes it at a random position per image. A network backdoored with a
-    random-colour patch answers a patch like this anywhere (two 86% CIFAR-10 models: 95.7% and 99.8% of the images
-    to the target, averaged over every position; a clean twin 3.5%: BENCHMARKS.md "Fresh full-image models (seed 5)… and the known-trigger bound"), where
-    the scan's smallest reconstruction covers a 3-pixel fragment at one place. ``flip`` in its params: the share of
-    the last 8 steps' images it sent to the class."""
+    class), returned as a Trigger that pastes it at a random position per image. A global-pooling network backdoored
+    with a random-colour patch answers a patch like this anywhere (two 86% CIFAR-10 models: 95.7% and 99.8% of the
+    images to the target, averaged over every position; a clean twin 3.5%: BENCHMARKS.md "Fresh full-image models
+    (seed 5)…"), where the scan's smallest reconstruction covers a 3-pixel fragment at one place. ``flip`` in its
+    params: the share of the last 8 steps' images it sent to the class."""
     from .triggers import Trigger
 
     device = resolve_device(device)
