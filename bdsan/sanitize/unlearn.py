@@ -22,6 +22,12 @@ that many further reconstructions toward its class on pixels the earlier ones do
 positions, and the first reconstruction was one of them, beside the real patch; with four keys a development model
 kept 3.0% of it instead of 3.4%, but on two fresh models 1.67% / 1.33% against the default's 1.72% / 1.24%, for
 1.00 / 0.38 CA points against 0.59 / 0.35 (BENCHMARKS.md "Keys of a patch the suite does not know"), so it stays off.
+``scan_roam`` (0 = off; a side, e.g. 4): for each patch that scan found, a side×side patch toward its class whose
+colours are optimised at a random position per image (``roaming_patch``) is stamped, ranked and pruned by too, at a
+random position per image: a global-pooling CNN backdoored with a random-colour patch answers such a patch anywhere
+(95.7–99.8% of images to the target over every position; a clean twin 3.5%), and on two models where the real
+patch, known, had left 1.9% / 2.6% against the default's 2.93% / 3.82%, ``scan_roam=4`` left 1.99% / 2.79% for
+0.70 / 0.51 CA points (BENCHMARKS.md "Fresh full-image models (seed 5)…").
 
 **Pruning first** (``prune_ratio``, default 1/64 of each conv layer's channels, hard: zeroed and kept at zero): the
 channels the found triggers excite most (FMP's ``rank=triggers`` ranking on ``prune_images`` class-balanced fit
