@@ -247,7 +247,8 @@ def _details_summary(details: dict) -> dict:
     if sources:  # which triggers the defense used, and where each came from
         summary["triggers"] = sources
     if scan is not None:
-        summary["scan"] = {k: scan[k] for k in ("suspected_target", "anomalous_kinds", "wave", "keys", "seconds") if k in scan}
+        summary["scan"] = {k: scan[k] for k in ("suspected_target", "anomalous_kinds", "wave", "keys", "roam",
+                                                  "seconds") if k in scan}
     return summary
 
 

@@ -368,9 +368,10 @@ def test_scan_auto_runs_unless_the_audit_flagged_a_backdoor_strength_trigger(mon
 
 def test_scan_keys_and_roam_add_further_patches_toward_the_flagged_class():
     """``scan_keys``: after the fit-split scan, each found patch brings up to that many further keys toward its class
-    (the scan's own triggers first, the keys after them); ``scan_roam``: then one patch toward its class that is
-    stamped at random positions. They are stamped and pruned by like the first."""
-    from bdsan.sanitize.found_triggers import scan_fit_split
+    (the scan's own triggers first, the keys after them); they are stamped and pruned by like the first. ``scan_roam``:
+    a patch toward the class optimised at random positions is tried too, and kept only when it flips at least
+    ``ROAM_MIN_FLIP`` — the toy's backdoor is tied to its corner (tiny_cnn keeps a 4×4 grid), so it is not."""
+    from bdsan.sanitize.found_triggers import ROAM_MIN_FLIP, scan_fit_split
 
     toy = scan_helpers.unknown_patch_toy()
     fit, _ = split_holdout(toy.holdout, 0.5, 0)
@@ -381,7 +382,8 @@ def test_scan_keys_and_roam_add_further_patches_toward_the_flagged_class():
     patches = [t for t in scanned if t.params["kind"] == "patch"]
     extra = found[len(scanned):]
     assert patches and found[:len(scanned)] == scanned  # the scan's own triggers first
-    assert [t.name for t in extra] == ([f"{t.name}_key1" for t in patches] + [f"{t.name}_roam" for t in patches])
-    assert summary["keys"]["found"] == [f"{t.name}_key1" for t in patches]
-    assert [r["name"] for r in summary["roam"]["found"]] == [f"{t.name}_roam" for t in patches]
+    assert [t.name for t in extra] == [f"{t.name}_key1" for t in patches] == summary["keys"]["found"]
     assert all(t.params["target"] == scan_helpers.UNKNOWN_TARGET for t in extra)
+    tried = summary["roam"]["found"]
+    assert [r["name"] for r in tried] == [f"{t.name}_roam" for t in patches]
+    assert all(r["flip"] < ROAM_MIN_FLIP and not r["kept"] for r in tried)

@@ -22,12 +22,13 @@ that many further reconstructions toward its class on pixels the earlier ones do
 positions, and the first reconstruction was one of them, beside the real patch; with four keys a development model
 kept 3.0% of it instead of 3.4%, but on two fresh models 1.67% / 1.33% against the default's 1.72% / 1.24%, for
 1.00 / 0.38 CA points against 0.59 / 0.35 (BENCHMARKS.md "Keys of a patch the suite does not know"), so it stays off.
-``scan_roam`` (0 = off; a side, e.g. 4): for each patch that scan found, a side×side patch toward its class whose
-colours are optimised at a random position per image (``roaming_patch``) is stamped, ranked and pruned by too, at a
-random position per image: a global-pooling CNN backdoored with a random-colour patch answers such a patch anywhere
-(95.7–99.8% of images to the target over every position; a clean twin 3.5%), and on two models where the real
-patch, known, had left 1.9% / 2.6% against the default's 2.93% / 3.82%, ``scan_roam=4`` left 1.99% / 2.79% for
-0.70 / 0.51 CA points (BENCHMARKS.md "Fresh full-image models (seed 5)…").
+``scan_roam`` (default 4; 0 = off): for each patch that scan found, a 4×4 patch toward its class whose colours are
+optimised at a random position per image (``roaming_patch``) is stamped, ranked and pruned by too, at a random
+position per image, when it flips at least half of its images: a global-pooling CNN backdoored with a random-colour
+patch answers such a patch anywhere (95.7–99.8% of images to the target over every position; a clean twin 3.5%).
+On two development models where the real patch, known, had left 1.9% / 2.6% against the earlier default's 2.93% /
+3.82%, it left 1.99% / 2.79% for 0.70 / 0.51 CA points; on two fresh ones 1.89% / 2.19% against 1.96% / 3.21%, for
+0.38 / 0.46 against 0.56 / 0.16 (BENCHMARKS.md "Fresh full-image models (seed 5)…").
 
 **Pruning first** (``prune_ratio``, default 1/64 of each conv layer's channels, hard: zeroed and kept at zero): the
 channels the found triggers excite most (FMP's ``rank=triggers`` ranking on ``prune_images`` class-balanced fit
@@ -170,7 +171,7 @@ class Unlearn:
     scan_all_classes: bool = False
     scan_wave: bool = True
     scan_keys: int = 0
-    scan_roam: int = 0
+    scan_roam: int = 4
     wave_phase: str = "random"
     wave_strength_min: float = 1.0
     wave_strength_max: float = 1.0
