@@ -361,11 +361,7 @@ def further_patch_keys(model: LoadedModel, holdout: Holdout, trigger, count: int
     from .triggers import Trigger
 
     cfg = ScanSettings(steps=steps)
-    device = resolve_device(device)
-    bf16 = wants_bf16(device, precision)
-    target = int(trigger.params["target"])
-    others = holdout.to(device)
-    others = others.subset(torch.nonzero(others.y != target).flatten())
+    device, bf16, target, others = _toward_class(holdout, trigger, device, precision)
     if not len(others):
         return []
     allowed = (trigger.fn.parts["mask"].to(device) < KEY_MASK_CUTOFF).float()
@@ -392,11 +388,7 @@ def roaming_patch(model: LoadedModel, holdout: Holdout, trigger, side: int, *, s
     params: the share of the last 8 steps' images it sent to the class."""
     from .triggers import Trigger
 
-    device = resolve_device(device)
-    bf16 = wants_bf16(device, precision)
-    target = int(trigger.params["target"])
-    others = holdout.to(device)
-    others = others.subset(torch.nonzero(others.y != target).flatten())
+    device, bf16, target, others = _toward_class(holdout, trigger, device, precision)
     height, width = others.x.shape[-2:]
     if not len(others) or side > min(height, width):
         return None
@@ -405,9 +397,9 @@ def roaming_patch(model: LoadedModel, holdout: Holdout, trigger, side: int, *, s
     optimizer = torch.optim.Adam([logits], lr=0.1)
     batch = min(images_per_step, len(others))
     labels = torch.full((batch,), target, device=device)
-    hits = []
+    hits = torch.zeros((), device=device)  # images sent to the class in the last 8 steps (no sync per step)
     with _frozen_classifier(model, device) as net:
-        for _ in range(steps):
+        for step in range(steps):
             x = to_float(others.x[torch.randint(len(others), (batch,), generator=generator).to(device)])
             with precision_autocast(device, bf16):
                 out = net(paste_at_random(x, torch.sigmoid(logits), generator)).float()
@@ -415,10 +407,19 @@ def roaming_patch(model: LoadedModel, holdout: Holdout, trigger, side: int, *, s
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            hits.append(float((out.argmax(1) == labels).float().mean()))
+            if step >= steps - 8:
+                hits += (out.argmax(1) == labels).sum()
     patch = torch.sigmoid(logits).detach().cpu()
-    params = dict(trigger.params) | {"roam": side, "flip": round(sum(hits[-8:]) / len(hits[-8:]), 4)}
+    params = dict(trigger.params) | {"roam": side, "flip": round(float(hits) / (min(steps, 8) * batch), 4)}
     return Trigger(f"{trigger.name}_roam", params, _RoamingPatch(patch, seed))
+
+
+def _toward_class(holdout: Holdout, trigger, device, precision: str) -> tuple[torch.device, bool, int, Holdout]:
+    """(device, bf16, the class of the found ``trigger``, ``holdout``'s images of other classes on the device)."""
+    device = resolve_device(device)
+    target = int(trigger.params["target"])
+    others = holdout.to(device)
+    return device, wants_bf16(device, precision), target, others.subset(torch.nonzero(others.y != target).flatten())
 
 
 def paste_at_random(x: torch.Tensor, patch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
