@@ -240,6 +240,8 @@ def _details_summary(details: dict) -> dict:
     summary = {k: details[k] for k in keep if k in details}
     if isinstance(details.get("guard"), dict) and "selected" in details["guard"]:
         summary["selected"] = details["guard"]["selected"]
+        summary["guard_history"] = [{k: h[k] for k in ("label", "ca_fit_val", "objective", "objective_se", "accepted")
+                                     if k in h} for h in details["guard"].get("history") or []]
     if isinstance(details.get("pruned"), dict):
         summary["pruned"] = {k: details["pruned"][k] for k in ("n_pruned", "target_rate_fit", "untriggered_rate_fit",
                                                                "at_floor", "by_trigger") if k in details["pruned"]}

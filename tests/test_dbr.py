@@ -75,3 +75,31 @@ def test_dbr_rejects_bad_parameters():
         get_method("dbr", strength_min=2.0, strength_max=1.0)
     with pytest.raises(UsageError, match="needs mode=relabel"):
         get_method("dbr", suspect_classes="all")
+    with pytest.raises(UsageError, match="scan_roam"):
+        get_method("dbr", scan_roam=-1)
+
+
+@pytest.mark.parametrize("method, extra", [("dbr", {}), ("fmp", {"rank": "triggers"})])
+def test_dbr_and_fmp_hand_scan_keys_and_roam_to_the_scan(toy_poisoned, monkeypatch, method, extra):
+    """``scan_keys`` / ``scan_roam`` reach ``gather_triggers`` (off by default); the fake stops the run there."""
+    import importlib
+
+    module = importlib.import_module(f"bdsan.sanitize.{method}")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake(*args, **kwargs):
+        seen.append((kwargs.get("keys"), kwargs.get("roam")))
+        raise Stop
+
+    monkeypatch.setattr(module, "gather_triggers", fake)
+    fit, _ = split_holdout(toy_poisoned.holdout, 0.5, 0)
+    for params, expected in [({}, (0, 0)), ({"scan_keys": 2, "scan_roam": 4}, (2, 4))]:
+        model = copy.deepcopy(toy_poisoned.model).normalized()
+        with pytest.raises(Stop):
+            get_method(method, **extra, **params).run(model, fit, Context(seed=0))
+        assert seen[-1] == expected
+    with pytest.raises(UsageError, match="scan_keys"):
+        get_method(method, scan_keys=-1)

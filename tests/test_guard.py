@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -59,14 +60,25 @@ def test_objectives_within_one_standard_error_of_the_lowest_pick_the_latest_stat
     for index, model in enumerate(states):
         model.weight.data.fill_(float(index))
 
-    def chosen(objectives: list[float], se: float) -> tuple[str, float]:
-        guard = FitValGuard(holdout, max_acc_drop=3.0)
+    def chosen(objectives: list[float], se: float | list[float], tie: str = "lowest-se") -> tuple[str, float]:
+        guard = FitValGuard(holdout, max_acc_drop=3.0, tie=tie)
         guard.start(states[0])
-        for index, objective in enumerate(objectives, start=1):
-            guard.check(states[index], f"epoch {index}", objective=objective, objective_se=se)
+        ses = se if isinstance(se, list) else [se] * len(objectives)
+        for index, (objective, objective_se) in enumerate(zip(objectives, ses), start=1):
+            guard.check(states[index], f"epoch {index}", objective=objective, objective_se=objective_se)
         target = _FixedPredictions(torch.zeros(n, dtype=torch.long))
         return guard.restore_best(target), target.weight.item()
 
     assert chosen([0.30, 0.24, 0.27], se=0.0) == ("epoch 2", 2.0)  # the lowest
     assert chosen([0.30, 0.24, 0.27], se=0.04) == ("epoch 3", 3.0)  # within one SE of it: the latest
     assert chosen([0.24, 0.30, 0.35], se=0.04) == ("epoch 1", 1.0)  # later ones are worse by more than one SE
+    # the seed-12 case: 1 of 216 images, then 2 of 216; the lowest's own SE (0.0046) leaves the later one out by
+    # 1e-5, the difference's SE (both states') does not
+    one, two = 1 / 216, 2 / 216
+    ses = [math.sqrt(p * (1 - p) / 216) for p in (two, one, two)]
+    assert chosen([two, one, two], se=ses) == ("epoch 2", 2.0)
+    assert chosen([two, one, two], se=ses, tie="difference") == ("epoch 3", 3.0)
+    assert chosen([0.24, 0.29, 0.35], se=0.04) == ("epoch 1", 1.0)  # 0.05 above: more than the lowest's SE
+    assert chosen([0.24, 0.29, 0.35], se=0.04, tie="difference") == ("epoch 2", 2.0)  # within √2·0.04
+    with pytest.raises(ValueError, match="tie"):
+        FitValGuard(holdout, max_acc_drop=3.0, tie="nearest")

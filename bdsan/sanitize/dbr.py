@@ -31,7 +31,9 @@ overall CA; the default stays §3b's ``others``.
 ``scan_wave`` (off): the scan also searches the wave kind and a flagged class's plane wave becomes a suspect. On two
 row-sine models the suite does not know it put D-BR on the right class (without it: none flagged, another class's
 patch and blend) but ascent moved the sine only to 67% ASR at 86% CA (−1.4 points) and was rolled back at 75%, so it
-stays opt-in (BENCHMARKS.md "D-BR with the scan's wave kind").
+stays opt-in (BENCHMARKS.md "D-BR with the scan's wave kind"). ``scan_keys`` / ``scan_roam`` (0, opt-in): as in
+unlearn, further reconstructions of a patch the scan found, and a patch optimised at random positions toward its
+class, become suspects too.
 """
 from __future__ import annotations
 
@@ -75,6 +77,8 @@ class DBR:
     scan: bool | str = "auto"
     scan_steps: int = 300
     scan_wave: bool = False
+    scan_keys: int = 0
+    scan_roam: int = 0
     augment: bool = True
     fit_val_fraction: float = 0.1
     bn: str = "reestimate-augmented"
@@ -94,13 +98,16 @@ class DBR:
             raise ValueError("need epochs ≥ 0, lr > 0 and batch_size ≥ 2")
         if not 0 < self.strength_min <= self.strength_max:
             raise ValueError("need 0 < strength_min ≤ strength_max")
+        if min(self.scan_keys, self.scan_roam) < 0:
+            raise ValueError("scan_keys and scan_roam must be ≥ 0")
 
     def run(self, model: nn.Module, fit: Holdout, ctx: Context) -> DefenseResult:
         started = time.perf_counter()
         model = model.to(ctx.device).eval()
         train, fit_val = ctx.fit_val_split(fit.to(ctx.device), self.fit_val_fraction)
         triggers, sources, scan_summary = gather_triggers(model, train, ctx, self.scan, self.scan_steps,
-                                                          wave=self.scan_wave)
+                                                          wave=self.scan_wave, keys=self.scan_keys,
+                                                          roam=self.scan_roam)
         targets = _targets(ctx, triggers, sources)
         used = [(t, target) for t, target in zip(triggers, targets) if target is not None]
         guard = FitValGuard(fit_val, ctx.max_acc_drop, ctx.batch_size)

@@ -317,7 +317,9 @@ class FMP:
     ``rank="triggers"``: rank channels by how strongly the found triggers (audit, else scan) excite them
     (:func:`trigger_response`) instead of by FGSM; FGSM when no trigger was found. ``scan_wave``: the scan also
     searches the wave kind and a flagged class's plane wave is stamped (row-sine models: 98.1% → 5.1% and
-    91.1% → 2.3% ASR; BENCHMARKS.md "Unlearn with the scan's wave kind").
+    91.1% → 2.3% ASR; BENCHMARKS.md "Unlearn with the scan's wave kind"). ``scan_keys`` / ``scan_roam`` (0, opt-in):
+    as in unlearn, further reconstructions of a patch the scan found, and a patch optimised at random positions
+    toward its class, are ranked by and stamped too.
     """
 
     recipe: str = "bdsan"
@@ -342,6 +344,8 @@ class FMP:
     scan: bool | str | None = None
     scan_steps: int = 300
     scan_wave: bool = True
+    scan_keys: int = 0
+    scan_roam: int = 0
     rank_precision: str = "auto"
     rank: str = "fgsm"
     distill_weight: float | None = None
@@ -376,6 +380,8 @@ class FMP:
             raise ValueError(f"prune_ratio must be in [0, 1), got {self.prune_ratio}")
         if self.rank_images < 1 or self.epochs < 0 or self.batch_size < 1:
             raise ValueError("rank_images and batch_size must be ≥ 1, epochs ≥ 0")
+        if min(self.scan_keys, self.scan_roam) < 0:
+            raise ValueError("scan_keys and scan_roam must be ≥ 0")
 
     def run(self, model: nn.Module, fit: Holdout, ctx: Context) -> DefenseResult:
         timings = {}
@@ -393,7 +399,8 @@ class FMP:
         if self.known_trigger_fraction > 0 or self.rank == "triggers":  # before pruning: the scan sees the model
             scan_started = time.perf_counter()
             triggers, sources, scan_summary = gather_triggers(model, train, ctx, self.scan, self.scan_steps,
-                                                              wave=self.scan_wave)
+                                                              wave=self.scan_wave, keys=self.scan_keys,
+                                                              roam=self.scan_roam)
             if scan_summary is not None:
                 timings["scan"] = time.perf_counter() - scan_started
 

@@ -136,7 +136,7 @@ from .guard import FitValGuard
 from .losses import DISTILL_MODES, distillation, frozen_copy, teacher_targets
 from .registry import register_method
 
-SELECT_MODES = ("latest-within-se", "lowest")
+SELECT_MODES = ("latest-within-se", "latest-within-diff-se", "lowest")
 STAMPED_LOSSES = ("ce", "consistency")
 STAMP_MODES = ("all", "patches")
 OBJECTIVES = ("target-rate", "triggered-error")
@@ -239,6 +239,9 @@ class Unlearn:
                                 batch_size)
         if self.select == "lowest" or n == 0 or value is None or math.isnan(value):
             return value, 0.0
+        if self.select == "latest-within-diff-se":  # one success and one failure added: no zero SE at 0 or 1 hits
+            value_adjusted = (value * n + 1) / (n + 2)
+            return value, math.sqrt(value_adjusted * (1 - value_adjusted) / (n + 2))
         return value, math.sqrt(value * (1 - value) / n)
 
     @property
@@ -265,7 +268,8 @@ class Unlearn:
                                                           self.scan_roam)
         if scan_summary is not None:
             timings["scan"] = round(time.perf_counter() - scan_started, 3)
-        guard = FitValGuard(fit_val, ctx.max_acc_drop, ctx.batch_size)
+        guard = FitValGuard(fit_val, ctx.max_acc_drop, ctx.batch_size,
+                            tie="difference" if self.select == "latest-within-diff-se" else "lowest-se")
         guard.start(model)
         details = {"fit_train": len(train), "fit_val": len(fit_val), "triggers": sources, "scan": scan_summary}
         if not triggers:
