@@ -387,3 +387,20 @@ def test_scan_keys_and_roam_add_further_patches_toward_the_flagged_class():
     tried = summary["roam"]["found"]
     assert [r["name"] for r in tried] == [f"{t.name}_roam" for t in patches]
     assert all(r["flip"] < ROAM_MIN_FLIP and not r["kept"] for r in tried)
+
+
+def test_select_latest_within_diff_se_never_gives_a_zero_standard_error(monkeypatch):
+    """``select=latest-within-diff-se``: the guard's objective SE from one success and one failure added, so no
+    hits (or one) on 216 fit-val images still has a width; ``latest-within-se`` keeps the plain binomial SE."""
+    import math
+
+    from bdsan.sanitize import unlearn as module
+
+    monkeypatch.setattr(module, "_target_rate", lambda *args, **kwargs: (0.0, 216))
+    plain = module.Unlearn()._measure(None, None, [], {}, 256)
+    adjusted = module.Unlearn(select="latest-within-diff-se")._measure(None, None, [], {}, 256)
+    assert plain == (0.0, 0.0)
+    assert adjusted[0] == 0.0 and math.isclose(adjusted[1], math.sqrt((1 / 218) * (217 / 218) / 218))
+    monkeypatch.setattr(module, "_target_rate", lambda *args, **kwargs: (1 / 216, 216))
+    plain_se = module.Unlearn()._measure(None, None, [], {}, 256)[1]
+    assert module.Unlearn(select="latest-within-diff-se")._measure(None, None, [], {}, 256)[1] > plain_se > 0
