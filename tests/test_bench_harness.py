@@ -86,10 +86,15 @@ def test_summary_mean_and_std_over_seeds(bench):
 
 
 def test_details_summary_keeps_the_guards_choice_and_the_pruning_decision(bench):
-    details = {"fit_train": 10, "fit_val": 2, "guard": {"selected": "pruned", "history": [1, 2]},
+    history = [{"label": "input", "ca_fit_val": 0.9, "accepted": True},
+               {"label": "pruned", "ca_fit_val": 0.8, "drop_points": 10.0, "objective": 0.01, "objective_se": 0.005,
+                "accepted": True}]
+    details = {"fit_train": 10, "fit_val": 2, "guard": {"selected": "pruned", "history": history},
                "pruned": {"n_pruned": 3, "target_rate_fit": 0.01, "untriggered_rate_fit": 0.02, "at_floor": True,
                           "layers": {"conv": [0, 1, 2]}, "by_trigger": [{"name": "badnets_grid", "target": 0}]}}
     summary = bench._details_summary(details)
+    assert summary.pop("guard_history") == [  # each state's label, fit-val CA and objective; not the drop
+        history[0], {k: v for k, v in history[1].items() if k != "drop_points"}]
     assert summary == {"fit_train": 10, "fit_val": 2, "selected": "pruned",
                        "pruned": {"n_pruned": 3, "target_rate_fit": 0.01, "untriggered_rate_fit": 0.02,
                                   "at_floor": True, "by_trigger": [{"name": "badnets_grid", "target": 0}]}}

@@ -390,17 +390,17 @@ def test_scan_keys_and_roam_add_further_patches_toward_the_flagged_class():
 
 
 def test_select_latest_within_diff_se_never_gives_a_zero_standard_error(monkeypatch):
-    """``select=latest-within-diff-se``: the guard's objective SE from one success and one failure added, so no
+    """``select=latest-within-diff-se`` (default): the guard's objective SE from one success and one failure added, so no
     hits (or one) on 216 fit-val images still has a width; ``latest-within-se`` keeps the plain binomial SE."""
     import math
 
     from bdsan.sanitize import unlearn as module
 
     monkeypatch.setattr(module, "_target_rate", lambda *args, **kwargs: (0.0, 216))
-    plain = module.Unlearn()._measure(None, None, [], {}, 256)
-    adjusted = module.Unlearn(select="latest-within-diff-se")._measure(None, None, [], {}, 256)
+    plain = module.Unlearn(select="latest-within-se")._measure(None, None, [], {}, 256)
+    adjusted = module.Unlearn()._measure(None, None, [], {}, 256)  # the default
     assert plain == (0.0, 0.0)
     assert adjusted[0] == 0.0 and math.isclose(adjusted[1], math.sqrt((1 / 218) * (217 / 218) / 218))
     monkeypatch.setattr(module, "_target_rate", lambda *args, **kwargs: (1 / 216, 216))
-    plain_se = module.Unlearn()._measure(None, None, [], {}, 256)[1]
-    assert module.Unlearn(select="latest-within-diff-se")._measure(None, None, [], {}, 256)[1] > plain_se > 0
+    plain_se = module.Unlearn(select="latest-within-se")._measure(None, None, [], {}, 256)[1]
+    assert module.Unlearn()._measure(None, None, [], {}, 256)[1] > plain_se > 0

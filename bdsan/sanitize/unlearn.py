@@ -61,10 +61,15 @@ CA points at the same ASR on the CPU benchmark models (BENCHMARKS.md "BatchNorm 
 ``distill_mode``: ``all`` (default), ``suppress-target`` (no teacher mass on the suspected targets for other
 classes' images: removes the backdoored model's extra clean answers into the target, and 20–25 points of the target
 class's recall on CIFAR-10 development models) or ``agree`` (distil where the teacher is right; no measurable effect).
-The fit-val guard keeps, among the epochs within ``--max-acc-drop``, the latest whose triggered error is within one
-binomial standard error of the lowest (``select=latest-within-se``, the default since the nineteenth session), or
-with ``select=lowest`` the lowest (the earlier default). On a 110-image fit-val slice the epochs' errors differ by a
-few images. On the development model every epoch of six runs was measured (BENCHMARKS.md "Unlearn, epoch by
+The fit-val guard keeps, among the epochs within ``--max-acc-drop``, the latest whose guard objective (the found
+triggers' target rate on fit-val) ties with the lowest: within one standard error of the *difference*, each state's
+SE taken with one success and one failure added (``select=latest-within-diff-se``, the default since the
+thirty-eighth session); ``latest-within-se`` (the default from the nineteenth) ties within one binomial SE of the
+lowest alone, which vanishes near zero — on a random-patch model it kept epoch 3 at 1/216 stamped images over epochs
+4–10 at 2/216, for 1.31 CA points (0.23 with the new rule, ASR 1.73 → 1.83%); on six evaluation models the new rule
+lowered the mean CA drop from 0.72 to 0.54 at the same mean ASR (2.26%) (BENCHMARKS.md "The guard's ties at one
+image"). ``select=lowest`` keeps the lowest (the earliest default). On a 110-image fit-val slice the epochs'
+errors differ by a few images. On the development model every epoch of six runs was measured (BENCHMARKS.md "Unlearn, epoch by
 epoch"): ``lowest`` picked a half-trained epoch 2 or 3 in two of them, 1.0 development CA points below epoch 10
 each time (ASR 1.5% against 2.7% in one, 2.7% against 2.4% in the other), and the verify check rolled the first
 back (−3.3 points), returning the backdoored model; ``latest-within-se`` keeps epoch 10 in all six.
@@ -181,7 +186,7 @@ class Unlearn:
     fit_val_fraction: float = 0.1
     bn: str = "auto"
     bn_stamped: bool = True
-    select: str = "latest-within-se"
+    select: str = "latest-within-diff-se"
     stamped_loss: str = "ce"
     prune_ratio: float = 1 / 64
     prune_images: int = 256
