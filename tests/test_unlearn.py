@@ -48,6 +48,7 @@ def test_unlearn_keeps_fit_accuracy_within_the_guard(unlearned):
     selected = next(h for h in guard["history"] if h["label"] == guard["selected"])
     assert selected["accepted"] and selected.get("drop_points", 0.0) <= guard["max_acc_drop"]
     assert guard["selected"] != "input"
+    assert guard["tie"] == "difference"  # select=latest-within-diff-se, the default
 
 
 def test_scan_wave_gives_unlearn_a_sine_only_the_wave_kind_knows():

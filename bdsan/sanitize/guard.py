@@ -117,8 +117,8 @@ class FitValGuard:
 
     def details(self) -> dict:
         return {"fit_val_n": len(self.fit_val), "baseline_ca_fit_val": self.baseline,
-                "max_acc_drop": self.max_acc_drop, "tolerance_se": self.tolerance_se, "selected": self._best_label,
-                "history": self.history}
+                "max_acc_drop": self.max_acc_drop, "tolerance_se": self.tolerance_se, "tie": self.tie,
+                "selected": self._best_label, "history": self.history}
 
 
 def paired_standard_error(before: torch.Tensor, after: torch.Tensor) -> float:
