@@ -29,7 +29,10 @@ patch answers such a patch anywhere (95.7–99.8% of images to the target over e
 On two development models where the real patch, known, had left 1.9% / 2.6% against the earlier default's 2.93% /
 3.82%, it left 1.99% / 2.79% for 0.70 / 0.51 CA points; on two fresh ones 1.89% / 2.19% against 1.96% / 3.21%, for
 0.38 / 0.46 against 0.56 / 0.16; rerun on two more, 1.52% at 0.84 (earlier 1.72% at 0.59) and 1.73% at 1.31
-(earlier 1.24% at 0.35: over the CA budget) (BENCHMARKS.md "Fresh full-image models (seed 5)…").
+(earlier 1.24% at 0.35: over the CA budget) (BENCHMARKS.md "Fresh full-image models (seed 5)…"). Blind, on two
+fresh random patches with the current defaults: 2.29% at 0.80 and 3.78% at 0.19 — on the second the fit audit
+flagged a suite patch at backdoor strength, so ``scan=auto`` did not scan and no roaming patch was made
+(BENCHMARKS.md "Blind random patches seeds 15 and 16…").
 
 **Pruning first** (``prune_ratio``, default 1/64 of each conv layer's channels, hard: zeroed and kept at zero): the
 channels the found triggers excite most (FMP's ``rank=triggers`` ranking on ``prune_images`` class-balanced fit
