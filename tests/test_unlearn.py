@@ -405,3 +405,36 @@ def test_select_latest_within_diff_se_never_gives_a_zero_standard_error(monkeypa
     monkeypatch.setattr(module, "_target_rate", lambda *args, **kwargs: (1 / 216, 216))
     plain_se = module.Unlearn(select="latest-within-se")._measure(None, None, [], {}, 256)[1]
     assert module.Unlearn()._measure(None, None, [], {}, 256)[1] > plain_se > 0
+
+
+def test_roam_audit_tries_a_roaming_patch_toward_each_class_a_suite_patch_was_flagged_for(toy_poisoned, monkeypatch):
+    """``roam_audit``: the audit flagged a patch at backdoor strength, so the scan does not run; one roaming patch
+    toward that class is tried (not toward a flagged full-image trigger's class), used only when it flips ≥ 0.5."""
+    from bdsan.detectors.triggers import get_trigger
+    from bdsan.sanitize import unlearn as module
+    from bdsan.sanitize.found_triggers import ROAM_MIN_FLIP, gather_triggers
+
+    square, blend = get_trigger("badnets_square"), get_trigger("blend_noise")
+    ctx = Context(seed=0, known_triggers=[square, blend],
+                  trigger_evidence=[{"name": square.name, "suspected_target": 0, "asr_net": 1.0},
+                                    {"name": blend.name, "suspected_target": 1, "asr_net": 0.95}])
+    fit, _ = split_holdout(toy_poisoned.holdout, 0.5, 0)
+    model = copy.deepcopy(toy_poisoned.model).normalized()
+    assert gather_triggers(model, fit, ctx, "auto", 60, roam=4) == ([square, blend], [
+        {"name": square.name, "source": "audit"}, {"name": blend.name, "source": "audit"}], None)
+    triggers, sources, summary = gather_triggers(model, fit, ctx, "auto", 60, roam=4, roam_audit=True)
+    [tried] = summary["roam"]["found"]
+    assert tried["name"] == "badnets_square_roam" and tried["kept"] == (tried["flip"] >= ROAM_MIN_FLIP)
+    assert [t.name for t in triggers[2:]] == (["badnets_square_roam"] if tried["kept"] else [])
+    assert all(s["source"] == "audit-roam" and s["target"] == 0 for s in sources[2:])
+
+    seen = []
+
+    def fake(*args):
+        seen.append(args[-1])
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(module, "gather_triggers", fake)
+    with pytest.raises(RuntimeError, match="stop"):
+        get_method("unlearn", roam_audit=True).run(model, fit, ctx)
+    assert seen == [True]

@@ -44,10 +44,11 @@ def audit_found_backdoor(ctx: Context) -> bool:
 
 
 def gather_triggers(model: nn.Module, train: Holdout, ctx: Context, mode: str, steps: int,
-                    all_classes: bool = False, wave: bool = False, keys: int = 0, roam: int = 0
-                    ) -> tuple[list, list[dict], dict | None]:
+                    all_classes: bool = False, wave: bool = False, keys: int = 0, roam: int = 0,
+                    roam_audit: bool = False) -> tuple[list, list[dict], dict | None]:
     """(triggers, where each came from, scan summary or None): the audit's, then the scan's when ``mode`` says
-    (``scan_mode``)."""
+    (``scan_mode``). ``roam_audit``: when the scan does not run, a ``roam``×``roam`` roaming patch toward each class
+    a suite patch was flagged for at backdoor strength (``roam_from_audit``)."""
     triggers = list(ctx.known_triggers)
     sources = [{"name": t.name, "source": "audit"} for t in triggers]
     summary = None
@@ -56,7 +57,46 @@ def gather_triggers(model: nn.Module, train: Holdout, ctx: Context, mode: str, s
         triggers += found
         sources += [{"name": t.name, "source": "scan", "target": t.params["target"], "kind": t.params["kind"]}
                     for t in found]
+    elif roam > 0 and roam_audit and triggers:
+        found, summary = roam_from_audit(model, train, ctx, roam, steps)
+        triggers += found
+        sources += [{"name": t.name, "source": "audit-roam", "target": t.params["target"], "kind": "patch"}
+                    for t in found]
     return triggers, sources, summary
+
+
+def roam_from_audit(model: nn.Module, train: Holdout, ctx: Context, side: int, steps: int) -> tuple[list, dict]:
+    """Roaming patches (``roaming_patch``) toward each class a suite *patch* was flagged for at backdoor strength
+    (net ASR ≥ ``SCAN_SKIP_NET_ASR``), one per class, kept when they flip at least ``ROAM_MIN_FLIP``: a network
+    backdoored with a random-colour patch elsewhere can fire on a suite patch too (a blind 86% model answered the
+    suite's ``four_corner`` on 98.8% of its fit images), and the scan does not run then. Their ``source`` is the
+    audit's, so ``bn=auto`` treats them as suite patches. Returns (kept, summary)."""
+    from types import SimpleNamespace
+
+    from ..detectors.scan import roaming_patch
+    from ..io.data import to_float
+
+    started = time.perf_counter()
+    loaded = from_module(model, "module", train.num_classes, Preprocessing(), list(train.classes))
+    evidence = {e["name"]: e for e in ctx.trigger_evidence}
+    example = to_float(train.x[:8])
+    classes: dict[int, str] = {}
+    for trigger in ctx.known_triggers:
+        entry = evidence.get(trigger.name) or {}
+        target = entry.get("suspected_target")
+        if (target is not None and (entry.get("asr_net") or 0.0) >= SCAN_SKIP_NET_ASR
+                and not is_full_image(trigger, example)):
+            classes.setdefault(int(target), trigger.name)
+    tried = [roaming_patch(loaded, train, SimpleNamespace(name=name, params={"target": target, "kind": "patch",
+                                                                             "source": "audit"}),
+                           side, steps=steps, device=ctx.device, seed=ctx.seed)
+             for target, name in classes.items()]
+    tried = [t for t in tried if t is not None]
+    model.eval()
+    summary = {"skipped": "the fit audit flagged a trigger at backdoor strength: no scan",
+               "roam": {"found": [{"name": t.name, "flip": t.params["flip"], "kept": t.params["flip"] >= ROAM_MIN_FLIP}
+                                  for t in tried], "seconds": round(time.perf_counter() - started, 3)}}
+    return [t for t in tried if t.params["flip"] >= ROAM_MIN_FLIP], summary
 
 
 def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, all_classes: bool = False,

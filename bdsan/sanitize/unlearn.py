@@ -32,7 +32,9 @@ On two development models where the real patch, known, had left 1.9% / 2.6% agai
 (earlier 1.24% at 0.35: over the CA budget) (BENCHMARKS.md "Fresh full-image models (seed 5)…"). Blind, on two
 fresh random patches with the current defaults: 2.29% at 0.80 and 3.78% at 0.19 — on the second the fit audit
 flagged a suite patch at backdoor strength, so ``scan=auto`` did not scan and no roaming patch was made
-(BENCHMARKS.md "Blind random patches seeds 15 and 16…").
+(BENCHMARKS.md "Blind random patches seeds 15 and 16…"). ``roam_audit`` (off, experimental): when the scan
+does not run, a ``scan_roam`` roaming patch toward each class a suite patch was flagged for at backdoor strength
+(``roam_from_audit``).
 
 **Pruning first** (``prune_ratio``, default 1/64 of each conv layer's channels, hard: zeroed and kept at zero): the
 channels the found triggers excite most (FMP's ``rank=triggers`` ranking on ``prune_images`` class-balanced fit
@@ -181,6 +183,7 @@ class Unlearn:
     scan_wave: bool = True
     scan_keys: int = 0
     scan_roam: int = 4
+    roam_audit: bool = False
     wave_phase: str = "random"
     wave_strength_min: float = 1.0
     wave_strength_max: float = 1.0
@@ -273,7 +276,7 @@ class Unlearn:
         scan_started = time.perf_counter()
         triggers, sources, scan_summary = gather_triggers(model, train, ctx, self.scan, self.scan_steps,
                                                           self.scan_all_classes, self.scan_wave, self.scan_keys,
-                                                          self.scan_roam)
+                                                          self.scan_roam, self.roam_audit)
         if scan_summary is not None:
             timings["scan"] = round(time.perf_counter() - scan_started, 3)
         guard = FitValGuard(fit_val, ctx.max_acc_drop, ctx.batch_size,
