@@ -34,7 +34,8 @@ fresh random patches with the current defaults: 2.29% at 0.80 and 3.78% at 0.19 
 flagged a suite patch at backdoor strength, so ``scan=auto`` did not scan and no roaming patch was made
 (BENCHMARKS.md "Blind random patches seeds 15 and 16…"). ``roam_audit`` (off, experimental): when the scan
 does not run, a ``scan_roam`` roaming patch toward each class a suite patch was flagged for at backdoor strength
-(``roam_from_audit``).
+(``roam_from_audit``): on that model 3.78 → 3.17% (0.19 → 0.12 CA points), on five suite-attack models inside the
+goal either way (mean 1.66 → 1.61% at 0.36 → 0.39) — one development model, so it stays off.
 
 **Pruning first** (``prune_ratio``, default 1/64 of each conv layer's channels, hard: zeroed and kept at zero): the
 channels the found triggers excite most (FMP's ``rank=triggers`` ranking on ``prune_images`` class-balanced fit
