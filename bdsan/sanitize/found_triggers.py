@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from ..io.data import Holdout
+from ..io.data import Holdout, to_float
 from ..io.models import from_module
 from ..io.preprocess import Preprocessing
 from .context import Context
@@ -71,10 +72,7 @@ def roam_from_audit(model: nn.Module, train: Holdout, ctx: Context, side: int, s
     backdoored with a random-colour patch elsewhere can fire on a suite patch too (a blind 86% model answered the
     suite's ``four_corner`` on 98.8% of its fit images), and the scan does not run then. Their ``source`` is the
     audit's, so ``bn=auto`` treats them as suite patches. Returns (kept, summary)."""
-    from types import SimpleNamespace
-
     from ..detectors.scan import roaming_patch
-    from ..io.data import to_float
 
     started = time.perf_counter()
     loaded = from_module(model, "module", train.num_classes, Preprocessing(), list(train.classes))
