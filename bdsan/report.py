@@ -484,10 +484,16 @@ def render_sanitize_text(report: Report) -> str:
         if known:
             lines.append("  triggers flagged on the fit split: " + ", ".join(
                 f"{k['name']} → {_class_label(k.get('suspected_target'), names)}" for k in known))
-        found = [t for t in defense_trigger_sources(details)[0] if t.get("source") == "scan"]
+        sources, scan = defense_trigger_sources(details)
+        found = [t for t in sources if t.get("source") == "scan"]
         if found:
             lines.append("  triggers the scan reconstructed on the fit split: " + ", ".join(
                 f"{t.get('kind')} → {_class_label(t.get('target'), names)}" for t in found))
+        roaming = ((scan or {}).get("roam") or {}).get("found") or []
+        if roaming:
+            lines.append("  roaming patches: " + ", ".join(
+                f"{r.get('name')} (flips {_pct(r.get('flip'))}, {'used' if r.get('kept') else 'not used'})"
+                for r in roaming))
         guard = defense.get("guard") or {}
         if guard:
             lines.append(f"  guard: clean accuracy on verify {_pct(guard.get('ca_verify_before'))} → "

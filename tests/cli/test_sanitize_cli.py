@@ -76,6 +76,12 @@ def test_text_report_names_the_triggers_the_fit_split_scan_found():
     assert "  triggers the scan reconstructed on the fit split: wave → 0\n" in render_sanitize_text(report)
     fmp["details"]["finetune"]["trigger_sources"] = [{"name": "badnets_grid", "source": "audit"}]
     assert "scan reconstructed" not in render_sanitize_text(report)
+    assert "roaming patches" not in render_sanitize_text(report)
+    fmp["details"]["finetune"]["scan"] = {"roam": {"found": [
+        {"name": "scan_patch_class2_roam", "flip": 0.9355, "kept": True},
+        {"name": "badnets_grid_roam", "flip": 0.0762, "kept": False}]}}
+    assert ("  roaming patches: scan_patch_class2_roam (flips 93.5%, used), badnets_grid_roam (flips 7.6%, not used)\n"
+            in render_sanitize_text(report))
 
 
 def test_text_report_says_how_unlearn_treated_batchnorm_and_why():
