@@ -391,8 +391,8 @@ def test_scan_keys_and_roam_add_further_patches_toward_the_flagged_class():
 
 
 def test_select_latest_within_diff_se_never_gives_a_zero_standard_error(monkeypatch):
-    """``select=latest-within-diff-se`` (default): the guard's objective SE from one success and one failure added, so no
-    hits (or one) on 216 fit-val images still has a width; ``latest-within-se`` keeps the plain binomial SE."""
+    """``select=latest-within-diff-se`` (default): the guard's objective SE from one success and one failure added,
+    so no hits (or one) on 216 fit-val images still has a width; ``latest-within-se`` keeps the plain binomial SE."""
     import math
 
     from bdsan.sanitize import unlearn as module

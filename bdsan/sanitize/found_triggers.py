@@ -69,8 +69,8 @@ def gather_triggers(model: nn.Module, train: Holdout, ctx: Context, mode: str, s
 def roam_from_audit(model: nn.Module, train: Holdout, ctx: Context, side: int, steps: int) -> tuple[list, dict]:
     """Roaming patches (``roaming_patch``) toward each class a suite *patch* was flagged for at backdoor strength
     (net ASR ≥ ``SCAN_SKIP_NET_ASR``), one per class, kept when they flip at least ``ROAM_MIN_FLIP``: a network
-    backdoored with a random-colour patch elsewhere can fire on a suite patch too (a blind 86% model answered the
-    suite's ``four_corner`` on 98.8% of its fit images), and the scan does not run then. Their ``source`` is the
+    backdoored with a random-colour patch elsewhere can fire on a suite patch too (on a blind 86% model the suite's
+    ``four_corner`` reached net ASR 0.988 on the fit images), and the scan does not run then. Their ``source`` is the
     audit's, so ``bn=auto`` treats them as suite patches. Returns (kept, summary)."""
     from ..detectors.scan import roaming_patch
 
@@ -89,12 +89,17 @@ def roam_from_audit(model: nn.Module, train: Holdout, ctx: Context, side: int, s
                                                                              "source": "audit"}),
                            side, steps=steps, device=ctx.device, seed=ctx.seed)
              for target, name in classes.items()]
-    tried = [t for t in tried if t is not None]
     model.eval()
-    summary = {"skipped": "the fit audit flagged a trigger at backdoor strength: no scan",
-               "roam": {"found": [{"name": t.name, "flip": t.params["flip"], "kept": t.params["flip"] >= ROAM_MIN_FLIP}
-                                  for t in tried], "seconds": round(time.perf_counter() - started, 3)}}
-    return [t for t in tried if t.params["flip"] >= ROAM_MIN_FLIP], summary
+    kept, roam_summary = _kept_roaming(tried, started)
+    return kept, {"skipped": "the fit audit flagged a trigger at backdoor strength: no scan", "roam": roam_summary}
+
+
+def _kept_roaming(tried: list, started: float) -> tuple[list, dict]:
+    """(the roaming patches that flip at least ``ROAM_MIN_FLIP``, the summary of every one tried since ``started``)."""
+    tried = [t for t in tried if t is not None]
+    found = [{"name": t.name, "flip": t.params["flip"], "kept": t.params["flip"] >= ROAM_MIN_FLIP} for t in tried]
+    return ([t for t in tried if t.params["flip"] >= ROAM_MIN_FLIP],
+            {"found": found, "seconds": round(time.perf_counter() - started, 3)})
 
 
 def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, all_classes: bool = False,
@@ -141,10 +146,10 @@ def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, a
         model.eval()
     if roam > 0:
         roam_started = time.perf_counter()
-        roaming = [roaming_patch(loaded, train, trigger, roam, steps=steps, device=ctx.device, seed=ctx.seed)
-                   for trigger in found if trigger.params["kind"] == "patch" and "key" not in trigger.params]
-        roaming = [t for t in roaming if t is not None]
-        found += [t for t in roaming if t.params["flip"] >= ROAM_MIN_FLIP]
+        kept, roam_summary = _kept_roaming(
+            [roaming_patch(loaded, train, trigger, roam, steps=steps, device=ctx.device, seed=ctx.seed)
+             for trigger in found if trigger.params["kind"] == "patch" and "key" not in trigger.params], roam_started)
+        found += kept
         model.eval()
     section = scan_section(result)
     summary = {k: section[k] for k in ("suspected_target", "anomalous", "anomalous_classes", "anomalous_kinds",
@@ -156,8 +161,7 @@ def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, a
         summary["keys"] = {"found": [t.name for t in found if "key" in t.params],
                            "seconds": round(time.perf_counter() - keys_started, 3)}
     if roam > 0:
-        summary["roam"] = {"found": [{"name": t.name, "flip": t.params["flip"], "kept": t.params["flip"] >= ROAM_MIN_FLIP}
-                                     for t in roaming], "seconds": round(time.perf_counter() - roam_started, 3)}
+        summary["roam"] = roam_summary
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return found, summary
 

@@ -75,8 +75,8 @@ lowest alone, which vanishes near zero — on a random-patch model it kept epoch
 4–10 at 2/216, for 1.31 CA points (0.23 with the new rule, ASR 1.73 → 1.83%); on six evaluation models the new rule
 lowered the mean CA drop from 0.72 to 0.54 at the same mean ASR (2.26%) (BENCHMARKS.md "The guard's ties at one
 image"). ``select=lowest`` keeps the lowest (the earliest default). On a 110-image fit-val slice the epochs'
-errors differ by a few images. On the development model every epoch of six runs was measured (BENCHMARKS.md "Unlearn, epoch by
-epoch"): ``lowest`` picked a half-trained epoch 2 or 3 in two of them, 1.0 development CA points below epoch 10
+errors differ by a few images. On the development model every epoch of six runs was measured (BENCHMARKS.md
+"Unlearn, epoch by epoch"): ``lowest`` picked a half-trained epoch 2 or 3 in two of them, 1.0 development CA points below epoch 10
 each time (ASR 1.5% against 2.7% in one, 2.7% against 2.4% in the other), and the verify check rolled the first
 back (−3.3 points), returning the backdoored model; ``latest-within-se`` keeps epoch 10 in all six.
 
