@@ -1,120 +1,32 @@
 """Unlearn — trigger-informed purification (ALGORITHMS.md §7.9 [ours]).
 
-Fine-tune with the triggers we *found* stamped on half of each batch of fit images, keeping their TRUE labels,
-so the model learns that the trigger means nothing. Triggers come from the pipeline's fit-split audit
-(``ctx.known_triggers``) and from ``bdsan scan`` run here on the fit split (``scan=auto``: unless the audit found a
-trigger at backdoor strength, net ASR ≥ 0.9 — a natural flip of a clean model, 0.5–0.6, once kept the scan from
-running on a backdoor the suite does not know; ``scan=if-none`` is the earlier rule) — its reconstructed triggers
-of anomalous classes, or, when it flags none and the audit flagged nothing, the most suspicious class's.
-Never the real trigger. ``scan_wave`` (default on): that scan searches the wave kind too, and a class's best plane
-wave is stamped where it flagged the class — on an 86% CIFAR-10 model with a row sine the suite does not know,
-unlearn without it left 81.2% ASR, with it 2.6% at −0.7 points (BENCHMARKS.md "Unlearn with the scan's wave kind").
-``wave_phase=random`` (default): that wave is stamped at a random phase, not at the one of four phases the scan chose
-(it had found the trigger's frequency and axis at phase π/2 or π off on three of four models); on two fresh models
-2.1% / 5.0% ASR against 2.7% / 5.4% with ``found``, at 0.83 / 1.55 CA points against 1.02 / 1.05.
-``wave_strength_min``/``wave_strength_max`` (1/1): the wave's amplitude scaled per image by a factor from that range
-(the scan searches at 32/255; a trigger may be stronger); ``=2`` lowered the ASR on two fresh row-sine models (8.9 →
-5.4%, 3.4 → 2.0%) but cost 1.2 and 0.7 more CA points, so it stays off. ``wave_neighbours`` (0): the wave is also
-stamped one (N) periods either side; it left more of the sine on two 86% development models (BENCHMARKS.md
-"Unlearn's wave at more than the scan's amplitude"). ``scan_keys`` (0, opt-in): for each patch that scan found, up to
-that many further reconstructions toward its class on pixels the earlier ones do not cover
-(``further_patch_keys``): a network backdoored with a random-colour patch answered 3-pixel parts of it at many
-positions, and the first reconstruction was one of them, beside the real patch; with four keys a development model
-kept 3.0% of it instead of 3.4%, but on two fresh models 1.67% / 1.33% against the default's 1.72% / 1.24%, for
-1.00 / 0.38 CA points against 0.59 / 0.35 (BENCHMARKS.md "Keys of a patch the suite does not know"), so it stays off.
-``scan_roam`` (default 4; 0 = off): for each patch that scan found, a 4×4 patch toward its class whose colours are
-optimised at a random position per image (``roaming_patch``) is stamped, ranked and pruned by too, at a random
-position per image, when it flips at least half of its images: a global-pooling CNN backdoored with a random-colour
-patch answers such a patch anywhere (95.7–99.8% of images to the target over every position; a clean twin 3.5%).
-On two development models where the real patch, known, had left 1.9% / 2.6% against the earlier default's 2.93% /
-3.82%, it left 1.99% / 2.79% for 0.70 / 0.51 CA points; on two fresh ones 1.89% / 2.19% against 1.96% / 3.21%, for
-0.38 / 0.46 against 0.56 / 0.16; rerun on two more, 1.52% at 0.84 (earlier 1.72% at 0.59) and 1.73% at 1.31
-(earlier 1.24% at 0.35: over the CA budget) (BENCHMARKS.md "Fresh full-image models (seed 5)…"). Blind, on two
-fresh random patches with the current defaults: 2.29% at 0.80 and 3.78% at 0.19 — on the second the fit audit
-flagged a suite patch at backdoor strength, so ``scan=auto`` did not scan and no roaming patch was made
-(BENCHMARKS.md "Blind random patches seeds 15 and 16…"). ``roam_audit`` (off, experimental): when the scan
-does not run, a ``scan_roam`` roaming patch toward each class a suite patch was flagged for at backdoor strength
-(``roam_from_audit``): on that model 3.78 → 3.17% (0.19 → 0.12 CA points), on five suite-attack models inside the
-goal either way (mean 1.66 → 1.61% at 0.36 → 0.39) — one development model, so it stays off.
+Removes a backdoor with the triggers bdsan *found*, never the real one: the suite triggers the fit-split audit
+flagged (``ctx.known_triggers``) and, with ``scan=auto`` unless one of those fired at backdoor strength (net ASR ≥
+0.9), ``bdsan scan`` run on the fit split (its anomalous classes' patch and blend, and with ``scan_wave`` the class's
+plane wave, stamped at a random phase with ``wave_phase=random``). For each patch the scan found, ``scan_roam`` adds
+a 4×4 patch optimised at random positions toward its class (kept when it flips at least half of its images) and
+``scan_keys`` (opt-in) further reconstructions on pixels the first does not cover; ``roam_audit`` (experimental)
+adds a roaming patch toward each class a suite patch was flagged for when the scan does not run.
 
-**Pruning first** (``prune_ratio``, default 1/64 of each conv layer's channels, hard: zeroed and kept at zero): the
-channels the found triggers excite most (FMP's ``rank=triggers`` ranking on ``prune_images`` class-balanced fit
-images) are candidates; ``prune_schedule=fewest`` (default) zeroes only the fewest of them — most excited first,
-across layers, found by doubling then bisection — that take the found triggers' target rate on the fit images (the
-share of stamped images of other classes predicted as the trigger's suspected target) to within ``fewest_z`` (1)
-standard errors of the input model's own rate into those targets without any trigger (``fewest_reference=floor``,
-default; ``best``: the lower of that floor and the rate all candidates pruned reach). Chosen on the development
-models; at a 1% holdout (~225 fit images, also the ranking images) the search is noisy and let too few channels
-pass on three of six evaluation models (BENCHMARKS.md "The fewest channels"); ``floor_se_images`` (0 = off;
-experimental) computes the standard errors of both floor tests on at least that many images, so a small fit split
-does not widen the slack (1,000 leaves a 5% CIFAR-10 holdout, 1,125 non-target fit images, unchanged). ``at-once``
-zeroes all candidates. When the pruned model's rate is then within two standard errors of the floor,
-it is returned (``stop_at_floor``); otherwise the fine-tuning below runs from it (``stamp``: ``all`` found triggers
-stamped, or ``patches`` only). The guard judges the pruned state and every epoch by that target rate on fit-val
-(``objective=target-rate``; ``triggered-error``, the error on stamped images, was the objective before).
-Measured on the 86% development models (BENCHMARKS.md "Pruning by the found triggers"): pruning all 21 candidates
-took a noise blend from 99.9% to 0.0% ASR at −0.4 development CA points and SIG from 100% to 0.7% at −0.8; the
-fewest that reach the floor, 7 and 17 channels, did it at +0.3 and −0.3 points (BENCHMARKS.md "The fewest
-channels"). Fine-tuning after pruning brought
-part of them back (blend 2.4–2.8%, SIG 2.4–3.4%, for up to 1.6 more CA points; without stamping SIG went back to
-25.6%: re-estimating BatchNorm alone, no weight changed, took the pruned blend from 0.0% to 2.0% from clean fit
-images and to 5.3% from half-stamped ones). On the weaker 75% CPU models pruning alone can leave far more (SIG
-23%) and the fine-tuning is what removes it.
+1. **Prune** (``prune_schedule=fewest``): among the ``prune_ratio`` (1/64) of each conv layer's channels the found
+   triggers excite most (FMP's ``rank=triggers`` on ``prune_images`` fit images), zero the fewest — most excited
+   first, by doubling then bisection — that take the triggers' target rate on the fit images to within ``fewest_z``
+   standard errors of the input model's own untriggered rate into those targets (``fewest_reference``). Within two
+   standard errors of that floor the pruned model is returned (``stop_at_floor=auto``: only with re-estimated
+   BatchNorm statistics), else fine-tuning starts from it.
+2. **Fine-tune** ``epochs`` with the found triggers stamped on ``stamp_fraction`` of each batch with their *true*
+   labels (``stamped_loss``; full-image triggers scaled by ``strength_min``–``strength_max``), the clean part kept by
+   ``regularizer`` (``distill``: KL to the input model's softened outputs, ``distill_mode``; or L2-SP).
+   BatchNorm (``bn=auto``): the delivered statistics are kept, with a calibrated lr (``frozen_statistics_lr``), when
+   every found trigger toward the primary target is a suite patch the fit audit flagged; otherwise they are
+   re-estimated at every checkpoint from augmented fit images stamped like the training batches (``bn_stamped``).
+3. **Guard**: among the pruned state and the epochs within ``--max-acc-drop`` on fit-val, keep the latest whose
+   found-trigger target rate on stamped fit-val images (``objective``) ties with the lowest (``select``: within one
+   standard error of the difference, each SE taken with one success and one failure added).
 
-Clean accuracy is kept by a regulariser on the clean half: ``distill`` (KL to the input model's softened outputs on
-the same clean images), ``l2`` (L2-SP: ``l2_weight``·‖θ − θ₀‖²) or ``none``; distillation kept 3.3–3.5 more
-CA points at the same ASR on the CPU benchmark models (BENCHMARKS.md "BatchNorm statistics of stamped batches").
-``distill_mode``: ``all`` (default), ``suppress-target`` (no teacher mass on the suspected targets for other
-classes' images: removes the backdoored model's extra clean answers into the target, and 20–25 points of the target
-class's recall on CIFAR-10 development models) or ``agree`` (distil where the teacher is right; no measurable effect).
-The fit-val guard keeps, among the epochs within ``--max-acc-drop``, the latest whose guard objective (the found
-triggers' target rate on fit-val) ties with the lowest: within one standard error of the *difference*, each state's
-SE taken with one success and one failure added (``select=latest-within-diff-se``, the default since the
-thirty-eighth session); ``latest-within-se`` (the default from the nineteenth) ties within one binomial SE of the
-lowest alone, which vanishes near zero — on a random-patch model it kept epoch 3 at 1/216 stamped images over epochs
-4–10 at 2/216, for 1.31 CA points (0.23 with the new rule, ASR 1.73 → 1.83%); on six evaluation models the new rule
-lowered the mean CA drop from 0.72 to 0.54 at the same mean ASR (2.26%) (BENCHMARKS.md "The guard's ties at one
-image"). ``select=lowest`` keeps the lowest (the earliest default). On a 110-image fit-val slice the epochs'
-errors differ by a few images. On the development model every epoch of six runs was measured (BENCHMARKS.md
-"Unlearn, epoch by epoch"): ``lowest`` picked a half-trained epoch 2 or 3 in two of them, 1.0 development CA points below epoch 10
-each time (ASR 1.5% against 2.7% in one, 2.7% against 2.4% in the other), and the verify check rolled the first
-back (−3.3 points), returning the backdoored model; ``latest-within-se`` keeps epoch 10 in all six.
-
-``stamped_loss``: ``ce`` (default; the stamped images' true labels) or ``consistency`` (experimental: distil each
-stamped image toward the input model's answer on the same image *without* the trigger; the label is not used).
-On the development model ``consistency`` took the noise blend's epoch-10 ASR from 2.7% to 2.0% for 0.3 more CA
-points — what ``strength_max=2, lr=0.005`` gives at no CA cost — so it stays off.
-
-``strength_min``/``strength_max``: full-image found triggers (blends, SIG: changing ≥ 25% of the pixels) are stamped
-with their change scaled by a factor drawn per image from that range; patches as found. Unlearning at the found
-strength only attenuates a noise blend (dev ASR 1.5 / 5.1 / 29% at alpha 0.2 / 0.3 / 0.4 after the default run);
-stamping up to twice as strong took the epoch-10 model from 2.7% / 9.6% (alpha 0.2 / 0.3) to 1.9% / 3.2% for 0.4
-more CA points, and with ``lr=0.005`` to 2.0% at −0.9 points (same section). On the 86% evaluation model that
-variant (with ``select=latest-within-se``) reached 1.9% but cost 1.5 CA points (defaults: 2.9% at −0.8), so the
-defaults stay 1–1, lr 0.01.
-
-BatchNorm: running statistics are re-estimated at every checkpoint from augmented fit images, **stamped like the
-training batches** (``bn_stamped``: the same fraction carries a found trigger). Measured on the CPU benchmark models
-(development images, same BENCHMARKS.md section): re-estimating from clean images only left a
-noise blend at 75% ASR and SIG at 15% (rolled back) — the network had unlearnt the trigger under the statistics of
-half-stamped batches and was judged under clean ones; stamped re-estimation took them to 3.9% and 4.5%.
-After pruning, that re-estimation is most of what the fine-tuning costs: on an 86% badnets development model it
-cost 0.7 CA points with no weight changed (BENCHMARKS.md "BatchNorm statistics after pruning"). Frozen statistics
-(``bn=frozen``, lr 0.001 on the 86% models, where 0.01 diverged) were inside the goal on three 86% badnets grids
-where re-estimation was inside it on one, but left a development row sine at 4.1% instead of 2.4%.
-So ``bn=auto`` (default) decides per model (``_settings``): frozen statistics when every found trigger toward the
-primary target (the one whose trigger fires most above its untriggered rate) is a patch of the suite that the fit
-audit flagged, else the re-estimation above — for a patch only the scan found, frozen statistics left more of the
-real patch on four models (development 5.0% against 3.4%; fresh 4.18 / 3.71%, 4.07 / 3.82%, 3.13 / 2.93%).
-With frozen statistics ``lr=auto`` is calibrated (``frozen_statistics_lr``: the lr at which one step moves
-the median conv layer by 1e-4 of its norm; without batch statistics that distance depends on the model — 17× more
-on the 86% CPU models than on the toy test model at the same lr) and ``stop_at_floor=auto`` fine-tunes after
-pruning even at the floor (BENCHMARKS.md "BatchNorm statistics by trigger kind"). ``bn=reestimate-augmented`` gives
-the earlier default; ``bn=reestimate-shift`` (the delivered statistics moved by the change fine-tuning makes on the
-fit images; ``ShiftedStatistics``) lowered most ASRs and cost the most.
-
-Speed: the fine-tuning runs with channels_last weights (same outputs); ``precision`` ``auto`` is bf16 autocast on
-CUDA and fp32 on the CPU, where bf16 gave the same CA/ASR but ran slower (BENCHMARKS.md "Unlearn in bf16 on the CPU").
+Every default was chosen by measurement on CIFAR-10 benchmark models; README.md ("Sanitizing a model", "Scanning
+for unknown triggers") gives each option's effect and BENCHMARKS.md the rows, including the alternatives kept
+selectable. ``precision=auto``: bf16 autocast on CUDA, fp32 on the CPU (bf16 ran slower there).
 """
 from __future__ import annotations
 
