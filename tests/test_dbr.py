@@ -81,7 +81,8 @@ def test_dbr_rejects_bad_parameters():
 
 @pytest.mark.parametrize("method, extra", [("dbr", {}), ("fmp", {"rank": "triggers"})])
 def test_dbr_and_fmp_hand_scan_keys_and_roam_to_the_scan(toy_poisoned, monkeypatch, method, extra):
-    """``scan_keys`` / ``scan_roam`` reach ``gather_triggers`` (off by default); the fake stops the run there."""
+    """``scan_keys`` / ``scan_roam`` reach ``gather_triggers`` (D-BR: off by default; FMP: ``scan_roam`` 4 in the
+    bdsan recipe, 0 in the paper's); the fake stops the run there."""
     import importlib
 
     module = importlib.import_module(f"bdsan.sanitize.{method}")
@@ -96,7 +97,9 @@ def test_dbr_and_fmp_hand_scan_keys_and_roam_to_the_scan(toy_poisoned, monkeypat
 
     monkeypatch.setattr(module, "gather_triggers", fake)
     fit, _ = split_holdout(toy_poisoned.holdout, 0.5, 0)
-    for params, expected in [({}, (0, 0)), ({"scan_keys": 2, "scan_roam": 4}, (2, 4))]:
+    default_roam = 4 if method == "fmp" else 0
+    for params, expected in [({}, (0, default_roam)), ({"scan_keys": 2, "scan_roam": 4}, (2, 4)),
+                             ({"scan_roam": 0}, (0, 0))]:
         model = copy.deepcopy(toy_poisoned.model).normalized()
         with pytest.raises(Stop):
             get_method(method, **extra, **params).run(model, fit, Context(seed=0))

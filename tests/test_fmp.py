@@ -110,6 +110,7 @@ def test_registry_converts_cli_strings_and_recipes():
     assert fmp.prune_ratio == 1 / 32 and fmp.rank_images == 64 and fmp.hard_prune is False
     paper = get_method("fmp", recipe="paper")
     assert paper.rank_images == 32 and paper.hard_prune is False and paper.known_trigger_fraction == 0.0
+    assert paper.scan_roam == 0 and get_method("fmp").scan_roam == 4
     from bdsan.errors import UsageError
 
     with pytest.raises(UsageError, match="no parameter"):

@@ -317,9 +317,11 @@ class FMP:
     ``rank="triggers"``: rank channels by how strongly the found triggers (audit, else scan) excite them
     (:func:`trigger_response`) instead of by FGSM; FGSM when no trigger was found. ``scan_wave``: the scan also
     searches the wave kind and a flagged class's plane wave is stamped (row-sine models: 98.1% → 5.1% and
-    91.1% → 2.3% ASR; BENCHMARKS.md "Unlearn with the scan's wave kind"). ``scan_keys`` / ``scan_roam`` (0, opt-in):
-    as in unlearn, further reconstructions of a patch the scan found, and a patch optimised at random positions
-    toward its class, are ranked by and stamped too.
+    91.1% → 2.3% ASR; BENCHMARKS.md "Unlearn with the scan's wave kind"). ``scan_roam`` (4; paper 0): as in
+    unlearn, a 4×4 patch optimised at random positions toward the class of a patch the scan found is ranked by and
+    stamped too — on two fresh random-patch models 2.70 → 2.13% and 3.13 → 2.81% ASR for 0.08 / 0.05 more CA points
+    (BENCHMARKS.md "Fresh random patches seeds 17 and 18"). ``scan_keys`` (0, opt-in): further reconstructions of
+    such a patch.
     """
 
     recipe: str = "bdsan"
@@ -345,7 +347,7 @@ class FMP:
     scan_steps: int = 300
     scan_wave: bool = True
     scan_keys: int = 0
-    scan_roam: int = 0
+    scan_roam: int | None = None
     rank_precision: str = "auto"
     rank: str = "fgsm"
     distill_weight: float | None = None
@@ -369,6 +371,8 @@ class FMP:
             self.bn = "train" if paper else "reestimate-augmented"
         if self.bn_stamped is None:
             self.bn_stamped = not paper
+        if self.scan_roam is None:
+            self.scan_roam = 0 if paper else 4
         check_bn_mode(self.bn)
         if self.rank not in RANKINGS:
             raise ValueError(f"rank must be one of {', '.join(RANKINGS)}, got {self.rank!r}")
