@@ -438,3 +438,49 @@ def test_roam_audit_tries_a_roaming_patch_toward_each_class_a_suite_patch_was_fl
     with pytest.raises(RuntimeError, match="stop"):
         get_method("unlearn", roam_audit=True).run(model, fit, ctx)
     assert seen == [True]
+
+
+def test_roam_refresh_reoptimises_the_roaming_patch_on_the_model_being_fine_tuned(monkeypatch):
+    """``roam_refresh``: after every epoch but the last, each roaming patch is optimised again on the fine-tuned model
+    from its last colours (logged as that epoch's ``roam_refresh_flip``) and stamped beside the found triggers; the
+    guard still judges the found ones only. Off (0) by default."""
+    from bdsan.detectors.scan import roaming_patch
+    from bdsan.sanitize import unlearn as module
+    from bdsan.sanitize.found_triggers import scan_fit_split
+
+    toy = scan_helpers.unknown_patch_toy()
+    fit, _ = split_holdout(toy.holdout, 0.5, 0)
+    ctx = Context(device=torch.device("cpu"), seed=0, batch_size=256, max_acc_drop=3.0)
+    model = copy.deepcopy(toy.model).normalized()
+    found, summary = scan_fit_split(model, fit, ctx, steps=100)
+    patch = next(t for t in found if t.params["kind"] == "patch")
+    roam = roaming_patch(model_wrapper(model, fit), fit, patch, 4, steps=30, seed=0, device="cpu")
+    sources = [{"name": t.name, "source": "scan", "target": t.params["target"], "kind": t.params["kind"]}
+               for t in [*found, roam]]
+    monkeypatch.setattr(module, "gather_triggers", lambda *args: ([*found, roam], sources, summary))
+    stamped_names = []
+    real_stamp = module.stamp_leading
+
+    def spy(x, triggers, *args, **kwargs):
+        stamped_names.append(tuple(t.name for t in triggers))
+        return real_stamp(x, triggers, *args, **kwargs)
+
+    monkeypatch.setattr(module, "stamp_leading", spy)
+    result = get_method("unlearn", epochs=3, scan_steps=100, roam_refresh=20, prune_ratio=0.0).run(
+        copy.deepcopy(model), fit, ctx)
+    epochs = result.details["epochs"]
+    assert [("roam_refresh_flip" in e) for e in epochs] == [True, True, False]
+    assert all(len(e["roam_refresh_flip"]) == 1 and 0.0 <= e["roam_refresh_flip"][0] <= 1.0 for e in epochs[:2])
+    first, last = stamped_names[0], stamped_names[-1]
+    assert roam.name in first and f"{roam.name}_refreshed" not in first
+    assert last == (*first, f"{roam.name}_refreshed")
+    assert get_method("unlearn").roam_refresh == 0
+    with pytest.raises(Exception, match="roam_refresh"):
+        get_method("unlearn", roam_refresh=-1)
+
+
+def model_wrapper(model, holdout):
+    from bdsan.io.models import from_module
+    from bdsan.io.preprocess import Preprocessing
+
+    return from_module(model, "module", holdout.num_classes, Preprocessing(), list(holdout.classes))
