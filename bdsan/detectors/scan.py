@@ -378,16 +378,14 @@ def further_patch_keys(model: LoadedModel, holdout: Holdout, trigger, count: int
 
 
 def roaming_patch(model: LoadedModel, holdout: Holdout, trigger, side: int, *, steps: int = 300,
-                  images_per_step: int = 64, device=None, seed: int = 0, precision: str = "auto",
-                  init: torch.Tensor | None = None):
+                  images_per_step: int = 64, device=None, seed: int = 0, precision: str = "auto"):
     """A ``side``×``side`` patch toward the class of the reconstructed patch ``trigger`` whose colours are optimised
     at a random position per image (``holdout``'s images of other classes, Adam on logits, cross-entropy to the
     class), returned as a Trigger that pastes it at a random position per image. A global-pooling network backdoored
     with a random-colour patch answers a patch like this anywhere (two 86% CIFAR-10 models: 95.7% and 99.8% of the
     images to the target, averaged over every position; a clean twin 3.5%: BENCHMARKS.md "Fresh full-image models
     (seed 5)…"), where the scan's smallest reconstruction covers a 3-pixel fragment at one place. ``flip`` in its
-    params: the share of the last 8 steps' images it sent to the class. ``init``: start from these colours (C×s×s in
-    [0, 1], e.g. an earlier roaming patch) instead of random ones."""
+    params: the share of the last 8 steps' images it sent to the class."""
     from .triggers import Trigger
 
     device, bf16, target, others = _toward_class(holdout, trigger, device, precision)
@@ -395,9 +393,7 @@ def roaming_patch(model: LoadedModel, holdout: Holdout, trigger, side: int, *, s
     if not len(others) or side > min(height, width):
         return None
     generator = torch.Generator().manual_seed(seed)
-    start = (0.5 * torch.randn(others.x.shape[1], side, side, generator=generator) if init is None
-             else torch.logit(init.float().clamp(1e-3, 1 - 1e-3)))
-    logits = start.to(device).requires_grad_(True)
+    logits = (0.5 * torch.randn(others.x.shape[1], side, side, generator=generator)).to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([logits], lr=0.1)
     batch = min(images_per_step, len(others))
     labels = torch.full((batch,), target, device=device)

@@ -6,9 +6,7 @@ flagged (``ctx.known_triggers``) and, with ``scan=auto`` unless one of those fir
 plane wave, stamped at a random phase with ``wave_phase=random``). For each patch the scan found, ``scan_roam`` adds
 a 4×4 patch optimised at random positions toward its class (kept when it flips at least half of its images) and
 ``scan_keys`` (opt-in) further reconstructions on pixels the first does not cover; ``roam_audit`` (experimental)
-adds a roaming patch toward each class a suite patch was flagged for when the scan does not run; ``roam_refresh``
-(experimental) re-optimises each roaming patch on the model being fine-tuned after every epoch, for that many steps,
-and stamps the new one beside the found triggers (never judged by the guard).
+adds a roaming patch toward each class a suite patch was flagged for when the scan does not run.
 
 1. **Prune** (``prune_schedule=fewest``): among the ``prune_ratio`` (1/64) of each conv layer's channels the found
    triggers excite most (FMP's ``rank=triggers`` on ``prune_images`` fit images), zero the fewest — most excited
@@ -35,7 +33,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +41,6 @@ from torch import nn
 
 from ..device import channels_last, check_precision, precision_autocast, training_bf16
 from ..io.data import Holdout, to_float
-from ..io.models import from_module
-from ..io.preprocess import Preprocessing
 from ..train.augment import augment_batch
 from ..train.loop import predict
 from .batchnorm import ShiftedStatistics, check_bn_mode, checkpoint_bn, set_training
@@ -101,7 +97,6 @@ class Unlearn:
     scan_keys: int = 0
     scan_roam: int = 4
     roam_audit: bool = False
-    roam_refresh: int = 0
     wave_phase: str = "random"
     wave_strength_min: float = 1.0
     wave_strength_max: float = 1.0
@@ -145,8 +140,8 @@ class Unlearn:
             raise ValueError("need 0 < strength_min ≤ strength_max")
         if not 0 < self.wave_strength_min <= self.wave_strength_max:
             raise ValueError("need 0 < wave_strength_min ≤ wave_strength_max")
-        if min(self.wave_neighbours, self.scan_keys, self.scan_roam, self.roam_refresh, self.floor_se_images) < 0:
-            raise ValueError("wave_neighbours, scan_keys, scan_roam, roam_refresh and floor_se_images must be ≥ 0")
+        if min(self.wave_neighbours, self.scan_keys, self.scan_roam, self.floor_se_images) < 0:
+            raise ValueError("wave_neighbours, scan_keys, scan_roam and floor_se_images must be ≥ 0")
         if not 0.0 <= self.prune_ratio < 1.0 or self.prune_images < 1:
             raise ValueError("need 0 ≤ prune_ratio < 1 and prune_images ≥ 1")
         if self.prune_schedule not in PRUNE_SCHEDULES:
@@ -403,8 +398,6 @@ class Unlearn:
         log = []
         step = 0
         shift = None
-        found = list(triggers)
-        roams = [t for t in found if "roam" in (getattr(t, "params", None) or {})] if self.roam_refresh else []
         if bn == "reestimate-shift":
             shift = ShiftedStatistics(train, ctx.batch_size, self.augment, ctx.seed * 1_000_003 + 41,
                                       transform_for=self._bn_stamp(triggers) if self.bn_stamped else None)
@@ -462,28 +455,7 @@ class Unlearn:
             guard.check(model, f"epoch {epoch}", objective=objective, objective_se=objective_se)
             log.append({"epoch": epoch, "ce": sums["ce"] / steps_per_epoch, "reg": sums["reg"] / steps_per_epoch,
                         f"{self.objective}_fit_val": objective})
-            if self.roam_refresh and epoch < self.epochs and roams:
-                roams = self._refreshed(model, train, roams, ctx, seed=ctx.seed + 101 * epoch)
-                triggers = found + roams
-                log[-1]["roam_refresh_flip"] = [t.params["flip"] for t in roams]
         return log
-
-    def _refreshed(self, model: nn.Module, train: Holdout, roams: list, ctx: Context, seed: int) -> list:
-        """Each roaming patch re-optimised on ``model`` as it is now, from its last colours, for ``roam_refresh``
-        steps (``flip`` in its params: the share of images the current model sends to the class with it)."""
-        from ..detectors.scan import roaming_patch
-
-        loaded = from_module(model, "module", train.num_classes, Preprocessing(), list(train.classes))
-        fresh = []
-        for index, roam in enumerate(roams):
-            base = roam.params.get("refreshed_from", roam.name)
-            again = roaming_patch(loaded, train, roam, int(roam.params["roam"]), steps=self.roam_refresh,
-                                  device=ctx.device, seed=seed + index, precision=self.precision,
-                                  init=roam.fn.patch)
-            fresh.append(roam if again is None else
-                         replace(again, name=f"{base}_refreshed", params=again.params | {"refreshed_from": base}))
-        model.eval()
-        return fresh
 
 
 def frozen_statistics_lr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cap: float = DEFAULT_LR
