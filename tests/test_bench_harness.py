@@ -99,6 +99,8 @@ def test_details_summary_keeps_the_guards_choice_and_the_pruning_decision(bench)
                        "pruned": {"n_pruned": 3, "target_rate_fit": 0.01, "untriggered_rate_fit": 0.02,
                                   "at_floor": True, "by_trigger": [{"name": "badnets_grid", "target": 0}]}}
     assert bench._details_summary({"fit_train": 1}) == {"fit_train": 1}
+    epochs = [{"epoch": 1, "ce": 0.5, "reg": 0.1, "target-rate_fit_val": 0.02}]  # unlearn's per-epoch log
+    assert bench._details_summary({"fit_train": 1, "epochs": epochs}) == {"fit_train": 1, "epochs": epochs}
     used = [{"name": "scan_wave_class0", "source": "scan", "target": 0, "kind": "wave"}]
     scan = {"suspected_target": 0, "anomalous_kinds": {"0": ["wave"]}, "mask_l1": [1.0, 2.0]}
     assert bench._details_summary({"triggers": used, "scan": scan}) == {

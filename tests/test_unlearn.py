@@ -438,29 +438,3 @@ def test_roam_audit_tries_a_roaming_patch_toward_each_class_a_suite_patch_was_fl
     with pytest.raises(RuntimeError, match="stop"):
         get_method("unlearn", roam_audit=True).run(model, fit, ctx)
     assert seen == [True]
-
-
-def test_prune_reference_target_class_hands_labels_and_targets_to_the_ranking(monkeypatch):
-    """``prune_reference=target-class`` (opt-in): the channel ranking gets the ranking images' labels and each found
-    trigger's class; the default (``clean``) gets neither."""
-    from bdsan.sanitize import unlearn as module
-
-    toy = scan_helpers.unknown_patch_toy()
-    fit, _ = split_holdout(toy.holdout, 0.5, 0)
-    seen = []
-
-    def fake(model, layers, x, triggers, **kwargs):
-        seen.append((kwargs.get("y") is not None, kwargs.get("targets")))
-        raise RuntimeError("stop")
-
-    monkeypatch.setattr(module, "trigger_response", fake)
-    for reference in ("clean", "target-class"):
-        ctx = Context(device=torch.device("cpu"), seed=0, batch_size=256)
-        with pytest.raises(RuntimeError, match="stop"):
-            get_method("unlearn", scan_steps=60, prune_reference=reference).run(
-                copy.deepcopy(toy.model).normalized(), fit, ctx)
-    assert seen[0] == (False, None)
-    assert seen[1][0] and seen[1][1] and all(t == scan_helpers.UNKNOWN_TARGET for t in seen[1][1])
-    assert get_method("unlearn").prune_reference == "clean"
-    with pytest.raises(Exception, match="prune_reference"):
-        get_method("unlearn", prune_reference="target")
