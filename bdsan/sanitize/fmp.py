@@ -162,15 +162,11 @@ def rank_channels(model: nn.Module, layers: list[tuple[str, nn.Module]], x: torc
 
 @torch.no_grad()
 def trigger_response(model: nn.Module, layers: list[tuple[str, nn.Module]], x: torch.Tensor, triggers: list, *,
-                     bf16: bool = False, y: torch.Tensor | None = None, targets: list[int | None] | None = None
-                     ) -> dict[str, dict[str, torch.Tensor]]:
+                     bf16: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """Per channel, how strongly the found triggers drive it: z = (mean activation on stamped images − mean on
     clean ones) / clean standard deviation (spatial means per image), the largest over triggers. Returned negated in
     :func:`rank_channels`' format ({layer: {"accuracy": −z, "margin": −z}}, lower = more harmful), so
-    :func:`select_channels` prunes the channels the triggers excite most. With ``y`` (the images' labels) and
-    ``targets`` (each trigger's class or None), the shift is taken from the higher of the clean mean and the mean of
-    the clean images of the trigger's class: a channel the trigger drives no more than that class's own images do
-    carries the class, not the backdoor."""
+    :func:`select_channels` prunes the channels the triggers excite most."""
     model.eval()
     captured: dict[str, torch.Tensor] = {}
     handles = [layer.register_forward_hook(
@@ -190,11 +186,7 @@ def trigger_response(model: nn.Module, layers: list[tuple[str, nn.Module]], x: t
     scores = {}
     for name, _ in layers:
         reference = clean[name]
-        base = reference.mean(0).repeat(len(triggers), 1)  # triggers × C
-        for index, target in enumerate(targets if y is not None and targets is not None else []):
-            if target is not None and bool((y == target).any()):
-                base[index] = torch.maximum(base[index], reference[y == target].mean(0))
-        shift = torch.stack(stamped_means[name]) - base
+        shift = torch.stack(stamped_means[name]) - reference.mean(0)  # triggers × C
         z = (shift / (reference.std(0) + 1e-6)).amax(0)
         scores[name] = {"accuracy": (-z).cpu(), "margin": (-z).cpu()}
     return scores

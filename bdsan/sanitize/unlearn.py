@@ -65,7 +65,6 @@ STAMP_MODES = ("all", "patches")
 OBJECTIVES = ("target-rate", "triggered-error")
 WAVE_PHASES = ("random", "found")
 PRUNE_SCHEDULES = ("at-once", "fewest")
-PRUNE_REFERENCES = ("clean", "target-class")
 FEWEST_REFERENCES = ("floor", "best")
 DEFAULT_LR = 0.01
 FROZEN_STEP = 1e-4  # with frozen statistics: the median conv layer's first step, relative to its weights' norm
@@ -111,7 +110,6 @@ class Unlearn:
     prune_ratio: float = 1 / 64
     prune_images: int = 256
     prune_schedule: str = "fewest"
-    prune_reference: str = "clean"
     fewest_z: float = 1.0
     fewest_reference: str = "floor"
     floor_se_images: int = 0
@@ -148,8 +146,6 @@ class Unlearn:
             raise ValueError("need 0 ≤ prune_ratio < 1 and prune_images ≥ 1")
         if self.prune_schedule not in PRUNE_SCHEDULES:
             raise ValueError(f"prune_schedule must be one of {', '.join(PRUNE_SCHEDULES)}")
-        if self.prune_reference not in PRUNE_REFERENCES:
-            raise ValueError(f"prune_reference must be one of {', '.join(PRUNE_REFERENCES)}")
         if self.fewest_reference not in FEWEST_REFERENCES:
             raise ValueError(f"fewest_reference must be one of {', '.join(FEWEST_REFERENCES)}")
         if self.stamp not in STAMP_MODES:
@@ -306,22 +302,18 @@ class Unlearn:
     def _prune(self, model: nn.Module, train: Holdout, fit: Holdout, triggers: list, targets: dict[str, int | None],
                floor: tuple[float | None, int], ctx: Context) -> tuple[ChannelMask, dict, list[tuple[str, float, int]]]:
         """Zero the ``prune_ratio`` of each conv layer's channels that the found triggers excite most (FMP's
-        ``rank=triggers`` ranking on ``prune_images`` class-balanced fit images; with ``prune_reference=target-class``
-        the excitation is measured above the trigger's class's own clean images too); the mask keeps them at zero.
+        ``rank=triggers`` ranking on ``prune_images`` class-balanced fit images); the mask keeps them at zero.
 
         ``prune_schedule=fewest``: of those channels, only the fewest — most excited first, across layers — whose
         target rate on the fit images is within ``fewest_z`` standard errors of the reference (``fewest_reference``:
         the untriggered floor, or the lower of it and the rate with every candidate pruned), by doubling 1, 2, 4, …
         to bracket the count, then bisection (the rate is taken to fall as channels are added); all of them when no
         smaller count does. Returns (mask, summary, each found trigger's target rate on the fit images)."""
-        x_rank, y_rank = class_balanced_batch(train, self.prune_images, ctx.seed + 17)
+        x_rank, _ = class_balanced_batch(train, self.prune_images, ctx.seed + 17)
         order, pairs = conv_bn_pairs(model, x_rank[:2])
         modules = dict(model.named_modules())
         layers = [(name, modules[name]) for name in order]
-        by_class = self.prune_reference == "target-class"
-        scores = trigger_response(model, layers, x_rank, triggers, bf16=training_bf16(ctx.device, self.precision),
-                                  y=y_rank if by_class else None,
-                                  targets=[targets.get(t.name) for t in triggers] if by_class else None)
+        scores = trigger_response(model, layers, x_rank, triggers, bf16=training_bf16(ctx.device, self.precision))
         selection = select_channels(scores, self.prune_ratio, 0)
         ranked = sorted(((name, c) for name, chans in selection.items() for c in chans),
                         key=lambda nc: (float(scores[nc[0]]["accuracy"][nc[1]]), nc))
@@ -367,8 +359,7 @@ class Unlearn:
         if not last or last[0] != count:
             prune(count)
         _, mask, rates = last
-        summary = {"ratio": self.prune_ratio, "schedule": self.prune_schedule, "reference": self.prune_reference,
-                   "rank_images": len(x_rank),
+        summary = {"ratio": self.prune_ratio, "schedule": self.prune_schedule, "rank_images": len(x_rank),
                    "n_pruned": count, "n_selected": len(ranked),
                    "n_channels": sum(len(s["accuracy"]) for s in scores.values()),
                    "layers": self._chosen(ranked, selection, count)}
