@@ -242,7 +242,7 @@ def _details_summary(details: dict) -> dict:
         summary["selected"] = details["guard"]["selected"]
         summary["guard_history"] = [{k: h[k] for k in ("label", "ca_fit_val", "objective", "objective_se", "accepted")
                                      if k in h} for h in details["guard"].get("history") or []]
-    if details.get("epochs"):  # unlearn's per-epoch log (losses, fit-val objective)
+    if details.get("epochs"):  # the per-epoch log of unlearn, D-BR, trap-replace
         summary["epochs"] = details["epochs"]
     if isinstance(details.get("pruned"), dict):
         summary["pruned"] = {k: details["pruned"][k] for k in ("n_pruned", "target_rate_fit", "untriggered_rate_fit",
