@@ -132,25 +132,3 @@ def test_neighbour_waves_are_the_scans_wave_one_period_either_side():
     assert neighbour_waves([wave], 0) == []
     assert [t.name for t in neighbour_waves([plane_wave_trigger(2, 0, 0.1)], 2)] == [  # never under one period
         "scan_wave_class0_2periods", "scan_wave_class0_3periods"]
-
-
-def test_noise_patches_paste_a_fresh_random_square_at_a_random_place_and_only_beside_a_scan_patch():
-    from bdsan.detectors.triggers import Trigger
-    from bdsan.sanitize.found_triggers import is_full_image, noise_patches
-
-    scan_patch = Trigger("scan_patch_class2", {"source": "scan", "kind": "patch", "target": 2}, lambda x, **_: x)
-    assert noise_patches([get_trigger("badnets_square"), get_trigger("blend_noise")], 4) == []  # no scan patch
-    assert noise_patches([scan_patch], 0) == []
-    [noise] = noise_patches([get_trigger("blend_noise"), scan_patch], 4, seed=0)
-    assert noise.name == "noise_patch4" and noise.params["source"] == "noise"
-    x = torch.full((256, 3, 32, 32), 0.5)
-    out = noise.apply(x)
-    changed = (out != x).any(dim=1)
-    rows, cols = changed.any(dim=2), changed.any(dim=1)
-    assert (changed.sum(dim=(1, 2)) == 16).all() and (rows.sum(1) == 4).all() and (cols.sum(1) == 4).all()
-    tops, lefts = rows.float().argmax(1), cols.float().argmax(1)
-    assert tops.unique().numel() > 20 and lefts.unique().numel() > 20  # 29 places each way
-    squares = torch.stack([out[i, :, t:t + 4, left:left + 4] for i, (t, left) in enumerate(zip(tops, lefts))])
-    assert squares.std(dim=0).mean() > 0.2  # fresh colours per image (uniform: std ≈ 0.29)
-    assert not torch.equal(noise.apply(x), out)  # and per call
-    assert not is_full_image(noise, x[:1])

@@ -83,8 +83,6 @@ def test_unlearn_rejects_bad_parameters():
         get_method("unlearn", wave_phase="exact")
     with pytest.raises(UsageError, match="wave_strength_min ≤ wave_strength_max"):
         get_method("unlearn", wave_strength_min=2.0, wave_strength_max=1.5)
-    with pytest.raises(UsageError, match="scan_noise"):
-        get_method("unlearn", scan_noise=-1)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
@@ -440,35 +438,3 @@ def test_roam_audit_tries_a_roaming_patch_toward_each_class_a_suite_patch_was_fl
     with pytest.raises(RuntimeError, match="stop"):
         get_method("unlearn", roam_audit=True).run(model, fit, ctx)
     assert seen == [True]
-
-
-@pytest.mark.parametrize("scan_noise", [0, 4])
-def test_scan_noise_stamps_random_patches_beside_a_scan_patch_and_judges_by_the_found_ones(toy_poisoned, monkeypatch,
-                                                                                         scan_noise):
-    """``scan_noise``: when the scan found a patch, fine-tuning also stamps fresh random-colour patches at random
-    places; the guard's objective and the pruning still use the found triggers only."""
-    from bdsan.detectors.triggers import Trigger
-    from bdsan.sanitize import unlearn as module
-
-    def white_corner(x, **_):
-        out = x.clone()
-        out[..., :4, :4] = 1.0
-        return out
-
-    corner = Trigger("scan_patch_class0", {"source": "scan", "kind": "patch", "target": 0}, white_corner)
-    monkeypatch.setattr(module, "gather_triggers", lambda *args: ([corner], [{"name": corner.name, "source": "scan",
-                                                                            "target": 0, "kind": "patch"}], None))
-    judged, stamped = [], []
-    measure = module._target_rate
-    monkeypatch.setattr(module, "_target_rate", lambda model, fit_val, triggers, *rest, **kw: (
-        judged.append([t.name for t in triggers]), measure(model, fit_val, triggers, *rest, **kw))[1])
-    stamp = module.stamp_leading
-    monkeypatch.setattr(module, "stamp_leading", lambda x, triggers, *rest, **kw: (
-        stamped.append([t.name for t in triggers]), stamp(x, triggers, *rest, **kw))[1])
-    fit, _ = split_holdout(toy_poisoned.holdout, 0.5, 0)
-    model = copy.deepcopy(toy_poisoned.model).normalized()
-    result = get_method("unlearn", epochs=1, prune_ratio=0, scan_noise=scan_noise).run(model, fit, Context(seed=0))
-    expected = ["scan_patch_class0"] + (["noise_patch4"] if scan_noise else [])
-    assert result.details["stamped_triggers"] == expected
-    assert stamped and all(names == expected for names in stamped)
-    assert judged and all(names == ["scan_patch_class0"] for names in judged)

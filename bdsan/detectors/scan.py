@@ -423,8 +423,7 @@ def _toward_class(holdout: Holdout, trigger, device, precision: str) -> tuple[to
 
 
 def paste_at_random(x: torch.Tensor, patch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``x`` (N×C×H×W) with ``patch`` (C×s×s, or N×C×s×s: one per image) pasted at a random position per image
-    (differentiable in ``patch``)."""
+    """``x`` (N×C×H×W) with ``patch`` (C×s×s) pasted at a random position per image (differentiable in ``patch``)."""
     n, _, height, width = x.shape
     side = patch.shape[-1]
     top = torch.randint(0, height - side + 1, (n,), generator=generator).to(x.device)
@@ -433,8 +432,7 @@ def paste_at_random(x: torch.Tensor, patch: torch.Tensor, generator: torch.Gener
     rows = (top[:, None] + offsets)[:, :, None].expand(n, side, side)
     cols = (left[:, None] + offsets)[:, None, :].expand(n, side, side)
     images = torch.arange(n, device=x.device)[:, None, None].expand(n, side, side)
-    patch = patch.to(x.device, x.dtype)
-    values = patch.permute(0, 2, 3, 1) if patch.dim() == 4 else patch.permute(1, 2, 0)[None].expand(n, side, side, -1)
+    values = patch.to(x.device, x.dtype).permute(1, 2, 0)[None].expand(n, side, side, -1)
     return x.permute(0, 2, 3, 1).index_put((images, rows, cols), values).permute(0, 3, 1, 2)
 
 

@@ -221,32 +221,6 @@ def neighbour_waves(triggers: list, count: int) -> list:
             if step and wave["wave_index"] + step * WAVES_PER_FREQUENCY >= 0]
 
 
-def noise_patches(triggers: list, side: int, seed: int = 0) -> list:
-    """When the scan found a patch among ``triggers``: one more stamp, a ``side``×``side`` patch of fresh uniform
-    random colours at a random position per image (a new patch every image). Stamped only — not pruned by, not
-    judged: it teaches the network to ignore a patch of the found one's size wherever it sits, whatever its
-    colours (the scan's reconstruction is a fragment; the roaming patch one pattern)."""
-    if side <= 0 or not any(_is_reconstructed(t, "patch") for t in triggers):
-        return []
-    from ..detectors.triggers import Trigger
-
-    return [Trigger(f"noise_patch{side}", {"source": "noise", "kind": "patch", "side": side},
-                    _NoisePatch(side, seed))]
-
-
-class _NoisePatch:
-    """Callable ``fn(x)`` for a Trigger: a fresh random-colour patch pasted at a random position per image."""
-
-    def __init__(self, side: int, seed: int):
-        self.side, self.generator = side, torch.Generator().manual_seed(seed)
-
-    def __call__(self, x: torch.Tensor, **_params) -> torch.Tensor:
-        from ..detectors.scan import paste_at_random
-
-        colours = torch.rand(len(x), x.shape[1], self.side, self.side, generator=self.generator)
-        return paste_at_random(x, colours, self.generator).contiguous()
-
-
 def _stamped_shifted(trigger, x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     """``trigger`` stamped ``dy``/``dx`` px further down/right (roll, stamp, roll back; wraps around the border)."""
     shifted = torch.roll(x, shifts=(-dy, -dx), dims=(2, 3))

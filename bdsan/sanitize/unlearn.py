@@ -5,9 +5,8 @@ flagged (``ctx.known_triggers``) and, with ``scan=auto`` unless one of those fir
 0.9), ``bdsan scan`` run on the fit split (its anomalous classes' patch and blend, and with ``scan_wave`` the class's
 plane wave, stamped at a random phase with ``wave_phase=random``). For each patch the scan found, ``scan_roam`` adds
 a 4×4 patch optimised at random positions toward its class (kept when it flips at least half of its images) and
-``scan_keys`` (opt-in) further reconstructions on pixels the first does not cover; ``scan_noise`` (opt-in) stamps
-patches of fresh random colours of that side at random positions beside them; ``roam_audit`` (experimental) adds a
-roaming patch toward each class a suite patch was flagged for when the scan does not run.
+``scan_keys`` (opt-in) further reconstructions on pixels the first does not cover; ``roam_audit`` (experimental)
+adds a roaming patch toward each class a suite patch was flagged for when the scan does not run.
 
 1. **Prune** (``prune_schedule=fewest``): among the ``prune_ratio`` (1/64) of each conv layer's channels the found
    triggers excite most (FMP's ``rank=triggers`` on ``prune_images`` fit images), zero the fewest — most excited
@@ -52,7 +51,6 @@ from .found_triggers import (
     gather_triggers,
     is_full_image,
     neighbour_waves,
-    noise_patches,
     scan_mode,
     stamp_leading,
     stamped_like_training,
@@ -98,7 +96,6 @@ class Unlearn:
     scan_wave: bool = True
     scan_keys: int = 0
     scan_roam: int = 4
-    scan_noise: int = 0
     roam_audit: bool = False
     wave_phase: str = "random"
     wave_strength_min: float = 1.0
@@ -143,8 +140,8 @@ class Unlearn:
             raise ValueError("need 0 < strength_min ≤ strength_max")
         if not 0 < self.wave_strength_min <= self.wave_strength_max:
             raise ValueError("need 0 < wave_strength_min ≤ wave_strength_max")
-        if min(self.wave_neighbours, self.scan_keys, self.scan_roam, self.scan_noise, self.floor_se_images) < 0:
-            raise ValueError("wave_neighbours, scan_keys, scan_roam, scan_noise and floor_se_images must be ≥ 0")
+        if min(self.wave_neighbours, self.scan_keys, self.scan_roam, self.floor_se_images) < 0:
+            raise ValueError("wave_neighbours, scan_keys, scan_roam and floor_se_images must be ≥ 0")
         if not 0.0 <= self.prune_ratio < 1.0 or self.prune_images < 1:
             raise ValueError("need 0 ≤ prune_ratio < 1 and prune_images ≥ 1")
         if self.prune_schedule not in PRUNE_SCHEDULES:
@@ -206,9 +203,7 @@ class Unlearn:
         stamped = self._stamped(triggers, train)
         targets = _trigger_targets(ctx, triggers)
         judged = triggers if self.objective == "target-rate" else stamped
-        # stamped only: not pruned by, not judged
-        stamped = (stamped + neighbour_waves(stamped, self.wave_neighbours)
-                   + noise_patches(stamped, self.scan_noise, ctx.seed * 1_000_003 + 53))
+        stamped = stamped + neighbour_waves(stamped, self.wave_neighbours)  # stamped only: not pruned by, not judged
 
         def measure(state: nn.Module) -> tuple[float | None, float]:
             return self._measure(state, fit_val, judged, targets, ctx.batch_size)
