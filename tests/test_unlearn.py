@@ -320,6 +320,43 @@ def test_bn_auto_keeps_the_statistics_only_when_every_trigger_toward_the_primary
         get_method("fmp", bn="auto")
 
 
+def test_few_images_per_class_with_reestimated_statistics_skip_pruning_and_stamp_less(toy_poisoned, monkeypatch):
+    """``few_per_class``: with re-estimated statistics and fewer fit-train images per class than that, nothing is
+    pruned and ``few_stamp_fraction`` of each batch (training and BatchNorm batches) is stamped; with more images per
+    class, or with frozen statistics, the defaults' pruning and share stand."""
+    from bdsan.detectors.triggers import get_trigger
+    from bdsan.sanitize import unlearn
+
+    fit, _ = split_holdout(toy_poisoned.holdout, 0.5, 0)  # 200 images, 5 classes: 36 fit-train images per class
+    ctx = Context(seed=0, known_triggers=[get_trigger("badnets_square"), get_trigger("blend_noise")],
+                  max_acc_drop=5.0)
+    shares = []
+    def recording(real, position: int):  # position: where the function takes the stamped share
+        def recorded(*args, **kwargs):
+            shares.append(args[position])
+            return real(*args, **kwargs)
+        return recorded
+
+    monkeypatch.setattr(unlearn, "stamp_leading", recording(unlearn.stamp_leading, 2))
+    monkeypatch.setattr(unlearn, "stamped_like_training", recording(unlearn.stamped_like_training, 1))
+    run = functools.partial(get_method, "unlearn", epochs=1, scan="never", bn="reestimate-augmented",
+                            prune_images=48, stop_at_floor=False)
+    few = run(few_per_class=40).run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx).details
+    assert few["statistics"]["fit_train_per_class"] == 36
+    assert (few["statistics"]["prune_ratio"], few["statistics"]["stamp_fraction"]) == (0.0, 0.1)
+    assert "pruned" not in few and [h["label"] for h in few["guard"]["history"]] == ["input", "epoch 1"]
+    assert shares and set(shares) == {0.1}
+    shares.clear()
+    many = run().run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx).details  # few_per_class=5
+    assert (many["statistics"]["prune_ratio"], many["statistics"]["stamp_fraction"]) == (1 / 64, 0.5)
+    assert "pruned" in many and set(shares) == {0.5}
+    frozen = run(few_per_class=40, bn="frozen", lr=0.001).run(
+        copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx).details
+    assert (frozen["statistics"]["prune_ratio"], frozen["statistics"]["stamp_fraction"]) == (1 / 64, 0.5)
+    with pytest.raises(Exception, match="few_stamp_fraction"):
+        get_method("unlearn", few_stamp_fraction=0)
+
+
 def test_frozen_statistics_lr_sets_the_median_conv_step_and_leaves_the_statistics_alone(toy_poisoned):
     """The lr for frozen BatchNorm statistics: one step moves the median conv layer by ``FROZEN_STEP`` of its norm
     (at most ``cap``), so a model whose weights are larger for the same function gets a larger lr; the running

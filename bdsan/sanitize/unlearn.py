@@ -20,11 +20,13 @@ adds a roaming patch toward each class a suite patch was flagged for when the sc
    BatchNorm (``bn=auto``): the delivered statistics are kept, with a calibrated lr (``frozen_statistics_lr``), when
    every found trigger toward the primary target is a suite patch the fit audit flagged; otherwise they are
    re-estimated at every checkpoint from augmented fit images stamped like the training batches (``bn_stamped``).
+   With re-estimated statistics and fewer than ``few_per_class`` (5) fit-train images per class — GTSRB's 5% holdout
+   has 2 — nothing is pruned and only ``few_stamp_fraction`` (0.1) of each batch is stamped.
 3. **Guard**: among the pruned state and the epochs within ``--max-acc-drop`` on fit-val, keep the latest whose
    found-trigger target rate on stamped fit-val images (``objective``) ties with the lowest (``select``: within one
    standard error of the difference, each SE taken with one success and one failure added).
 
-Every default was chosen by measurement on CIFAR-10 benchmark models; README.md ("Sanitizing a model", "Scanning
+Every default was chosen by measurement on CIFAR-10 benchmark models (the ``few_per_class`` rule on GTSRB's); README.md ("Sanitizing a model", "Scanning
 for unknown triggers") gives each option's effect and BENCHMARKS.md the rows, including the alternatives kept
 selectable. ``precision=auto``: bf16 autocast on CUDA, fp32 on the CPU (bf16 ran slower there).
 """
@@ -114,6 +116,8 @@ class Unlearn:
     fewest_reference: str = "floor"
     floor_se_images: int = 0
     stop_at_floor: bool | str = "auto"
+    few_per_class: float = 5.0
+    few_stamp_fraction: float = 0.1
     stamp: str = "all"
     objective: str = "target-rate"
     precision: str = "auto"
@@ -142,6 +146,8 @@ class Unlearn:
             raise ValueError("need 0 < wave_strength_min ≤ wave_strength_max")
         if min(self.wave_neighbours, self.scan_keys, self.scan_roam, self.floor_se_images) < 0:
             raise ValueError("wave_neighbours, scan_keys, scan_roam and floor_se_images must be ≥ 0")
+        if not 0 < self.few_stamp_fraction < 1 or self.few_per_class < 0:
+            raise ValueError("need 0 < few_stamp_fraction < 1 and few_per_class ≥ 0")
         if not 0.0 <= self.prune_ratio < 1.0 or self.prune_images < 1:
             raise ValueError("need 0 ≤ prune_ratio < 1 and prune_images ≥ 1")
         if self.prune_schedule not in PRUNE_SCHEDULES:
@@ -217,7 +223,7 @@ class Unlearn:
         settings = self._settings(model, fit, train, triggers, targets, floors, ctx.batch_size)
         details["statistics"] = settings
         mask, enough = None, False
-        if self.prune_ratio > 0:
+        if settings["prune_ratio"] > 0:
             prune_started = time.perf_counter()
             floor = _mean_rate(floors)
             mask, details["pruned"], rates = self._prune(model, train, fit, triggers, targets, floor, ctx)
@@ -243,7 +249,7 @@ class Unlearn:
                 settings["lr"], settings["relative_step_per_lr"] = frozen_statistics_lr(model, x, y)
             with channels_last(model):  # faster convolutions (oneDNN, CUDA); the layout is given back afterwards
                 epochs_log = self._finetune(model, train, stamped, suspected, guard, measure, ctx, teacher, mask,
-                                            settings["bn"], settings["lr"])
+                                            settings["bn"], settings["lr"], settings["stamp_fraction"])
             timings["finetune"] = round(time.perf_counter() - ft_started, 3)
         else:
             details["note"] = ("only full-image triggers found: pruned, not fine-tuned (fine-tuning without them "
@@ -268,7 +274,10 @@ class Unlearn:
         re-estimated (``reestimate-augmented``). ``lr=auto``: 0.01, or with frozen
         statistics None — ``frozen_statistics_lr`` calibrates it on the model about to be fine-tuned.
         ``stop_at_floor=auto``: stop at the floor only when the statistics are re-estimated (that re-estimation is
-        what fine-tuning after pruning cost: BENCHMARKS.md "BatchNorm statistics after pruning")."""
+        what fine-tuning after pruning cost: BENCHMARKS.md "BatchNorm statistics after pruning"). With re-estimated
+        statistics and fewer than ``few_per_class`` fit-train images per class (GTSRB's 5% holdout: 2), nothing is
+        pruned and ``few_stamp_fraction`` of each batch is stamped (BENCHMARKS.md "Unlearn without pruning and a
+        tenth of each batch stamped")."""
         out: dict = {}
         bn = self.bn
         if bn == "auto":
@@ -284,11 +293,15 @@ class Unlearn:
                     "from_scan": scanned}
         lr = self.lr if self.lr != "auto" else (None if bn == "frozen" else DEFAULT_LR)  # None: calibrated later
         stop = self.stop_at_floor if self.stop_at_floor != "auto" else bn != "frozen"
-        return {"bn": bn, "lr": lr, "stop_at_floor": stop} | out
+        per_class = len(train) / max(1, fit.num_classes)
+        few = bn != "frozen" and per_class < self.few_per_class
+        return {"bn": bn, "lr": lr, "stop_at_floor": stop, "fit_train_per_class": round(per_class, 2),
+                "prune_ratio": 0.0 if few else self.prune_ratio,
+                "stamp_fraction": self.few_stamp_fraction if few else self.stamp_fraction} | out
 
-    def _bn_stamp(self, triggers: list):
+    def _bn_stamp(self, triggers: list, fraction: float):
         """generator → the batch transform that stamps BN re-estimation batches as the training batches are."""
-        return lambda generator: stamped_like_training(triggers, self.stamp_fraction, generator, self.jitter,
+        return lambda generator: stamped_like_training(triggers, fraction, generator, self.jitter,
                                                        self._strength, wave_phase=self._random_phase,
                                                        wave_strength=self._wave_strength)
 
@@ -383,7 +396,7 @@ class Unlearn:
 
     def _finetune(self, model: nn.Module, train: Holdout, triggers: list, suspected: list[int], guard: FitValGuard,
                   measure, ctx: Context, teacher: nn.Module | None, mask: ChannelMask | None, bn: str,
-                  lr: float) -> list[dict]:
+                  lr: float, stamp_fraction: float) -> list[dict]:
         device = ctx.device
         bf16 = training_bf16(device, self.precision)
         generator = ctx.generator(offset=31)
@@ -400,7 +413,7 @@ class Unlearn:
         shift = None
         if bn == "reestimate-shift":
             shift = ShiftedStatistics(train, ctx.batch_size, self.augment, ctx.seed * 1_000_003 + 41,
-                                      transform_for=self._bn_stamp(triggers) if self.bn_stamped else None)
+                                      transform_for=self._bn_stamp(triggers, stamp_fraction) if self.bn_stamped else None)
             shift.start(model)
         for epoch in range(1, self.epochs + 1):
             set_training(model, bn)
@@ -410,7 +423,7 @@ class Unlearn:
                 x, y = to_float(train.x[index]), train.y[index]
                 if self.augment:
                     x = augment_batch(x, generator)
-                inputs, n_stamped = stamp_leading(x, triggers, self.stamp_fraction, generator, self.jitter,
+                inputs, n_stamped = stamp_leading(x, triggers, stamp_fraction, generator, self.jitter,
                                                   self._strength, wave_phase=self._random_phase,
                                                   wave_strength=self._wave_strength)
                 with precision_autocast(device, bf16):
@@ -449,7 +462,7 @@ class Unlearn:
                 shift.checkpoint(model)
             else:
                 checkpoint_bn(model, bn, train, ctx.batch_size, self.augment, generator,
-                              transform=self._bn_stamp(triggers)(generator) if self.bn_stamped else None)
+                              transform=self._bn_stamp(triggers, stamp_fraction)(generator) if self.bn_stamped else None)
             model.eval()
             objective, objective_se = measure(model)
             guard.check(model, f"epoch {epoch}", objective=objective, objective_se=objective_se)
