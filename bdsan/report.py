@@ -428,8 +428,11 @@ def _statistics_line(statistics: dict, names: list[str] | None) -> str:
                else f" (a trigger only the scan found points at {target}: {', '.join(scanned)})" if scanned
                else f" (every found trigger toward {target} is a suite patch)")
     lr = statistics.get("lr")
-    return (f"BatchNorm statistics: {statistics.get('bn')}{why}; lr {'-' if lr is None else f'{lr:.3g}'}; "
-            f"{'stops' if statistics.get('stop_at_floor') else 'fine-tunes'} after pruning at the floor")
+    line = f"BatchNorm statistics: {statistics.get('bn')}{why}; lr {'-' if lr is None else f'{lr:.3g}'}; "
+    if statistics.get("few_images_per_class"):
+        return line + (f"{statistics.get('fit_train_per_class', 0):.3g} fit-train images per class: nothing pruned, "
+                       f"{statistics.get('stamp_fraction', 0):.0%} of each batch stamped")
+    return line + f"{'stops' if statistics.get('stop_at_floor') else 'fine-tunes'} after pruning at the floor"
 
 
 def render_sanitize_text(report: Report) -> str:

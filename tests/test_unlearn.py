@@ -342,13 +342,14 @@ def test_few_images_per_class_with_reestimated_statistics_skip_pruning_and_stamp
     run = functools.partial(get_method, "unlearn", epochs=1, scan="never", bn="reestimate-augmented",
                             prune_images=48, stop_at_floor=False)
     few = run(few_per_class=40).run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx).details
-    assert few["statistics"]["fit_train_per_class"] == 36
+    assert few["statistics"]["fit_train_per_class"] == 36 and few["statistics"]["few_images_per_class"]
     assert (few["statistics"]["prune_ratio"], few["statistics"]["stamp_fraction"]) == (0.0, 0.1)
     assert "pruned" not in few and [h["label"] for h in few["guard"]["history"]] == ["input", "epoch 1"]
     assert shares and set(shares) == {0.1}
     shares.clear()
     many = run().run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx).details  # few_per_class=5
     assert (many["statistics"]["prune_ratio"], many["statistics"]["stamp_fraction"]) == (1 / 64, 0.5)
+    assert many["statistics"]["few_images_per_class"] is False
     assert "pruned" in many and set(shares) == {0.5}
     frozen = run(few_per_class=40, bn="frozen", lr=0.001).run(
         copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx).details

@@ -296,7 +296,7 @@ class Unlearn:
         per_class = len(train) / max(1, fit.num_classes)
         few = bn != "frozen" and per_class < self.few_per_class
         return {"bn": bn, "lr": lr, "stop_at_floor": stop, "fit_train_per_class": round(per_class, 2),
-                "prune_ratio": 0.0 if few else self.prune_ratio,
+                "few_images_per_class": few, "prune_ratio": 0.0 if few else self.prune_ratio,
                 "stamp_fraction": self.few_stamp_fraction if few else self.stamp_fraction} | out
 
     def _bn_stamp(self, triggers: list, fraction: float):

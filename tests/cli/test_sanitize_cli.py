@@ -99,5 +99,8 @@ def test_text_report_says_how_unlearn_treated_batchnorm_and_why():
     statistics.update(bn="reestimate-augmented", lr=0.01, stop_at_floor=True, full_image=["blend_noise"])
     assert ("  BatchNorm statistics: reestimate-augmented (a full-image trigger points at 0: blend_noise); lr 0.01; "
             "stops after pruning at the floor\n") in render_sanitize_text(report)
+    statistics.update(few_images_per_class=True, fit_train_per_class=2.02, prune_ratio=0.0, stamp_fraction=0.1)
+    assert ("; lr 0.01; 2.02 fit-train images per class: nothing pruned, 10% of each batch stamped\n"
+            in render_sanitize_text(report))
     report.defense["details"] = {}
     assert "BatchNorm statistics" not in render_sanitize_text(report)
