@@ -331,6 +331,7 @@ def test_few_images_per_class_with_reestimated_statistics_skip_pruning_and_stamp
     ctx = Context(seed=0, known_triggers=[get_trigger("badnets_square"), get_trigger("blend_noise")],
                   max_acc_drop=5.0)
     shares = []
+
     def recording(real, position: int):  # position: where the function takes the stamped share
         def recorded(*args, **kwargs):
             shares.append(args[position])
@@ -346,14 +347,16 @@ def test_few_images_per_class_with_reestimated_statistics_skip_pruning_and_stamp
     assert (few["statistics"]["prune_ratio"], few["statistics"]["stamp_fraction"]) == (0.0, 0.1)
     assert "pruned" not in few and [h["label"] for h in few["guard"]["history"]] == ["input", "epoch 1"]
     assert shares and set(shares) == {0.1}
-    shares.clear()
-    many = run().run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx).details  # few_per_class=5
-    assert (many["statistics"]["prune_ratio"], many["statistics"]["stamp_fraction"]) == (1 / 64, 0.5)
-    assert many["statistics"]["few_images_per_class"] is False
-    assert "pruned" in many and set(shares) == {0.5}
-    frozen = run(few_per_class=40, bn="frozen", lr=0.001).run(
-        copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx).details
-    assert (frozen["statistics"]["prune_ratio"], frozen["statistics"]["stamp_fraction"]) == (1 / 64, 0.5)
+    train, _ = ctx.fit_val_split(fit, 0.1)
+
+    def settings(**params) -> dict:  # bn given: nothing measured, only the rule applied
+        return run(**params)._settings(toy_poisoned.model, fit, train, [], {}, [], 256)
+
+    many = settings()  # few_per_class=5
+    assert (many["few_images_per_class"], many["prune_ratio"], many["stamp_fraction"]) == (False, 1 / 64, 0.5)
+    frozen = settings(few_per_class=40, bn="frozen")
+    assert (frozen["few_images_per_class"], frozen["prune_ratio"], frozen["stamp_fraction"]) == (False, 1 / 64, 0.5)
+    assert settings(few_per_class=40)["few_images_per_class"]
     with pytest.raises(Exception, match="few_stamp_fraction"):
         get_method("unlearn", few_stamp_fraction=0)
 
