@@ -28,7 +28,8 @@ adds a roaming patch toward each class a suite patch was flagged for when the sc
 
 Every default was chosen by measurement on CIFAR-10 benchmark models (the ``few_per_class`` rule on GTSRB's);
 README.md ("Sanitizing a model", "Scanning for unknown triggers") gives each option's effect and BENCHMARKS.md the
-rows, including the alternatives kept selectable. ``precision=auto``: bf16 autocast on CUDA, fp32 on the CPU (bf16 ran slower there).
+rows, including the alternatives kept selectable. ``precision=auto``: bf16 autocast on CUDA, fp32 on the CPU
+(bf16 ran slower there).
 """
 from __future__ import annotations
 
@@ -411,8 +412,8 @@ class Unlearn:
         log = []
         step = 0
         shift = None
+        bn_stamp = self._bn_stamp(triggers, stamp_fraction) if self.bn_stamped else None
         if bn == "reestimate-shift":
-            bn_stamp = self._bn_stamp(triggers, stamp_fraction) if self.bn_stamped else None
             shift = ShiftedStatistics(train, ctx.batch_size, self.augment, ctx.seed * 1_000_003 + 41,
                                       transform_for=bn_stamp)
             shift.start(model)
@@ -462,8 +463,8 @@ class Unlearn:
             if shift is not None:
                 shift.checkpoint(model)
             else:
-                stamping = self._bn_stamp(triggers, stamp_fraction)(generator) if self.bn_stamped else None
-                checkpoint_bn(model, bn, train, ctx.batch_size, self.augment, generator, transform=stamping)
+                checkpoint_bn(model, bn, train, ctx.batch_size, self.augment, generator,
+                              transform=bn_stamp(generator) if bn_stamp else None)
             model.eval()
             objective, objective_se = measure(model)
             guard.check(model, f"epoch {epoch}", objective=objective, objective_se=objective_se)
