@@ -60,8 +60,9 @@ def test_objectives_within_one_standard_error_of_the_lowest_pick_the_latest_stat
     for index, model in enumerate(states):
         model.weight.data.fill_(float(index))
 
-    def chosen(objectives: list[float], se: float | list[float], tie: str = "lowest-se") -> tuple[str, float]:
-        guard = FitValGuard(holdout, max_acc_drop=3.0, tie=tie)
+    def chosen(objectives: list[float], se: float | list[float], tie: str = "lowest-se", pick: str = "latest"
+               ) -> tuple[str, float]:
+        guard = FitValGuard(holdout, max_acc_drop=3.0, tie=tie, pick=pick)
         guard.start(states[0])
         ses = se if isinstance(se, list) else [se] * len(objectives)
         for index, (objective, objective_se) in enumerate(zip(objectives, ses), start=1):
@@ -80,5 +81,12 @@ def test_objectives_within_one_standard_error_of_the_lowest_pick_the_latest_stat
     assert chosen([two, one, two], se=ses, tie="difference") == ("epoch 3", 3.0)
     assert chosen([0.24, 0.29, 0.35], se=0.04) == ("epoch 1", 1.0)  # 0.05 above: more than the lowest's SE
     assert chosen([0.24, 0.29, 0.35], se=0.04, tie="difference") == ("epoch 2", 2.0)  # within √2·0.04
+    # pick="earliest": the first of the tied states (every accepted state is kept for it)
+    assert chosen([0.30, 0.0, 0.0], se=0.0) == ("epoch 3", 3.0)
+    assert chosen([0.30, 0.0, 0.0], se=0.0, pick="earliest") == ("epoch 2", 2.0)
+    assert chosen([0.30, 0.24, 0.27], se=0.04, tie="difference", pick="earliest") == ("epoch 2", 2.0)  # 0.30 is out
+    assert chosen([0.24, 0.29, 0.35], se=0.04, tie="difference", pick="earliest") == ("epoch 1", 1.0)
     with pytest.raises(ValueError, match="tie"):
         FitValGuard(holdout, max_acc_drop=3.0, tie="nearest")
+    with pytest.raises(ValueError, match="pick"):
+        FitValGuard(holdout, max_acc_drop=3.0, pick="middle")

@@ -48,7 +48,7 @@ def test_unlearn_keeps_fit_accuracy_within_the_guard(unlearned):
     selected = next(h for h in guard["history"] if h["label"] == guard["selected"])
     assert selected["accepted"] and selected.get("drop_points", 0.0) <= guard["max_acc_drop"]
     assert guard["selected"] != "input"
-    assert guard["tie"] == "difference"  # select=latest-within-diff-se, the default
+    assert (guard["tie"], guard["pick"]) == ("difference", "latest")  # select=latest-within-diff-se, the default
 
 
 def test_scan_wave_gives_unlearn_a_sine_only_the_wave_kind_knows():
@@ -446,6 +446,8 @@ def test_select_latest_within_diff_se_never_gives_a_zero_standard_error(monkeypa
     monkeypatch.setattr(module, "_target_rate", lambda *args, **kwargs: (1 / 216, 216))
     plain_se = module.Unlearn(select="latest-within-se")._measure(None, None, [], {}, 256)[1]
     assert module.Unlearn()._measure(None, None, [], {}, 256)[1] > plain_se > 0
+    assert module.Unlearn(select="earliest-within-diff-se")._measure(None, None, [], {}, 256)[1] == \
+        module.Unlearn()._measure(None, None, [], {}, 256)[1]  # the same tie width, the earliest state kept
 
 
 def test_roam_audit_tries_a_roaming_patch_toward_each_class_a_suite_patch_was_flagged_for(toy_poisoned, monkeypatch):
@@ -479,3 +481,18 @@ def test_roam_audit_tries_a_roaming_patch_toward_each_class_a_suite_patch_was_fl
     with pytest.raises(RuntimeError, match="stop"):
         get_method("unlearn", roam_audit=True).run(model, fit, ctx)
     assert seen == [True]
+
+
+def test_select_earliest_within_diff_se_asks_the_guard_for_the_earliest_tied_state(toy_poisoned, monkeypatch):
+    """``select=earliest-within-diff-se``: the same difference-SE tie as the default, the earliest tied state kept."""
+    from bdsan.sanitize import unlearn as module
+
+    monkeypatch.setattr(module, "gather_triggers", lambda *args, **kwargs: ([], [], None))  # nothing to unlearn
+    fit, _ = split_holdout(toy_poisoned.holdout, 0.5, 0)
+    model = copy.deepcopy(toy_poisoned.model).normalized()
+    ctx = Context(device=torch.device("cpu"), seed=0, batch_size=256, max_acc_drop=3.0)
+    picks = {select: module.Unlearn(select=select).run(model, fit, ctx).details["guard"]
+             for select in ("earliest-within-diff-se", "latest-within-diff-se", "latest-within-se")}
+    assert {select: (g["tie"], g["pick"]) for select, g in picks.items()} == {
+        "earliest-within-diff-se": ("difference", "earliest"), "latest-within-diff-se": ("difference", "latest"),
+        "latest-within-se": ("lowest-se", "latest")}

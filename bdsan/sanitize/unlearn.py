@@ -24,7 +24,8 @@ adds a roaming patch toward each class a suite patch was flagged for when the sc
    has 2 — nothing is pruned and only ``few_stamp_fraction`` (0.1) of each batch is stamped.
 3. **Guard**: among the pruned state and the epochs within ``--max-acc-drop`` on fit-val, keep the latest whose
    found-trigger target rate on stamped fit-val images (``objective``) ties with the lowest (``select``: within one
-   standard error of the difference, each SE taken with one success and one failure added).
+   standard error of the difference, each SE taken with one success and one failure added;
+   ``earliest-within-diff-se`` keeps the earliest of them instead).
 
 Every default was chosen by measurement on CIFAR-10 benchmark models (the ``few_per_class`` rule on GTSRB's);
 README.md ("Sanitizing a model", "Scanning for unknown triggers") gives each option's effect and BENCHMARKS.md the
@@ -62,7 +63,7 @@ from .guard import FitValGuard
 from .losses import DISTILL_MODES, distillation, frozen_copy, teacher_targets
 from .registry import register_method
 
-SELECT_MODES = ("latest-within-se", "latest-within-diff-se", "lowest")
+SELECT_MODES = ("latest-within-se", "latest-within-diff-se", "earliest-within-diff-se", "lowest")
 STAMPED_LOSSES = ("ce", "consistency")
 STAMP_MODES = ("all", "patches")
 OBJECTIVES = ("target-rate", "triggered-error")
@@ -170,7 +171,7 @@ class Unlearn:
                                 batch_size)
         if self.select == "lowest" or n == 0 or value is None or math.isnan(value):
             return value, 0.0
-        if self.select == "latest-within-diff-se":  # one success and one failure added: no zero SE at 0 or 1 hits
+        if self.select.endswith("diff-se"):  # one success and one failure added: no zero SE at 0 or 1 hits
             value_adjusted = (value * n + 1) / (n + 2)
             return value, math.sqrt(value_adjusted * (1 - value_adjusted) / (n + 2))
         return value, math.sqrt(value * (1 - value) / n)
@@ -200,7 +201,8 @@ class Unlearn:
         if scan_summary is not None:
             timings["scan"] = round(time.perf_counter() - scan_started, 3)
         guard = FitValGuard(fit_val, ctx.max_acc_drop, ctx.batch_size,
-                            tie="difference" if self.select == "latest-within-diff-se" else "lowest-se")
+                            tie="difference" if self.select.endswith("diff-se") else "lowest-se",
+                            pick="earliest" if self.select.startswith("earliest") else "latest")
         guard.start(model)
         details = {"fit_train": len(train), "fit_val": len(fit_val), "triggers": sources, "scan": scan_summary}
         if not triggers:
