@@ -63,7 +63,10 @@ from .guard import FitValGuard
 from .losses import DISTILL_MODES, distillation, frozen_copy, teacher_targets
 from .registry import register_method
 
-SELECT_MODES = ("latest-within-se", "latest-within-diff-se", "earliest-within-diff-se", "lowest")
+# select mode → (the guard's tie rule, which tied state it keeps); "lowest" has no SE, so only exact ties
+SELECT_RULES = {"latest-within-se": ("lowest-se", "latest"), "latest-within-diff-se": ("difference", "latest"),
+                "earliest-within-diff-se": ("difference", "earliest"), "lowest": ("lowest-se", "latest")}
+SELECT_MODES = tuple(SELECT_RULES)
 STAMPED_LOSSES = ("ce", "consistency")
 STAMP_MODES = ("all", "patches")
 OBJECTIVES = ("target-rate", "triggered-error")
@@ -171,7 +174,7 @@ class Unlearn:
                                 batch_size)
         if self.select == "lowest" or n == 0 or value is None or math.isnan(value):
             return value, 0.0
-        if self.select.endswith("diff-se"):  # one success and one failure added: no zero SE at 0 or 1 hits
+        if SELECT_RULES[self.select][0] == "difference":  # one success and one failure added: no zero SE at 0 or 1
             value_adjusted = (value * n + 1) / (n + 2)
             return value, math.sqrt(value_adjusted * (1 - value_adjusted) / (n + 2))
         return value, math.sqrt(value * (1 - value) / n)
@@ -200,9 +203,8 @@ class Unlearn:
                                                           self.scan_roam, self.roam_audit)
         if scan_summary is not None:
             timings["scan"] = round(time.perf_counter() - scan_started, 3)
-        guard = FitValGuard(fit_val, ctx.max_acc_drop, ctx.batch_size,
-                            tie="difference" if self.select.endswith("diff-se") else "lowest-se",
-                            pick="earliest" if self.select.startswith("earliest") else "latest")
+        tie, pick = SELECT_RULES[self.select]
+        guard = FitValGuard(fit_val, ctx.max_acc_drop, ctx.batch_size, tie=tie, pick=pick)
         guard.start(model)
         details = {"fit_train": len(train), "fit_val": len(fit_val), "triggers": sources, "scan": scan_summary}
         if not triggers:
