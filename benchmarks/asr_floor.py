@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bdsan.allocator import keep_freed_memory
-from bdsan.train.zoo import RECIPES, Attack, attack_metrics, load_dataset, train_backdoored
+from bdsan.train.zoo import AUGMENTS, RECIPES, Attack, attack_metrics, load_dataset, train_backdoored
 
 
 def main() -> None:
@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[101], help="clean-twin training seeds")
     parser.add_argument("--recipe", default="cpu")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (as run.py --epochs)")
+    parser.add_argument("--augment", choices=sorted(AUGMENTS), default=None,
+                        help="override the recipe's training augmentation: crop+flip, or crop alone (datasets with mirror-image class pairs, GTSRB)")
     parser.add_argument("--n-train", type=int, default=20000)
     parser.add_argument("--test-n", type=int, default=2000, help="evaluate on x_test[offset:offset + N] (0 = to the end)")
     parser.add_argument("--offset", type=int, default=0,
@@ -45,7 +47,9 @@ def main() -> None:
     data = load_dataset(args.data)
     window = slice(args.offset, args.offset + args.test_n if args.test_n else None)
     x, y = data.x_test[window], data.y_test[window]
-    recipe = RECIPES[args.recipe] if args.epochs is None else replace(RECIPES[args.recipe], epochs=args.epochs)
+    recipe = replace(RECIPES[args.recipe], **{k: v for k, v in {"epochs": args.epochs,
+                                                               "augment": AUGMENTS.get(args.augment)}.items()
+                                                if v is not None})
     rows = []
     for seed in args.seeds:
         twin = train_backdoored(data, Attack.parse("badnets_grid", rate=0.0, target=args.target), recipe,

@@ -25,6 +25,7 @@ from bdsan.allocator import keep_freed_memory
 from bdsan.device import resolve_device
 from bdsan.report import json_safe
 from bdsan.train.zoo import (
+    AUGMENTS,
     RECIPES,
     Attack,
     attack_metrics,
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recipe", default="cpu", choices=sorted(RECIPES))
     parser.add_argument("--n-train", type=int, default=20000, help="training subset size (0 = the whole split)")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (as run.py --epochs)")
+    parser.add_argument("--augment", choices=sorted(AUGMENTS), default=None,
+                        help="override the recipe's training augmentation: crop+flip, or crop alone (datasets with mirror-image class pairs, GTSRB)")
     parser.add_argument("--dev", default=DEV, metavar="START:END",
                         help="development test slice (END may be empty), or 'rest': the training images outside "
                              "--n-train's subset")
@@ -73,7 +76,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     data = load_dataset(args.data)
     attack = Attack.parse(args.attack)
-    recipe = RECIPES[args.recipe] if args.epochs is None else replace(RECIPES[args.recipe], epochs=args.epochs)
+    recipe = replace(RECIPES[args.recipe], **{k: v for k, v in {"epochs": args.epochs,
+                                                               "augment": AUGMENTS.get(args.augment)}.items()
+                                                if v is not None})
     backdoored = train_backdoored(data, attack, recipe, n_train=args.n_train or None, seed=args.seed,
                                   device=device, cache_dir=args.cache)
     if args.holdout_n:

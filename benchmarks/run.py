@@ -36,6 +36,7 @@ from bdsan.device import describe_device, resolve_device
 from bdsan.io.data import stratified_split
 from bdsan.report import defense_trigger_sources, json_safe
 from bdsan.train.zoo import (
+    AUGMENTS,
     RECIPES,
     Attack,
     Dataset,
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     parser.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
     parser.add_argument("--train-batch-size", type=int, default=None, help="override the recipe's batch size")
+    parser.add_argument("--augment", choices=sorted(AUGMENTS), default=None,
+                        help="override the recipe's training augmentation: crop+flip, or crop alone (datasets with mirror-image class pairs, GTSRB)")
     parser.add_argument("--n-train", type=int, default=0, help="training subset size (0 = the whole split)")
     parser.add_argument("--holdout-fraction", type=float, default=0.05,
                         help="clean holdout = this fraction of the training subset, never poisoned")
@@ -272,7 +275,8 @@ def run(args) -> dict:
             if args.data == "synthetic" else load_dataset(args.data))
     recipe = RECIPES[args.recipe]
     overrides = {k: v for k, v in {"arch": args.arch, "epochs": args.epochs, "lr": args.lr,
-                                   "batch_size": args.train_batch_size}.items() if v is not None}
+                                   "batch_size": args.train_batch_size,
+                                   "augment": AUGMENTS.get(args.augment)}.items() if v is not None}
     recipe = replace(recipe, **overrides)
     attacks = [Attack.parse(text, rate=args.rate, target=args.target) for text in args.attacks]
     params = parse_params(args.param)

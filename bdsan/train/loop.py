@@ -67,7 +67,7 @@ def make_optimizer(params, kind: str, lr: float, weight_decay: float, total_step
 
 def train_classifier(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, *, epochs: int = 10,
                      lr: float = 0.1, batch_size: int = 128, weight_decay: float = 5e-4,
-                     momentum: float = 0.9, schedule: str = "onecycle", augment: bool = True, seed: int = 0,
+                     momentum: float = 0.9, schedule: str = "onecycle", augment: bool | str = True, seed: int = 0,
                      label_smoothing: float = 0.0, progress: Progress | None = None,
                      precision: str = "auto", freeze_bn: bool = False) -> nn.Module:
     """Train a [0,1]-input model with SGD (nesterov) on uint8 images already on the model's device.
@@ -76,6 +76,7 @@ def train_classifier(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, *
     ``precision``: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``bf16`` (bf16 autocast on any device;
     about 4× faster on CPUs with AVX512-BF16/AMX, slower on others) or ``fp32``.
     ``freeze_bn``: BatchNorm layers stay in eval mode (running statistics used, not updated).
+    ``augment``: random crop + horizontal flip (``True``), the crop only (``"crop"``) or neither (``False``).
     """
     device = next(model.parameters()).device
     bf16 = training_bf16(device, precision)  # auto: CUDA only (the harness asks for CPU bf16 itself)
@@ -96,7 +97,7 @@ def train_classifier(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, *
                 index = order[start:start + batch_size]
                 batch = x_uint8[index].float().div_(255)
                 if augment:
-                    batch = augment_batch(batch, generator)
+                    batch = augment_batch(batch, generator, flip=augment != "crop")
                 if device.type == "cuda":
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 with precision_autocast(device, bf16):

@@ -58,7 +58,7 @@ class TrapSettings:
     recon_weight: float = 10.0
     tv_weight: float = 1.0
     stem_ce_scale: float = 1.0
-    augment: bool = True
+    augment: bool | str = True
     stem_end: str = "auto"
     precision: str = "auto"
     seed: int = 0
@@ -192,7 +192,7 @@ def train_trap(network: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, setti
             for step, index in enumerate(order.split(batch), start=1):
                 x, target = to_float(x_uint8[index]), y[index]
                 if settings.augment:
-                    x = augment_batch(x, generator)
+                    x = augment_batch(x, generator, flip=settings.augment != "crop")
                 with precision_autocast(device, bf16):
                     logits = network(x).float()
                     recon = decoder(tap.take()).float()

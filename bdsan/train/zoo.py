@@ -100,6 +100,8 @@ class Recipe:
     """How to train: architecture and optimiser settings (one-cycle SGD over device-resident uint8 data).
 
     ``precision="fast"``: bf16 autocast on CUDA, and on CPUs that run bf16 natively; fp32 elsewhere.
+    ``augment``: ``True`` random crop + horizontal flip, ``"crop"`` the crop only (datasets whose classes come in
+    mirror-image pairs, as GTSRB's keep-left / keep-right: BackdoorBench flips CIFAR-10 only), ``False`` neither.
     """
 
     arch: str
@@ -108,7 +110,7 @@ class Recipe:
     batch_size: int
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
-    augment: bool = True
+    augment: bool | str = True
     precision: str = "fast"
 
     def resolved_precision(self, device: torch.device) -> str:
@@ -116,6 +118,9 @@ class Recipe:
             return self.precision
         return "bf16" if device.type == "cuda" or cpu_supports_bf16() else "fp32"
 
+
+# run.py / probe.py --augment: the recipe's ``augment`` value for each name
+AUGMENTS: dict[str, bool | str] = {"crop+flip": True, "crop": "crop"}
 
 RECIPES: dict[str, Recipe] = {
     # tiny_cnn on generated gratings: seconds on a CPU (tests, demo).
