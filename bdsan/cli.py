@@ -540,6 +540,10 @@ def export_command(model_path, out, arch, num_classes, trust_code, preset, mean,
                    "fine-tuning regrow them as the paper does.")
 @click.option("--slim/--no-slim", default=None,
               help="Export hard-pruned channels physically removed (default: when the method hard-pruned).")
+@click.option("--flip", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="May the defense's augmentation flip images left-right? auto: only when the input model is as "
+                   "accurate on flipped fit images as on the originals (no for signs that come in mirror pairs, "
+                   "keep left / keep right).")
 @click.option("--bake-preprocessing", is_flag=True, help="ONNX: put (x - mean) / std into the graph.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory (after success only).")
 @click.option("--list-methods", is_flag=True, is_eager=True, expose_value=False, callback=lambda ctx, _, value:
@@ -547,7 +551,7 @@ def export_command(model_path, out, arch, num_classes, trust_code, preset, mean,
 @common_options
 def sanitize_command(model_path, arch, num_classes, trust_code, preset, mean, std, input_size, holdout, data_split,
                      classes, method, out_dir, param_pairs, max_asr, max_acc_drop, fit_fraction, target,
-                     trigger_names, hard_prune, slim, bake_preprocessing, force,
+                     trigger_names, hard_prune, slim, flip, bake_preprocessing, force,
                      device, seed, batch_size, output_format, report_path, quiet, debug):
     """Audit → defend (fit split) → audit (verify split) → export ONNX + safetensors → audit the export; exit 1
     when a gate fails (ASR above --max-asr on the exported file, or clean accuracy down more than
@@ -577,7 +581,7 @@ def sanitize_command(model_path, arch, num_classes, trust_code, preset, mean, st
     report = sanitize(model, data, method, params, out_dir, max_asr=max_asr, max_acc_drop=max_acc_drop, seed=seed,
                       device=torch_device, force=force, fit_fraction=fit_fraction, batch_size=batch_size,
                       triggers=_parse_names(trigger_names, "--triggers"), target=target, slim=slim,
-                      bake_preprocessing=bake_preprocessing, timings={"load": load_seconds})
+                      bake_preprocessing=bake_preprocessing, timings={"load": load_seconds}, flip=flip)
     echo_failed_gates(report)
     return emit(report, output_format, report_path, text_renderer=render_sanitize_text)
 

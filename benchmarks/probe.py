@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--known-trigger", action="store_true",
                         help="diagnosis: the attack's own trigger joins the suite the pipeline audits, as a user's "
                              "--trigger-image would (an upper bound for what a found trigger can give)")
+    parser.add_argument("--flip", choices=["auto", "on", "off"], default="auto",
+                        help="sanitize's flip: may the defense's augmentation flip images (auto: the mirror check)")
     parser.add_argument("--details", action="store_true", help="print the defense's details (epochs, triggers)")
     parser.add_argument("--prune-curve", action="store_true",
                         help="with unlearn's prune_schedule=fewest: measure every count of channels, 1 to all")
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     triggers = list(DEFAULT_SUITE) + [attack.build_trigger()] if args.known_trigger else None
     report = sanitize(backdoored.model, backdoored.holdout, args.defense, params, None, seed=args.seed, triggers=triggers,
-                      device=device, max_acc_drop=args.max_acc_drop, fit_fraction=args.fit_fraction,
+                      device=device, max_acc_drop=args.max_acc_drop, fit_fraction=args.fit_fraction, flip=args.flip,
                       progress=lambda *a: None)
     seconds = time.perf_counter() - started
     data_out = report.to_dict()
@@ -114,11 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
               "known_trigger": args.known_trigger,
               "before": dev(backdoored.model), "after": dev(report.defended),
               "rolled_back": bool((data_out["defense"].get("guard") or {}).get("rolled_back")),
+              "augmentation": data_out["defense"].get("augmentation"),
               "selected": ((data_out["defense"].get("details") or {}).get("guard") or {}).get("selected")}
     if trajectory is not None:
         result["per_epoch"] = trajectory
     print(json.dumps(json_safe({k: result[k] for k in ("attack", "defense", "params", "known_trigger", "fit_fraction", "seconds",
-                                                  "rolled_back", "selected")})))
+                                                  "rolled_back", "selected", "augmentation")})))
     for phase in ("before", "after"):
         m = result[phase]
         print(f"  dev {phase:6s}: CA {100 * m['ca']:.1f}  ASR {100 * m['asr']:.1f}  RA {100 * m['ra']:.1f}  "

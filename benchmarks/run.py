@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-batch-size", type=int, default=None, help="override the recipe's batch size")
     parser.add_argument("--augment", choices=sorted(AUGMENTS), default=None,
                         help="override the recipe's training augmentation: crop+flip, or crop alone (datasets with mirror-image class pairs, GTSRB)")
+    parser.add_argument("--flip", choices=["auto", "on", "off"], default="auto",
+                        help="sanitize's flip: may the defense's augmentation flip images (auto: the mirror check)")
     parser.add_argument("--n-train", type=int, default=0, help="training subset size (0 = the whole split)")
     parser.add_argument("--holdout-fraction", type=float, default=0.05,
                         help="clean holdout = this fraction of the training subset, never poisoned")
@@ -174,7 +176,8 @@ def run_defense(backdoored, defense: str, params: dict, args, device: torch.devi
         out_dir = Path(tmp) / "out"
         started = time.perf_counter()
         report = sanitize(model, backdoored.holdout, defense, params, out_dir, max_asr=args.max_asr,
-                          max_acc_drop=args.max_acc_drop, seed=seed, device=device, fit_fraction=args.fit_fraction)
+                          max_acc_drop=args.max_acc_drop, seed=seed, device=device, fit_fraction=args.fit_fraction,
+                          flip=args.flip)
         seconds = time.perf_counter() - started
         data = report.to_dict()
         defense_info = data.get("defense") or {}
@@ -193,6 +196,7 @@ def run_defense(backdoored, defense: str, params: dict, args, device: torch.devi
             "timings_s": data["timings_s"], "gates": data["gates"],
             "holdout_split": {k: data["holdout"][k] for k in ("fit", "verify")},
             "guard": defense_info.get("guard"), "params": defense_info.get("params"),
+            "augmentation": defense_info.get("augmentation"),
             "suite_before": _suite_summary(data.get("audit_before")),
             "suite_after": _suite_summary(data.get("audit_after")),
             "details_summary": _details_summary(defense_info.get("details") or {}),

@@ -46,23 +46,24 @@ def set_training(model: nn.Module, bn: str) -> None:
         freeze_batchnorm(model)
 
 
-def checkpoint_bn(model: nn.Module, bn: str, data: Holdout, batch_size: int, augment: bool = False,
+def checkpoint_bn(model: nn.Module, bn: str, data: Holdout, batch_size: int, augment: bool | str = False,
                   generator: torch.Generator | None = None, transform=None) -> None:
     """What happens to BN running statistics before a checkpoint is judged (``reestimate`` modes only).
-    ``transform`` (batch → batch) makes the re-estimation batches look like the training batches (e.g. stamped)."""
+    ``augment``: the method's augmentation mode (``Context.augmentation``); ``transform`` (batch → batch) makes the
+    re-estimation batches look like the training batches (e.g. stamped)."""
     if bn == "reestimate":
         reestimate_bn(model, data, batch_size, transform=transform)
     elif bn == "reestimate-augmented":
         reestimate_bn(model, data, batch_size, augment_passes=AUGMENTED_PASSES if augment else 0,
-                      generator=generator, transform=transform)
+                      generator=generator, transform=transform, flip=augment != "crop")
 
 
 @torch.no_grad()
 def reestimate_bn(model: nn.Module, data: Holdout, batch_size: int, augment_passes: int = 0,
-                  generator: torch.Generator | None = None, transform=None) -> None:
+                  generator: torch.Generator | None = None, transform=None, flip: bool = True) -> None:
     """Recompute BN running statistics with no-grad passes over the data (ALGORITHMS §0.5): one unaugmented pass,
-    or ``augment_passes`` passes of crop+flip copies (the distribution the network was trained to normalise);
-    ``transform`` is applied to each batch after augmentation."""
+    or ``augment_passes`` passes of crop+flip copies (the distribution the network was trained to normalise; crops
+    alone with ``flip=False``); ``transform`` is applied to each batch after augmentation."""
     bns = list(_batchnorms(model).values())
     if not bns or len(data) == 0:
         return
@@ -76,7 +77,7 @@ def reestimate_bn(model: nn.Module, data: Holdout, batch_size: int, augment_pass
     for _ in range(max(1, augment_passes)):
         for x, _ in data.float_batches(batch_size):
             if augment_passes:
-                x = augment_batch(x, generator)
+                x = augment_batch(x, generator, flip=flip)
             if transform is not None:
                 x = transform(x)
             with autocast(x.device):
@@ -95,7 +96,7 @@ class ShiftedStatistics:
 
     ``transform_for(generator)`` builds the batch transform (e.g. stamping) from the measurement's generator."""
 
-    def __init__(self, data: Holdout, batch_size: int, augment: bool, seed: int, transform_for=None):
+    def __init__(self, data: Holdout, batch_size: int, augment: bool | str, seed: int, transform_for=None):
         self.data, self.batch_size, self.augment, self.seed = data, batch_size, augment, seed
         self.transform_for = transform_for
         self.delivered: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -120,7 +121,7 @@ class ShiftedStatistics:
         generator = torch.Generator().manual_seed(self.seed)
         transform = self.transform_for(generator) if self.transform_for is not None else None
         reestimate_bn(model, self.data, self.batch_size, augment_passes=AUGMENTED_PASSES if self.augment else 0,
-                      generator=generator, transform=transform)
+                      generator=generator, transform=transform, flip=self.augment != "crop")
         return _running_statistics(model)
 
 

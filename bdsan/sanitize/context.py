@@ -33,10 +33,15 @@ class Context:
     known_triggers: list = field(default_factory=list)
     trigger_evidence: list[dict] = field(default_factory=list)
     fit_val_fraction: float = 0.1
+    flip: bool = True  # whether augmentation may flip images (``mirror.resolve_flip``)
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU generator seeded from ``--seed`` (+ ``offset`` so independent uses do not share streams)."""
         return torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
+
+    def augmentation(self, enabled: bool) -> bool | str:
+        """A method's augmentation mode: crop + flip (``True``), the crop alone (``"crop"``) or none (``False``)."""
+        return (True if self.flip else "crop") if enabled else False
 
     def report(self, phase: str, done: int, total: int) -> None:
         if self.progress is not None:

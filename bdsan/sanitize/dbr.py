@@ -47,7 +47,7 @@ from torch import nn
 
 from ..device import channels_last, check_precision, precision_autocast, training_bf16
 from ..io.data import Holdout, to_float
-from ..train.augment import augment_batch
+from ..train.augment import augment_images
 from ..train.loop import predict
 from .batchnorm import check_bn_mode, checkpoint_bn, set_training
 from .context import Context, DefenseResult
@@ -133,6 +133,7 @@ class DBR:
         device = ctx.device
         bf16 = training_bf16(device, self.precision)
         generator = ctx.generator(offset=67)
+        augment = ctx.augmentation(self.augment)
         optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum,
                                     weight_decay=self.weight_decay)
         batch = min(self.batch_size, max(2, len(train)))
@@ -140,7 +141,7 @@ class DBR:
         log = []
         for epoch in range(1, self.epochs + 1):
             set_training(model, self.bn)
-            suspects_x, suspects_y, true_y = self._suspects(train, used, generator, strength)
+            suspects_x, suspects_y, true_y = self._suspects(train, used, generator, strength, augment)
             unlearn = {"batches": 0, "skipped": 0, "ce": 0.0}
             for index in _batches(len(suspects_x), batch, generator, device):
                 with precision_autocast(device, bf16):
@@ -163,8 +164,7 @@ class DBR:
             relearn_ce, relearn_batches = 0.0, 0
             for index in _batches(len(train), batch, generator, device):
                 x = to_float(train.x[index])
-                if self.augment:
-                    x = augment_batch(x, generator)
+                x = augment_images(x, generator, augment)
                 with precision_autocast(device, bf16):
                     ce = F.cross_entropy(model(x).float(), train.y[index])
                 optimizer.zero_grad(set_to_none=True)
@@ -175,7 +175,7 @@ class DBR:
             share = len(suspects_x) / (len(suspects_x) + len(train))
             stamp = stamped_like_training([t for t, _ in used], share, generator, self.jitter, strength,
                                           jitter_suite=True)
-            checkpoint_bn(model, self.bn, train, ctx.batch_size, self.augment, generator, transform=stamp)
+            checkpoint_bn(model, self.bn, train, ctx.batch_size, augment, generator, transform=stamp)
             model.eval()
             objective = synthetic_asr(model, fit_val, used, ctx.batch_size)
             guard.check(model, f"epoch {epoch}", objective=objective)
@@ -186,7 +186,8 @@ class DBR:
         return log
 
     def _suspects(self, train: Holdout, used: list[tuple], generator: torch.Generator,
-                  strength: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  strength: tuple[float, float], augment: bool | str
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Synthetic D̂_p for one epoch: augmented fit images of other classes (``suspect_classes=all``: of every
         class), each stamped with one flagged trigger (randomised variant) and labelled with its target, their true
         labels kept for ``relabel``; at most as many as fit images (§3b.2)."""
@@ -196,8 +197,7 @@ class DBR:
             others = torch.nonzero((train.y != target) | (self.suspect_classes == "all")).flatten()
             pick = others[torch.randperm(len(others), generator=generator)[:per_trigger].to(others.device)]
             x = to_float(train.x[pick])
-            if self.augment:
-                x = augment_batch(x, generator)
+            x = augment_images(x, generator, augment)
             stamped, _ = stamp_leading(x, [trigger], 1.0, generator, self.jitter, strength, jitter_suite=True)
             xs.append(stamped)
             ys.append(torch.full_like(train.y[pick], target))

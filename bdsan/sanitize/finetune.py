@@ -56,9 +56,10 @@ class FineTune:
         if passes:
             train_classifier(model, train.x, train.y, epochs=passes, lr=self.lr, batch_size=batch,
                              weight_decay=self.weight_decay, momentum=self.momentum, schedule="cosine",
-                             augment=self.augment, seed=ctx.seed, freeze_bn=self.bn == "frozen",
+                             augment=ctx.augmentation(self.augment), seed=ctx.seed, freeze_bn=self.bn == "frozen",
                              progress=lambda done, total: ctx.report("ft fine-tune", done, total))
-            checkpoint_bn(model, self.bn, train, ctx.batch_size, self.augment, ctx.generator(offset=3))
+            checkpoint_bn(model, self.bn, train, ctx.batch_size, ctx.augmentation(self.augment),
+                          ctx.generator(offset=3))
         model.eval()
         guard.check(model, f"after {passes} passes")
         selected = guard.restore_best(model)

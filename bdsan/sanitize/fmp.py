@@ -19,7 +19,7 @@ from torch import nn
 
 from ..device import autocast, check_precision, precision_autocast, wants_bf16
 from ..io.data import Holdout, to_float
-from ..train.augment import augment_batch
+from ..train.augment import augment_images
 from .batchnorm import check_bn_mode, checkpoint_bn, set_training
 from .context import Context, DefenseResult
 from .found_triggers import gather_triggers, scan_mode, stamp_leading, stamped_like_training
@@ -507,8 +507,7 @@ class FMP:
             index = order[cursor:cursor + batch].to(device)
             cursor += batch
             x = to_float(train.x[index])
-            if self.augment:
-                x = augment_batch(x, generator)
+            x = augment_images(x, generator, ctx.augmentation(self.augment))
             x, n_stamped = stamp_leading(x, triggers, self.known_trigger_fraction, generator)
             clean_rows = torch.arange(len(x), device=device) >= n_stamped
             with autocast(device):
@@ -528,7 +527,7 @@ class FMP:
             running.append(float(loss.detach()))
             ctx.report("fmp fine-tune", step, steps)
             if step in checkpoints:
-                checkpoint_bn(model, self.bn, train, ctx.batch_size, self.augment, generator,
+                checkpoint_bn(model, self.bn, train, ctx.batch_size, ctx.augmentation(self.augment), generator,
                               transform=bn_transform)
                 model.eval()
                 guard.check(model, f"step {step}")

@@ -16,13 +16,14 @@ import torch
 
 from ..atomic import atomic_dir, write_text_atomic
 from ..device import describe_device, resolve_device
-from ..errors import EXIT_GATE, EXIT_OK, GateFailed, ModelRefused, OutputError, RunFailed
+from ..errors import EXIT_GATE, EXIT_OK, GateFailed, ModelRefused, OutputError, RunFailed, UsageError
 from ..io.data import Holdout, split_holdout
 from ..io.models import LoadedModel, sha256_file
 from ..io.preprocess import Normalized, Preprocessing
 from ..report import Report, render_json
 from .context import Context
 from .guard import verify_check
+from .mirror import FLIP_MODES, resolve_flip
 from .registry import get_method
 
 log = logging.getLogger("bdsan.sanitize")
@@ -43,7 +44,7 @@ def sanitize(model: LoadedModel, holdout: Holdout, method: str, params: dict | N
              batch_size: int = 256, triggers: list | None = None, target: int | None = None,
              slim: bool | None = None, bake_preprocessing: bool = False, timings: dict | None = None,
              progress=None, command: str = "sanitize", details: dict | None = None,
-             save_input: str | None = None) -> Report:
+             save_input: str | None = None, flip: str = "auto") -> Report:
     """Defend ``model`` with ``method`` on the fit split and prove the result on the verify split.
 
     ``out_dir`` receives ``model.onnx``, ``model.safetensors`` and ``report.json`` atomically (None: nothing is
@@ -52,11 +53,16 @@ def sanitize(model: LoadedModel, holdout: Holdout, method: str, params: dict | N
     ``command``/``details``: the report's command name and extra ``details`` (``bdsan trap-train`` runs its
     replace stage through here and records its training stage there); ``save_input``: also write the input model
     into ``out_dir`` under this file name (trap-train's stage-1 model exists nowhere else), after the artifacts.
+    ``flip``: may the method's augmentation flip images horizontally — ``on``, ``off``, or ``auto``: only when the
+    input model is as accurate on flipped fit images as on the originals (``mirror.resolve_flip``; GTSRB's
+    mirror-image sign pairs are why).
     """
     device = resolve_device(device)
     timings_s = dict(timings or {})
     total_start = time.perf_counter()
     method_obj = get_method(method, **(params or {}))  # usage errors before any work
+    if flip not in FLIP_MODES:
+        raise UsageError(f"flip must be one of {', '.join(FLIP_MODES)}, got {flip!r}")
     if model.module is None:
         raise ModelRefused(f"{model.path}: ONNX models can be audited and exported, not defended",
                            hint="give the PyTorch weights (safetensors / .pt) to sanitize")
@@ -93,12 +99,14 @@ def sanitize(model: LoadedModel, holdout: Holdout, method: str, params: dict | N
     evidence = [{"name": t["name"], "params": t["params"], "suspected_target": t["suspected_target"],
                  "asr_net": t["asr_net"], "asr_max": t["asr_max"]}
                 for t in fit_audit["triggers"] if (t.get("asr_net") or 0.0) >= KNOWN_TRIGGER_MIN_NET_ASR]
-    ctx = Context(device=device, seed=seed, batch_size=batch_size, max_acc_drop=max_acc_drop,
-                  progress=progress or _ProgressBars(),
-                  known_triggers=[by_name[e["name"]] for e in evidence], trigger_evidence=evidence)
-
     input_module = model.module
     working = Normalized(copy.deepcopy(input_module), model.preprocessing).to(device)
+    with _phase(timings_s, "mirror_check"):
+        augmentation = resolve_flip(flip, working, fit, batch_size)
+    ctx = Context(device=device, seed=seed, batch_size=batch_size, max_acc_drop=max_acc_drop,
+                  progress=progress or _ProgressBars(),
+                  known_triggers=[by_name[e["name"]] for e in evidence], trigger_evidence=evidence,
+                  flip=augmentation["flip"])
     with _phase(timings_s, "defense"):
         try:
             result = method_obj.run(working, fit, ctx)
@@ -125,7 +133,7 @@ def sanitize(model: LoadedModel, holdout: Holdout, method: str, params: dict | N
         shipped = model
     report.defense = {"method": method, "params": params_used, "guard": guard, "details": result.details,
                       "fit_audit": {"known_triggers": evidence, "min_net_asr": KNOWN_TRIGGER_MIN_NET_ASR,
-                                    "ca_fit": fit_audit["ca"]}}
+                                    "ca_fit": fit_audit["ca"]}, "augmentation": augmentation}
 
     if out_path is not None:
         _export(report, shipped, defended, result.details, verify, out_path, force, guard, timings_s, device,

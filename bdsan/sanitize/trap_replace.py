@@ -34,7 +34,7 @@ from ..device import channels_last, check_precision, precision_autocast, trainin
 from ..errors import UsageError
 from ..io.data import Holdout, to_float
 from ..io.preprocess import Normalized
-from ..train.augment import augment_batch, cutmix
+from ..train.augment import augment_images, cutmix
 from .context import Context, DefenseResult
 from .guard import FitValGuard
 from .losses import distillation, frozen_copy
@@ -119,8 +119,7 @@ class TrapReplace:
             with dropout_at(split, self.dropout):
                 for index in order[:steps_per_epoch * batch].view(steps_per_epoch, batch):
                     x, y = to_float(train.x[index]), train.y[index]
-                    if self.augment:
-                        x = augment_batch(x, generator)
+                    x = augment_images(x, generator, ctx.augmentation(self.augment))
                     with precision_autocast(device, bf16):
                         loss = self._loss(model, x, y, generator, teacher)
                     optimizer.zero_grad(set_to_none=True)

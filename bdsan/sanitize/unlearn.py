@@ -45,7 +45,7 @@ from torch import nn
 
 from ..device import channels_last, check_precision, precision_autocast, training_bf16
 from ..io.data import Holdout, to_float
-from ..train.augment import augment_batch
+from ..train.augment import augment_images
 from ..train.loop import predict
 from .batchnorm import ShiftedStatistics, check_bn_mode, checkpoint_bn, set_training
 from .context import Context, DefenseResult
@@ -405,6 +405,7 @@ class Unlearn:
         device = ctx.device
         bf16 = training_bf16(device, self.precision)
         generator = ctx.generator(offset=31)
+        augment = ctx.augmentation(self.augment)
         consistency = self.stamped_loss == "consistency"
         anchor = [p.detach().clone() for p in model.parameters()] if self.regularizer == "l2" else None
         batch = min(self.batch_size, max(2, len(train)))
@@ -418,7 +419,7 @@ class Unlearn:
         shift = None
         bn_stamp = self._bn_stamp(triggers, stamp_fraction) if self.bn_stamped else None
         if bn == "reestimate-shift":
-            shift = ShiftedStatistics(train, ctx.batch_size, self.augment, ctx.seed * 1_000_003 + 41,
+            shift = ShiftedStatistics(train, ctx.batch_size, augment, ctx.seed * 1_000_003 + 41,
                                       transform_for=bn_stamp)
             shift.start(model)
         for epoch in range(1, self.epochs + 1):
@@ -427,8 +428,7 @@ class Unlearn:
             for _ in range(steps_per_epoch):
                 index = torch.randint(len(train), (batch,), generator=generator).to(device)
                 x, y = to_float(train.x[index]), train.y[index]
-                if self.augment:
-                    x = augment_batch(x, generator)
+                x = augment_images(x, generator, augment)
                 inputs, n_stamped = stamp_leading(x, triggers, stamp_fraction, generator, self.jitter,
                                                   self._strength, wave_phase=self._random_phase,
                                                   wave_strength=self._wave_strength)
@@ -467,7 +467,7 @@ class Unlearn:
             if shift is not None:
                 shift.checkpoint(model)
             else:
-                checkpoint_bn(model, bn, train, ctx.batch_size, self.augment, generator,
+                checkpoint_bn(model, bn, train, ctx.batch_size, augment, generator,
                               transform=bn_stamp(generator) if bn_stamp else None)
             model.eval()
             objective, objective_se = measure(model)

@@ -27,6 +27,11 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, fli
     return x
 
 
+def augment_images(x: torch.Tensor, generator: torch.Generator, mode: bool | str) -> torch.Tensor:
+    """``mode``: ``True`` crop + flip, ``"crop"`` the crop alone (mirror-image classes), ``False`` ``x`` unchanged."""
+    return augment_batch(x, generator, flip=mode != "crop") if mode else x
+
+
 def cutmix(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
     """CutMix for one batch (ALGORITHMS §2a.4, β = 1): (mixed images, partner permutation, λ).
 
