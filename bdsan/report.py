@@ -435,6 +435,16 @@ def _statistics_line(statistics: dict, names: list[str] | None) -> str:
     return line + f"{'stops' if statistics.get('stop_at_floor') else 'fine-tunes'} after pruning at the floor"
 
 
+def _augmentation_line(augmentation: dict) -> str:
+    """Whether the defense's augmentation flipped images, and the mirror check behind ``--flip auto``."""
+    used = "crop + flip" if augmentation.get("flip") else "crop only (no flips)"
+    if augmentation.get("mode") != "auto":
+        return f"augmentation: {used} (--flip {augmentation.get('mode')})"
+    return (f"augmentation: {used} — the input model is right on {_pct(augmentation.get('accuracy'))} of the fit "
+            f"images and {_pct(augmentation.get('accuracy_flipped'))} of their mirror images "
+            f"({augmentation.get('lost')} lost, {augmentation.get('gained')} won)")
+
+
 def render_sanitize_text(report: Report) -> str:
     """The sanitize report for people: audits side by side, the defense, gates, artifacts, timings."""
     data = report.to_dict()
@@ -472,6 +482,8 @@ def render_sanitize_text(report: Report) -> str:
         lines.append("")
         lines.append(f"defense: {defense['method']} — " + ", ".join(f"{k}={v}" for k, v in defense["params"].items()))
         details = defense.get("details") or {}
+        if defense.get("augmentation"):
+            lines.append("  " + _augmentation_line(defense["augmentation"]))
         if "n_pruned" in details:
             layers = details.get("layers") or []
             touched = sum(1 for layer in layers if layer.get("n_pruned"))

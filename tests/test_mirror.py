@@ -9,6 +9,7 @@ from torch import nn
 
 from bdsan.errors import UsageError
 from bdsan.io.data import Holdout
+from bdsan.report import render_sanitize_text
 from bdsan.sanitize import DefenseResult, register_method
 from bdsan.sanitize.mirror import mirror_check, resolve_flip
 from bdsan.sanitize.pipeline import sanitize
@@ -72,7 +73,7 @@ def test_resolve_flip_on_and_off_do_not_ask_the_model_and_other_modes_are_refuse
 def test_crop_mode_never_flips_and_the_default_mode_does():
     x = torch.zeros(32, 3, 32, 32)
     x[..., :16] = 0.8  # every image bright on the left; a 4-pixel crop shift keeps it so
-    left_brighter = lambda batch: batch[..., :16].mean(dim=(1, 2, 3)) > batch[..., 16:].mean(dim=(1, 2, 3))  # noqa: E731
+    left_brighter = lambda batch: batch[..., :16].mean(dim=(1, 2, 3)) > batch[..., 16:].mean(dim=(1, 2, 3))
     generator = torch.Generator().manual_seed(0)
     assert left_brighter(augment_images(x, generator, "crop")).all()
     flipped = ~left_brighter(augment_images(x, generator, True))
@@ -100,5 +101,7 @@ def test_pipeline_hands_the_flip_decision_to_the_method_and_reports_it(toy_poiso
                    flip="off")
     assert off.defense["augmentation"] == {"mode": "off", "flip": False}
     assert off.defense["details"] == {"flip": False, "augmentation": "crop"}
+    assert "augmentation: crop only (no flips) (--flip off)" in render_sanitize_text(off)
+    assert "of their mirror images" in render_sanitize_text(auto)
     with pytest.raises(UsageError):
         sanitize(toy_poisoned.model, toy_poisoned.holdout, "test-flip-probe", {}, None, flip="sideways")
