@@ -132,6 +132,20 @@ def test_consistency_on_stamped_images_removes_the_trigger_too():
         get_method("unlearn", stamped_loss="kl")
 
 
+def test_clean_rows_only_distilled_still_remove_the_trigger():
+    """``clean_ce=false``: the clean rows carry no cross-entropy (distillation only); the stamped rows' true labels
+    still unlearn the trigger. Without distillation the clean rows would be unconstrained: refused."""
+    toy = scan_helpers.unknown_patch_toy()
+    fit, verify = split_holdout(toy.holdout, 0.5, 0)
+    model = copy.deepcopy(toy.model).normalized()
+    ctx = Context(device=torch.device("cpu"), seed=0, batch_size=256, max_acc_drop=3.0)
+    result = get_method("unlearn", epochs=5, scan_steps=150, clean_ce=False).run(model, fit, ctx)
+    assert result.details["guard"]["selected"] != "input"
+    assert trigger_asr(result.model, verify.x, verify.y) <= 0.2
+    with pytest.raises(Exception, match="clean_ce=false needs regularizer=distill"):
+        get_method("unlearn", clean_ce=False, regularizer="l2")
+
+
 def test_pruning_stage_keeps_the_trigger_channels_dead_and_stamps_only_patches(toy_poisoned):
     """``prune_ratio``: the channels the found triggers excite most are zeroed before fine-tuning and stay zero
     (reported as ``hard_pruned`` for the slim export); ``stamp=patches`` leaves full-image triggers out of the

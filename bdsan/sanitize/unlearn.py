@@ -16,7 +16,8 @@ adds a roaming patch toward each class a suite patch was flagged for when the sc
    BatchNorm statistics), else fine-tuning starts from it.
 2. **Fine-tune** ``epochs`` with the found triggers stamped on ``stamp_fraction`` of each batch with their *true*
    labels (``stamped_loss``; full-image triggers scaled by ``strength_min``–``strength_max``), the clean part kept by
-   ``regularizer`` (``distill``: KL to the input model's softened outputs, ``distill_mode``; or L2-SP).
+   ``regularizer`` (``distill``: KL to the input model's softened outputs, ``distill_mode``; or L2-SP) on top of
+   its cross-entropy (``clean_ce=false``: distilled only).
    BatchNorm (``bn=auto``): the delivered statistics are kept, with a calibrated lr (``frozen_statistics_lr``), when
    every found trigger toward the primary target is a suite patch the fit audit flagged; otherwise they are
    re-estimated at every checkpoint from augmented fit images stamped like the training batches (``bn_stamped``).
@@ -114,6 +115,7 @@ class Unlearn:
     bn_stamped: bool = True
     select: str = "latest-within-diff-se"
     stamped_loss: str = "ce"
+    clean_ce: bool = True
     prune_ratio: float = 1 / 64
     prune_images: int = 256
     prune_schedule: str = "fewest"
@@ -143,6 +145,8 @@ class Unlearn:
             raise ValueError("need 0 < stamp_fraction < 1, epochs ≥ 0, batch_size ≥ 2")
         if self.select not in SELECT_MODES:
             raise ValueError(f"select must be one of {', '.join(SELECT_MODES)}")
+        if not self.clean_ce and self.regularizer != "distill":
+            raise ValueError("clean_ce=false needs regularizer=distill: the clean images would be left unconstrained")
         if self.stamped_loss not in STAMPED_LOSSES:
             raise ValueError(f"stamped_loss must be one of {', '.join(STAMPED_LOSSES)}")
         if not 0 < self.strength_min <= self.strength_max:
@@ -446,8 +450,10 @@ class Unlearn:
                                                self.temperature) * int(kept.sum())) if kept.any() else 0.0
                     ce = (F.cross_entropy(logits[n_stamped:], y[n_stamped:], reduction="sum") + consistent) / len(x)
                     teacher_logits, rows = teacher_logits[n_stamped:], rows[n_stamped:]
-                else:
+                elif self.clean_ce:
                     ce = F.cross_entropy(logits, y)
+                else:  # the clean rows only distilled: no hard labels for them
+                    ce = F.cross_entropy(logits[:n_stamped], y[:n_stamped], reduction="sum") / len(x)
                 reg = torch.zeros((), device=device)
                 if self.regularizer == "distill" and rows.any():
                     reg = self.distill_weight * distillation(logits[n_stamped:][rows], teacher_logits[rows],
