@@ -606,6 +606,10 @@ def sanitize_command(model_path, arch, num_classes, trust_code, preset, mean, st
               help="Stage-1 (trap) epochs over the suspect data; the paper's CIFAR/GTSRB recipe.")
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True,
               help="adam: cosine annealing (the paper's); sgd: nesterov one-cycle (use --lr about 0.1-0.2).")
+@click.option("--flip/--no-flip", default=True, show_default=True,
+              help="Stage-1 augmentation: random crops and horizontal flips, or crops alone (--no-flip) for classes "
+                   "that come in mirror pairs, as traffic signs (keep left / keep right); BackdoorBench flips "
+                   "CIFAR-10, not GTSRB. The replace stage asks the trapped model (sanitize --flip auto).")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True,
               help="Stage-1 learning rate.")
 @click.option("--train-batch-size", type=click.IntRange(2), default=256, show_default=True,
@@ -636,7 +640,7 @@ def sanitize_command(model_path, arch, num_classes, trust_code, preset, mean, st
               "over from scratch when a checkpoint exists without --resume.")
 @common_options
 def trap_train_command(data_path, suspect_split, holdout, data_split, classes, arch, num_classes, preset, mean, std,
-                       out_dir, epochs, optimizer, lr, train_batch_size, recon_weight, tv_weight, stem_end,
+                       out_dir, epochs, optimizer, flip, lr, train_batch_size, recon_weight, tv_weight, stem_end,
                        param_pairs, max_asr, max_acc_drop, fit_fraction, target, trigger_names, bake_preprocessing,
                        checkpoint_dir, resume, force, device, seed, batch_size, output_format, report_path, quiet,
                        debug):
@@ -652,6 +656,7 @@ def trap_train_command(data_path, suspect_split, holdout, data_split, classes, a
     from .train.trap import TrapSettings
 
     settings = TrapSettings(epochs=epochs, optimizer=optimizer, lr=lr, batch_size=train_batch_size,
+                            augment=True if flip else "crop",
                             recon_weight=recon_weight, tv_weight=tv_weight, stem_end=stem_end, seed=seed)
     params = parse_params(param_pairs)
     check_output(Path(out_dir), force)

@@ -44,12 +44,24 @@ def test_trap_train_writes_the_outputs_and_removes_its_checkpoint(run_cli, suspe
     assert report["command"] == "trap-train" and report["defense"]["method"] == "trap-replace"
     assert [e["epoch"] for e in report["details"]["trap"]["epochs"]] == [1, 2, 3]
     assert report["details"]["trap"]["resumed_from_epoch"] == 0 and "trap_train" in report["timings_s"]
+    assert report["details"]["trap"]["settings"]["augment"] is True  # crops and flips unless --no-flip
+    assert report["defense"]["augmentation"]["mode"] == "auto"  # the replace stage asks the trapped model
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.safetensors", "report.json",
                                                       "trapped.safetensors"]
     assert [a.get("role") for a in report["artifacts"]] == [None, None, "input (not sanitized)"]
     assert not out.with_name("out.checkpoint").exists()
     again = run_cli("trap-train", "--data", suspect[0], "--holdout", holdout_npz, *STAGE1, "--out", out, *FAST)
     assert again.code == 3 and "already exists" in again.stderr
+
+
+def test_no_flip_trains_stage_one_on_crops_alone(suspect, holdout_npz, tmp_path):
+    from cli_helpers import invoke_main
+
+    stage1 = [a if a != "3" else "1" for a in STAGE1]  # one epoch is enough to read the settings back
+    result = invoke_main("trap-train", "--data", str(suspect[0]), "--holdout", str(holdout_npz), *stage1,
+                         "--no-flip", "--out", str(tmp_path / "out"), *FAST, "--format", "json")
+    assert result.code in (0, 1), result.output
+    assert result.json["details"]["trap"]["settings"]["augment"] == "crop"
 
 
 def test_an_interrupted_run_is_refused_without_resume_and_continued_with_it(run_cli, suspect, holdout_npz,
