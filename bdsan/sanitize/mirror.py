@@ -20,6 +20,7 @@ FLIP_MODES = ("auto", "on", "off")
 MIRROR_Z = 2.0
 
 
+@torch.no_grad()
 def mirror_check(model: nn.Module, fit: Holdout, batch_size: int = 256, z: float = MIRROR_Z) -> dict:
     """Accuracy on the fit images and on their mirror images; ``flip`` False when the mirror images lose more
     images than they win by more than ``z`` standard errors of the paired difference."""
@@ -39,5 +40,4 @@ def resolve_flip(mode: str, model: nn.Module, fit: Holdout, batch_size: int = 25
         raise ValueError(f"flip must be one of {', '.join(FLIP_MODES)}")
     if mode != "auto":
         return {"mode": mode, "flip": mode == "on"}
-    with torch.no_grad():
-        return {"mode": mode} | mirror_check(model, fit, batch_size)
+    return {"mode": mode} | mirror_check(model, fit, batch_size)
