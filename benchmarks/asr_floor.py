@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument("--recipe", default="cpu")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (as run.py --epochs)")
     parser.add_argument("--augment", choices=sorted(AUGMENTS), default=None,
-                        help="override the recipe's training augmentation: crop+flip, or crop alone (datasets with mirror-image class pairs, GTSRB)")
+                        help="override the recipe's training augmentation: crop+flip, or crop alone (datasets "
+                             "with mirror-image class pairs, GTSRB)")
     parser.add_argument("--n-train", type=int, default=20000)
     parser.add_argument("--test-n", type=int, default=2000, help="evaluate on x_test[offset:offset + N] (0 = to the end)")
     parser.add_argument("--offset", type=int, default=0,

@@ -24,6 +24,7 @@ import torch
 from bdsan.allocator import keep_freed_memory
 from bdsan.device import resolve_device
 from bdsan.report import json_safe
+from bdsan.sanitize.mirror import FLIP_MODES
 from bdsan.train.zoo import (
     AUGMENTS,
     RECIPES,
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-train", type=int, default=20000, help="training subset size (0 = the whole split)")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (as run.py --epochs)")
     parser.add_argument("--augment", choices=sorted(AUGMENTS), default=None,
-                        help="override the recipe's training augmentation: crop+flip, or crop alone (datasets with mirror-image class pairs, GTSRB)")
+                        help="override the recipe's training augmentation: crop+flip, or crop alone (datasets "
+                             "with mirror-image class pairs, GTSRB)")
     parser.add_argument("--dev", default=DEV, metavar="START:END",
                         help="development test slice (END may be empty), or 'rest': the training images outside "
                              "--n-train's subset")
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--known-trigger", action="store_true",
                         help="diagnosis: the attack's own trigger joins the suite the pipeline audits, as a user's "
                              "--trigger-image would (an upper bound for what a found trigger can give)")
-    parser.add_argument("--flip", choices=["auto", "on", "off"], default="auto",
+    parser.add_argument("--flip", choices=FLIP_MODES, default="auto",
                         help="sanitize's flip: may the defense's augmentation flip images (auto: the mirror check)")
     parser.add_argument("--details", action="store_true", help="print the defense's details (epochs, triggers)")
     parser.add_argument("--prune-curve", action="store_true",

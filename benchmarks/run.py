@@ -35,6 +35,7 @@ from bdsan.charts import bar_chart
 from bdsan.device import describe_device, resolve_device
 from bdsan.io.data import stratified_split
 from bdsan.report import defense_trigger_sources, json_safe
+from bdsan.sanitize.mirror import FLIP_MODES
 from bdsan.train.zoo import (
     AUGMENTS,
     RECIPES,
@@ -141,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
     parser.add_argument("--train-batch-size", type=int, default=None, help="override the recipe's batch size")
     parser.add_argument("--augment", choices=sorted(AUGMENTS), default=None,
-                        help="override the recipe's training augmentation: crop+flip, or crop alone (datasets with mirror-image class pairs, GTSRB)")
-    parser.add_argument("--flip", choices=["auto", "on", "off"], default="auto",
+                        help="override the recipe's training augmentation: crop+flip, or crop alone (datasets "
+                             "with mirror-image class pairs, GTSRB)")
+    parser.add_argument("--flip", choices=FLIP_MODES, default="auto",
                         help="sanitize's flip: may the defense's augmentation flip images (auto: the mirror check)")
     parser.add_argument("--n-train", type=int, default=0, help="training subset size (0 = the whole split)")
     parser.add_argument("--holdout-fraction", type=float, default=0.05,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..device import autocast, channels_last, precision_autocast, training_bf16
-from .augment import augment_batch
+from .augment import augment_images
 
 Progress = Callable[[int, int], None]
 
@@ -96,8 +96,7 @@ def train_classifier(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, *
             for start in range(0, len(y), batch_size):
                 index = order[start:start + batch_size]
                 batch = x_uint8[index].float().div_(255)
-                if augment:
-                    batch = augment_batch(batch, generator, flip=augment != "crop")
+                batch = augment_images(batch, generator, augment)
                 if device.type == "cuda":
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 with precision_autocast(device, bf16):

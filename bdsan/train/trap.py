@@ -34,7 +34,7 @@ from ..device import channels_last, check_precision, precision_autocast, trainin
 from ..errors import OutputError, UsageError
 from ..io.data import to_float
 from ..sanitize.trap_replace import HeadSplit, head_split
-from .augment import augment_batch
+from .augment import augment_images
 from .loop import make_optimizer
 
 OPTIMIZERS = ("adam", "sgd")
@@ -191,8 +191,7 @@ def train_trap(network: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, setti
             order = torch.randperm(len(y), generator=generator).to(device)
             for step, index in enumerate(order.split(batch), start=1):
                 x, target = to_float(x_uint8[index]), y[index]
-                if settings.augment:
-                    x = augment_batch(x, generator, flip=settings.augment != "crop")
+                x = augment_images(x, generator, settings.augment)
                 with precision_autocast(device, bf16):
                     logits = network(x).float()
                     recon = decoder(tap.take()).float()
