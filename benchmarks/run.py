@@ -251,6 +251,8 @@ def _details_summary(details: dict) -> dict:
         summary["selected"] = details["guard"]["selected"]
         summary["guard_history"] = [{k: h[k] for k in ("label", "ca_fit_val", "objective", "objective_se", "accepted")
                                      if k in h} for h in details["guard"].get("history") or []]
+    if isinstance(details.get("finetune"), dict) and "known_trigger_fraction" in details["finetune"]:  # FMP
+        summary["stamped_fraction"] = details["finetune"]["known_trigger_fraction"]
     if details.get("epochs"):  # the per-epoch log of unlearn, D-BR, trap-replace
         summary["epochs"] = details["epochs"]
     if isinstance(details.get("pruned"), dict):

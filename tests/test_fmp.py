@@ -141,6 +141,20 @@ def test_fmp_hard_prune_keeps_pruned_channels_dead(toy_poisoned):
     assert result.guard["selected"] in {"pruned", "step 2", "step 4", "input"}
 
 
+def test_few_images_per_class_stamp_at_most_a_tenth(toy_poisoned):
+    """Below 5 fit-train images per class (GTSRB's 5% holdout: 2) FMP stamps a tenth of each batch, not half."""
+    holdout = toy_poisoned.holdout
+    two_each = torch.cat([torch.nonzero(holdout.y == c).flatten()[:2] for c in range(holdout.num_classes)])
+    few = holdout.subset(two_each)
+    assert get_method("fmp").stamp_fraction(few) == (0.1, 2.0, True)
+    assert get_method("fmp").stamp_fraction(holdout) == (0.5, len(holdout) / holdout.num_classes, False)
+    assert get_method("fmp", few_per_class=0).stamp_fraction(few)[0] == 0.5  # the rule off
+    assert get_method("fmp", known_trigger_fraction=0.05).stamp_fraction(few)[0] == 0.05  # never raised
+    assert get_method("fmp", recipe="paper").stamp_fraction(few) == (0.0, 2.0, False)
+    with pytest.raises(UsageError):
+        get_method("fmp", few_trigger_fraction=1.5)
+
+
 def test_fmp_fine_tunes_with_scan_triggers_when_the_audit_knows_none():
     """No known trigger (the suite misses this patch): scan=auto reconstructs it on the fit split, and FMP's
     fine-tuning with the reconstruction — never the real trigger — removes the backdoor."""
@@ -158,6 +172,7 @@ def test_fmp_fine_tunes_with_scan_triggers_when_the_audit_knows_none():
     finetune = result.details["finetune"]
     assert finetune["scan"]["suspected_target"] == scan_helpers.UNKNOWN_TARGET
     assert finetune["trigger_sources"] and all(t["source"] == "scan" for t in finetune["trigger_sources"])
+    assert finetune["few_images_per_class"] is False and finetune["known_trigger_fraction"] == 0.5
     assert trigger_asr(result.model, verify.x, verify.y) <= 0.2
     assert get_method("fmp", recipe="paper").scan == "never"
 
