@@ -321,7 +321,8 @@ class FMP:
     unlearn, a 4×4 patch optimised at random positions toward the class of a patch the scan found is ranked by and
     stamped too — on two fresh random-patch models 2.70 → 2.13% and 3.13 → 2.81% ASR for 0.08 / 0.05 more CA points
     (BENCHMARKS.md "Fresh random patches seeds 17 and 18"). ``scan_keys`` (0, opt-in): further reconstructions of
-    such a patch.
+    such a patch. ``few_per_class`` (5; paper 0): below that many fit-train images per class at most
+    ``few_trigger_fraction`` (0.1) of each batch is stamped (:meth:`stamp_fraction`).
     """
 
     recipe: str = "bdsan"
