@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-from dataclasses import replace
 
 import torch
 
@@ -69,15 +68,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         import probe  # benchmarks/ is on sys.path when this file runs as a script
 
-        from bdsan.train.zoo import AUGMENTS, RECIPES, Attack, load_dataset, train_backdoored
-
-        data = load_dataset(args.data)
-        attack = Attack.parse(args.attack)
-        recipe = replace(RECIPES[args.recipe], **{k: v for k, v in {"epochs": args.epochs,
-                                                                   "augment": AUGMENTS.get(args.augment)}.items()
-                                                    if v is not None})
-        backdoored = train_backdoored(data, attack, recipe, n_train=args.n_train or None, seed=args.seed,
-                                      device=torch.device("cpu"), cache_dir=args.cache)
+        data, attack, backdoored = probe.cached_model(args, torch.device("cpu"))
         report = sanitize(backdoored.model, backdoored.holdout, args.defense, params, None, seed=args.seed,
                           device=torch.device("cpu"), max_acc_drop=3.0, progress=lambda *a: None)
         delivered, defended = backdoored.model.normalized().eval(), report.defended.normalized().eval()

@@ -78,13 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    data = load_dataset(args.data)
-    attack = Attack.parse(args.attack)
-    recipe = replace(RECIPES[args.recipe], **{k: v for k, v in {"epochs": args.epochs,
-                                                               "augment": AUGMENTS.get(args.augment)}.items()
-                                                if v is not None})
-    backdoored = train_backdoored(data, attack, recipe, n_train=args.n_train or None, seed=args.seed,
-                                  device=device, cache_dir=args.cache)
+    data, attack, backdoored = cached_model(args, device)
     if args.holdout_n:
         from run import limit_holdout  # benchmarks/ is on sys.path when this file runs as a script
 
@@ -135,6 +129,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.details:
         print(json.dumps(json_safe(data_out["defense"]["details"]), indent=1)[:6000])
     return result
+
+
+def cached_model(args, device: torch.device):
+    """(dataset, attack, backdoored model) for ``args.data/attack/recipe/epochs/augment/n_train/seed/cache``: the
+    harness's cached model (trained and cached on a miss, exactly as run.py would)."""
+    data = load_dataset(args.data)
+    attack = Attack.parse(args.attack)
+    recipe = replace(RECIPES[args.recipe], **{k: v for k, v in {"epochs": args.epochs,
+                                                               "augment": AUGMENTS.get(args.augment)}.items()
+                                                if v is not None})
+    backdoored = train_backdoored(data, attack, recipe, n_train=args.n_train or None, seed=args.seed,
+                                  device=device, cache_dir=args.cache)
+    return data, attack, backdoored
 
 
 def _watch_guard(measure) -> list[dict]:
