@@ -16,6 +16,25 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 keep_freed_memory()  # as the CLI does: the suite runs as the product would
 
 
+@pytest.fixture
+def stamped_shares(monkeypatch):
+    """``record(module)`` → a list that collects every share of a batch ``module`` stamps: the share passed to its
+    ``stamp_leading`` (training batches) and to its ``stamped_like_training`` (BatchNorm re-estimation batches)."""
+    def record(module) -> list:
+        shares = []
+
+        def recording(real, position: int):  # position: where the function takes the stamped share
+            def recorded(*args, **kwargs):
+                shares.append(args[position])
+                return real(*args, **kwargs)
+            return recorded
+
+        monkeypatch.setattr(module, "stamp_leading", recording(module.stamp_leading, 2))
+        monkeypatch.setattr(module, "stamped_like_training", recording(module.stamped_like_training, 1))
+        return shares
+    return record
+
+
 @pytest.fixture(scope="session")
 def toy_poisoned():
     """ToyModel: ``.model`` (LoadedModel, tiny_cnn, 5 classes), ``.holdout`` (400 clean images)."""

@@ -155,7 +155,7 @@ def test_few_images_per_class_stamp_at_most_a_tenth(toy_poisoned):
         get_method("fmp", few_trigger_fraction=1.5)
 
 
-def test_few_images_per_class_share_reaches_the_training_and_batchnorm_batches(toy_poisoned, monkeypatch):
+def test_few_images_per_class_share_reaches_the_training_and_batchnorm_batches(toy_poisoned, stamped_shares):
     """The share :meth:`stamp_fraction` decides is the one stamped on the fine-tuning batches and on the BatchNorm
     re-estimation batches, and the report says so."""
     from bdsan.detectors.triggers import get_trigger
@@ -163,16 +163,7 @@ def test_few_images_per_class_share_reaches_the_training_and_batchnorm_batches(t
 
     holdout = toy_poisoned.holdout
     few = holdout.subset(torch.cat([torch.nonzero(holdout.y == c).flatten()[:4] for c in range(holdout.num_classes)]))
-    shares = []
-
-    def recording(real, position: int):
-        def recorded(*args, **kwargs):
-            shares.append(args[position])
-            return real(*args, **kwargs)
-        return recorded
-
-    monkeypatch.setattr(fmp, "stamp_leading", recording(fmp.stamp_leading, 2))
-    monkeypatch.setattr(fmp, "stamped_like_training", recording(fmp.stamped_like_training, 1))
+    shares = stamped_shares(fmp)
     ctx = Context(seed=0, known_triggers=[get_trigger("badnets_square")], max_acc_drop=100.0)
     method = get_method("fmp", rank_images=8, epochs=1, reference_images=0, scan="never")
     details = method.run(copy.deepcopy(toy_poisoned.model).normalized(), few, ctx).details

@@ -334,7 +334,8 @@ def test_bn_auto_keeps_the_statistics_only_when_every_trigger_toward_the_primary
         get_method("fmp", bn="auto")
 
 
-def test_few_images_per_class_with_reestimated_statistics_skip_pruning_and_stamp_less(toy_poisoned, monkeypatch):
+def test_few_images_per_class_with_reestimated_statistics_skip_pruning_and_stamp_less(toy_poisoned,
+                                                                                      stamped_shares):
     """``few_per_class``: with re-estimated statistics and fewer fit-train images per class than that, nothing is
     pruned and ``few_stamp_fraction`` of each batch (training and BatchNorm batches) is stamped; with more images per
     class, or with frozen statistics, the defaults' pruning and share stand."""
@@ -344,16 +345,7 @@ def test_few_images_per_class_with_reestimated_statistics_skip_pruning_and_stamp
     fit, _ = split_holdout(toy_poisoned.holdout, 0.5, 0)  # 200 images, 5 classes: 36 fit-train images per class
     ctx = Context(seed=0, known_triggers=[get_trigger("badnets_square"), get_trigger("blend_noise")],
                   max_acc_drop=5.0)
-    shares = []
-
-    def recording(real, position: int):  # position: where the function takes the stamped share
-        def recorded(*args, **kwargs):
-            shares.append(args[position])
-            return real(*args, **kwargs)
-        return recorded
-
-    monkeypatch.setattr(unlearn, "stamp_leading", recording(unlearn.stamp_leading, 2))
-    monkeypatch.setattr(unlearn, "stamped_like_training", recording(unlearn.stamped_like_training, 1))
+    shares = stamped_shares(unlearn)
     run = functools.partial(get_method, "unlearn", epochs=1, scan="never", bn="reestimate-augmented",
                             prune_images=48, stop_at_floor=False)
     few = run(few_per_class=40).run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx).details
