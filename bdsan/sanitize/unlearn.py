@@ -46,7 +46,7 @@ from torch import nn
 
 from ..device import channels_last, check_precision, precision_autocast, training_bf16
 from ..io.data import Holdout, to_float
-from ..train.augment import augment_images
+from ..train.augment import augment_images, mixup_pairs
 from ..train.loop import predict
 from .batchnorm import ShiftedStatistics, check_bn_mode, checkpoint_bn, set_training
 from .context import Context, DefenseResult
@@ -97,6 +97,7 @@ class Unlearn:
     distill_weight: float = 1.0
     temperature: float = 2.0
     distill_mode: str = "all"
+    mix_distill: float = 0.0
     l2_weight: float = 0.01
     scan: bool | str = "auto"
     scan_steps: int = 300
@@ -139,6 +140,8 @@ class Unlearn:
         if self.regularizer not in ("distill", "l2", "none"):
             raise ValueError("regularizer must be distill, l2 or none")
         check_precision(self.precision)
+        if self.mix_distill < 0 or (self.mix_distill > 0 and self.regularizer != "distill"):
+            raise ValueError("mix_distill must be ≥ 0, and > 0 only with regularizer=distill")
         if self.distill_mode not in DISTILL_MODES:
             raise ValueError(f"distill_mode must be one of {', '.join(DISTILL_MODES)}")
         if not 0 < self.stamp_fraction < 1 or self.epochs < 0 or self.batch_size < 2:
@@ -308,6 +311,12 @@ class Unlearn:
                 "few_images_per_class": few, "prune_ratio": 0.0 if few else self.prune_ratio,
                 "stamp_fraction": self.few_stamp_fraction if few else self.stamp_fraction} | out
 
+    def _mixed(self, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+        """``mix_distill`` × len(clean) mixes of pairs of the batch's clean images, distilled toward the input
+        model's outputs on them (anchors between the few fit images); None when off or too few clean rows."""
+        count = round(self.mix_distill * len(clean))
+        return mixup_pairs(clean, count, generator) if count and len(clean) >= 2 else None
+
     def _bn_stamp(self, triggers: list, fraction: float):
         """generator → the batch transform that stamps BN re-estimation batches as the training batches are."""
         return lambda generator: stamped_like_training(triggers, fraction, generator, self.jitter,
@@ -409,6 +418,7 @@ class Unlearn:
         device = ctx.device
         bf16 = training_bf16(device, self.precision)
         generator = ctx.generator(offset=31)
+        mix_generator = ctx.generator(offset=37)  # its own stream: the other draws stay as without mixes
         augment = ctx.augmentation(self.augment)
         consistency = self.stamped_loss == "consistency"
         anchor = [p.detach().clone() for p in model.parameters()] if self.regularizer == "l2" else None
@@ -436,8 +446,13 @@ class Unlearn:
                 inputs, n_stamped = stamp_leading(x, triggers, stamp_fraction, generator, self.jitter,
                                                   self._strength, wave_phase=self._random_phase,
                                                   wave_strength=self._wave_strength)
+                mixed = self._mixed(x[n_stamped:], mix_generator)
+                if mixed is not None:
+                    inputs = torch.cat([inputs, mixed])
                 with precision_autocast(device, bf16):
                     logits = model(inputs).float()
+                if mixed is not None:
+                    logits, mixed_logits = logits[:len(x)], logits[len(x):]
                 teacher_logits = rows = None
                 if teacher is not None:
                     with torch.no_grad(), precision_autocast(device, bf16):  # the clean images, stamped rows too
@@ -460,6 +475,10 @@ class Unlearn:
                                                              self.temperature)
                 elif anchor is not None:
                     reg = self.l2_weight * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                if mixed is not None:  # the input model's answers between the fit images, kept too
+                    with torch.no_grad(), precision_autocast(device, bf16):
+                        mixed_teacher = teacher(mixed).float()
+                    reg = reg + self.distill_weight * distillation(mixed_logits, mixed_teacher, self.temperature)
                 optimizer.zero_grad(set_to_none=True)
                 (ce + reg).backward()
                 optimizer.step()

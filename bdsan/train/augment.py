@@ -50,3 +50,16 @@ def cutmix(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, t
     mixed[:, :, top:bottom, left:right] = x[perm, :, top:bottom, left:right]
     lam = 1.0 - (bottom - top) * (right - left) / (h * w)
     return mixed, perm, lam
+
+
+def mixup_pairs(x: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` convex mixes λ·x[i] + (1−λ)·x[j] of random pairs i ≠ j of ``x``, λ ~ U(0, 1) per mix.
+
+    Images between the ones a small set has, for a teacher to label (unlearn's ``mix_distill``); ``x`` needs ≥ 2 rows.
+    """
+    n = len(x)
+    first = torch.randint(n, (count,), generator=generator)
+    second = (first + torch.randint(1, n, (count,), generator=generator)) % n  # never the same row
+    lam = torch.rand(count, generator=generator).to(x.device, x.dtype).view(count, 1, 1, 1)
+    first, second = first.to(x.device), second.to(x.device)
+    return lam * x[first] + (1 - lam) * x[second]
