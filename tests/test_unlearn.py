@@ -502,3 +502,71 @@ def test_select_earliest_within_diff_se_asks_the_guard_for_the_earliest_tied_sta
     assert {select: (g["tie"], g["pick"]) for select, g in picks.items()} == {
         "earliest-within-diff-se": ("difference", "earliest"), "latest-within-diff-se": ("difference", "latest"),
         "latest-within-se": ("lowest-se", "latest")}
+
+
+def test_mixup_pairs_mixes_two_different_rows_convexly():
+    from bdsan.train.augment import mixup_pairs
+
+    rows = torch.eye(6).view(6, 6, 1, 1)  # row i is the unit vector e_i: a mix shows which two rows it took
+    mixed, first, second = mixup_pairs(rows, 200, torch.Generator().manual_seed(0))
+    mixed = mixed.view(200, 6)
+    assert mixed.shape == (200, 6) and torch.allclose(mixed.sum(1), torch.ones(200))
+    assert ((mixed > 0).sum(1) == 2).all() and (first != second).all()  # two different rows, never one with itself
+    assert (mixed[torch.arange(200), first] + mixed[torch.arange(200), second] > 0.999).all()  # the ones returned
+    assert (mixed >= 0).all() and len(set(zip(first.tolist(), second.tolist()))) > 10
+
+
+def test_suppress_targets_only_where_every_source_image_is_another_class():
+    from bdsan.sanitize.losses import suppress_targets
+
+    logits = torch.zeros(3, 4)
+    a, b = torch.tensor([1, 2, 0]), torch.tensor([3, 0, 1])  # mixes of (1, 3), (2, 0), (0, 1); target 0 suspected
+    fixed = suppress_targets(logits, [0], a, b)
+    assert fixed[0, 0] == -1e4 and fixed[1:, 0].eq(0).all() and fixed[:, 1:].eq(0).all()
+    assert logits.eq(0).all() and suppress_targets(logits, [], a, b) is logits
+
+
+def test_mix_distill_holds_mixes_of_the_clean_rows_to_the_input_model(toy_poisoned, monkeypatch):
+    """``mix_distill``: each training batch adds ``mix_distill`` × (clean rows) mixes of its clean rows, distilled
+    toward the input model; off by default, and only with the distillation regulariser."""
+    from bdsan.detectors.triggers import get_trigger
+    from bdsan.sanitize import unlearn
+
+    counts, suppressed = [], []
+
+    def recording(x, count, generator):
+        counts.append((len(x), count))
+        return unlearn_mixup(x, count, generator)
+
+    def suppress(logits, suspected, *labels):
+        suppressed.append((len(logits), suspected, [len(source) for source in labels]))
+        return unlearn_suppress(logits, suspected, *labels)
+
+    unlearn_mixup, unlearn_distillation, unlearn_suppress = (unlearn.mixup_pairs, unlearn.distillation,
+                                                             unlearn.suppress_targets)
+    distilled = []  # rows of each distillation term
+
+    def distillation(student, teacher, temperature):
+        distilled.append(len(student))
+        return unlearn_distillation(student, teacher, temperature)
+
+    monkeypatch.setattr(unlearn, "mixup_pairs", recording)
+    monkeypatch.setattr(unlearn, "distillation", distillation)
+    monkeypatch.setattr(unlearn, "suppress_targets", suppress)
+    fit, _ = split_holdout(toy_poisoned.holdout, 0.5, 0)
+    square = get_trigger("badnets_square")
+    ctx = Context(seed=0, known_triggers=[square], max_acc_drop=5.0,
+                  trigger_evidence=[{"name": square.name, "suspected_target": 0, "asr_net": 1.0}])
+    run = functools.partial(get_method, "unlearn", epochs=1, scan="never", prune_ratio=0)
+    run().run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx)
+    assert counts == [] and len(distilled) == 10  # the default: no mixes, one term (the clean rows) per step
+    distilled.clear()
+    run(mix_distill=2).run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx)
+    assert len(counts) == 10 and all(count == 2 * clean for clean, count in counts)  # 10 steps, twice the clean rows
+    assert distilled[1::2] == [count for _, count in counts]  # each step: the clean rows, then the mixes
+    # the teacher's answers on the mixes lose the suspected target's share where both images are of other classes
+    assert suppressed == [(count, [0], [count, count]) for _, count in counts]
+    with pytest.raises(Exception, match="mix_distill"):
+        get_method("unlearn", mix_distill=1, regularizer="l2")
+    with pytest.raises(Exception, match="mix_distill"):
+        get_method("unlearn", mix_distill=-1)

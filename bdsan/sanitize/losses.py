@@ -28,12 +28,23 @@ def teacher_targets(teacher_logits: torch.Tensor, labels: torch.Tensor, suspecte
     """
     if mode == "agree":
         return teacher_logits, teacher_logits.argmax(1) == labels
-    if mode == "suppress-target" and suspected:
-        columns = torch.tensor(suspected, device=labels.device)
-        off_target = labels.view(-1, 1) != columns.view(1, -1)  # images × suspected targets
-        teacher_logits = teacher_logits.clone()
-        teacher_logits[:, columns] = teacher_logits[:, columns].masked_fill(off_target, -1e4)
+    if mode == "suppress-target":
+        teacher_logits = suppress_targets(teacher_logits, suspected, labels)
     return teacher_logits, torch.ones(len(labels), dtype=torch.bool, device=labels.device)
+
+
+def suppress_targets(teacher_logits: torch.Tensor, suspected: list[int], *labels: torch.Tensor) -> torch.Tensor:
+    """A copy of ``teacher_logits`` with each suspected target's logit set to −10⁴ on the rows whose ``labels``
+    (one tensor per source image: two for a mix of two images) are all another class."""
+    if not suspected:
+        return teacher_logits
+    columns = torch.tensor(suspected, device=teacher_logits.device)
+    off_target = torch.ones(len(teacher_logits), len(suspected), dtype=torch.bool, device=teacher_logits.device)
+    for source in labels:
+        off_target &= source.view(-1, 1) != columns.view(1, -1)  # rows × suspected targets
+    teacher_logits = teacher_logits.clone()
+    teacher_logits[:, columns] = teacher_logits[:, columns].masked_fill(off_target, -1e4)
+    return teacher_logits
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

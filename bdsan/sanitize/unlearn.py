@@ -61,7 +61,7 @@ from .found_triggers import (
     stamped_like_training,
 )
 from .guard import FitValGuard
-from .losses import DISTILL_MODES, distillation, frozen_copy, teacher_targets
+from .losses import DISTILL_MODES, distillation, frozen_copy, suppress_targets, teacher_targets
 from .registry import register_method
 
 # select mode → (the guard's tie rule, which tied state it keeps); "lowest" has no SE, so only exact ties
@@ -311,11 +311,15 @@ class Unlearn:
                 "few_images_per_class": few, "prune_ratio": 0.0 if few else self.prune_ratio,
                 "stamp_fraction": self.few_stamp_fraction if few else self.stamp_fraction} | out
 
-    def _mixed(self, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
-        """``mix_distill`` × len(clean) mixes of pairs of the batch's clean images, distilled toward the input
-        model's outputs on them (anchors between the few fit images); None when off or too few clean rows."""
+    def _mixed(self, clean: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(``mix_distill`` × len(clean) mixes of pairs of the batch's clean images, the two source labels of each):
+        anchors between the few fit images, distilled toward the input model; None when off or too few rows."""
         count = round(self.mix_distill * len(clean))
-        return mixup_pairs(clean, count, generator) if count and len(clean) >= 2 else None
+        if not count or len(clean) < 2:
+            return None
+        mixes, first, second = mixup_pairs(clean, count, generator)
+        return mixes, labels[first], labels[second]
 
     def _bn_stamp(self, triggers: list, fraction: float):
         """generator → the batch transform that stamps BN re-estimation batches as the training batches are."""
@@ -446,9 +450,9 @@ class Unlearn:
                 inputs, n_stamped = stamp_leading(x, triggers, stamp_fraction, generator, self.jitter,
                                                   self._strength, wave_phase=self._random_phase,
                                                   wave_strength=self._wave_strength)
-                mixed = self._mixed(x[n_stamped:], mix_generator)
+                mixed = self._mixed(x[n_stamped:], y[n_stamped:], mix_generator)
                 if mixed is not None:
-                    inputs = torch.cat([inputs, mixed])
+                    inputs = torch.cat([inputs, mixed[0]])
                 with precision_autocast(device, bf16):
                     logits = model(inputs).float()
                 if mixed is not None:
@@ -475,9 +479,10 @@ class Unlearn:
                                                              self.temperature)
                 elif anchor is not None:
                     reg = self.l2_weight * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-                if mixed is not None:  # the input model's answers between the fit images, kept too
-                    with torch.no_grad(), precision_autocast(device, bf16):
-                        mixed_teacher = teacher(mixed).float()
+                if mixed is not None:  # the input model's answers between the fit images, kept too, but never
+                    with torch.no_grad(), precision_autocast(device, bf16):  # a suspected target's share on a mix
+                        mixed_teacher = teacher(mixed[0]).float()  # of two other classes' images (a blend of
+                    mixed_teacher = suppress_targets(mixed_teacher, suspected, *mixed[1:])  # them fires a blend)
                     reg = reg + self.distill_weight * distillation(mixed_logits, mixed_teacher, self.temperature)
                 optimizer.zero_grad(set_to_none=True)
                 (ce + reg).backward()

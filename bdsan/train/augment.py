@@ -52,8 +52,9 @@ def cutmix(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, t
     return mixed, perm, lam
 
 
-def mixup_pairs(x: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` convex mixes λ·x[i] + (1−λ)·x[j] of random pairs i ≠ j of ``x``, λ ~ U(0, 1) per mix.
+def mixup_pairs(x: torch.Tensor, count: int, generator: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(``count`` convex mixes λ·x[i] + (1−λ)·x[j] of random pairs i ≠ j of ``x``, i, j), λ ~ U(0, 1) per mix.
 
     Images between the ones a small set has, for a teacher to label (unlearn's ``mix_distill``); ``x`` needs ≥ 2 rows.
     """
@@ -62,4 +63,4 @@ def mixup_pairs(x: torch.Tensor, count: int, generator: torch.Generator) -> torc
     second = (first + torch.randint(1, n, (count,), generator=generator)) % n  # never the same row
     lam = torch.rand(count, generator=generator).to(x.device, x.dtype).view(count, 1, 1, 1)
     first, second = first.to(x.device), second.to(x.device)
-    return lam * x[first] + (1 - lam) * x[second]
+    return lam * x[first] + (1 - lam) * x[second], first, second
