@@ -17,7 +17,8 @@ adds a roaming patch toward each class a suite patch was flagged for when the sc
 2. **Fine-tune** ``epochs`` with the found triggers stamped on ``stamp_fraction`` of each batch with their *true*
    labels (``stamped_loss``; full-image triggers scaled by ``strength_min``–``strength_max``), the clean part kept by
    ``regularizer`` (``distill``: KL to the input model's softened outputs, ``distill_mode``; or L2-SP) on top of
-   its cross-entropy (``clean_ce=false``: distilled only).
+   its cross-entropy (``clean_ce=false``: distilled only); ``mix_distill`` also distils mixes of pairs of clean
+   images, the suspected targets' share taken out of the input model's answers on mixes of two other classes.
    BatchNorm (``bn=auto``): the delivered statistics are kept, with a calibrated lr (``frozen_statistics_lr``), when
    every found trigger toward the primary target is a suite patch the fit audit flagged; otherwise they are
    re-estimated at every checkpoint from augmented fit images stamped like the training batches (``bn_stamped``).
