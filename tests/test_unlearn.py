@@ -528,31 +528,26 @@ def test_suppress_targets_only_where_every_source_image_is_another_class():
 
 def test_mix_distill_holds_mixes_of_the_clean_rows_to_the_input_model(toy_poisoned, monkeypatch):
     """``mix_distill``: each training batch adds ``mix_distill`` × (clean rows) mixes of its clean rows, distilled
-    toward the input model; off by default, and only with the distillation regulariser."""
+    toward the input model's answers with the suspected target's share limited (``mix_target``: capped at what the
+    two images earn, or suppressed); off by default, and only with the distillation regulariser."""
     from bdsan.detectors.triggers import get_trigger
     from bdsan.sanitize import unlearn
 
-    counts, suppressed = [], []
+    def recorder(name: str, calls: list, summary):
+        real = getattr(unlearn, name)
 
-    def recording(x, count, generator):
-        counts.append((len(x), count))
-        return unlearn_mixup(x, count, generator)
+        def recorded(*args):
+            calls.append(summary(*args))
+            return real(*args)
+        monkeypatch.setattr(unlearn, name, recorded)
 
-    def suppress(logits, suspected, *labels):
-        suppressed.append((len(logits), suspected, [len(source) for source in labels]))
-        return unlearn_suppress(logits, suspected, *labels)
-
-    unlearn_mixup, unlearn_distillation, unlearn_suppress = (unlearn.mixup_pairs, unlearn.distillation,
-                                                             unlearn.suppress_targets)
-    distilled = []  # rows of each distillation term
-
-    def distillation(student, teacher, temperature):
-        distilled.append(len(student))
-        return unlearn_distillation(student, teacher, temperature)
-
-    monkeypatch.setattr(unlearn, "mixup_pairs", recording)
-    monkeypatch.setattr(unlearn, "distillation", distillation)
-    monkeypatch.setattr(unlearn, "suppress_targets", suppress)
+    counts, distilled, capped, suppressed = [], [], [], []
+    recorder("mixup_pairs", counts, lambda x, count, generator: (len(x), count))
+    recorder("distillation", distilled, lambda student, teacher, temperature: len(student))
+    recorder("cap_targets", capped, lambda answers, suspected, temperature, *sources:
+             (len(answers), suspected, [len(s) for s in sources]))
+    recorder("suppress_targets", suppressed, lambda answers, suspected, *labels:
+             (len(answers), suspected, [len(s) for s in labels]))
     fit, _ = split_holdout(toy_poisoned.holdout, 0.5, 0)
     square = get_trigger("badnets_square")
     ctx = Context(seed=0, known_triggers=[square], max_acc_drop=5.0,
@@ -564,9 +559,27 @@ def test_mix_distill_holds_mixes_of_the_clean_rows_to_the_input_model(toy_poison
     run(mix_distill=2).run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx)
     assert len(counts) == 10 and all(count == 2 * clean for clean, count in counts)  # 10 steps, twice the clean rows
     assert distilled[1::2] == [count for _, count in counts]  # each step: the clean rows, then the mixes
-    # the teacher's answers on the mixes lose the suspected target's share where both images are of other classes
-    assert suppressed == [(count, [0], [count, count]) for _, count in counts]
+    # the suspected target's share in the answers on the mixes is capped by the answers on their two images
+    assert capped == [(count, [0], [count, count]) for _, count in counts] and not suppressed
+    run(mix_distill=2, mix_target="suppress").run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx)
+    assert len(suppressed) == 10 and len(capped) == 10
     with pytest.raises(Exception, match="mix_distill"):
         get_method("unlearn", mix_distill=1, regularizer="l2")
     with pytest.raises(Exception, match="mix_distill"):
         get_method("unlearn", mix_distill=-1)
+    with pytest.raises(Exception, match="mix_target must be one of cap, suppress"):
+        get_method("unlearn", mix_target="drop")
+
+
+def test_cap_targets_limits_a_mix_to_what_its_images_earn_the_target():
+    from bdsan.sanitize.losses import cap_targets
+
+    answers = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.05, 0.5, 0.45]]))  # mixes; class 0 suspected
+    first = torch.log(torch.tensor([[0.1, 0.8, 0.1], [0.1, 0.8, 0.1]]))
+    second = torch.log(torch.tensor([[0.2, 0.1, 0.7], [0.01, 0.1, 0.89]]))
+    probs = cap_targets(answers, [0], 1.0, first, second).softmax(1)
+    assert torch.allclose(probs[0], torch.tensor([0.2, 0.48, 0.32]))  # capped at 0.2, the rest scaled by 0.8 / 0.5
+    assert torch.allclose(probs[1], answers[1].exp())  # under the cap: as it was
+    at_two = cap_targets(answers * 2, [0], 2.0, first * 2, second * 2)  # the cap is taken at the temperature
+    assert torch.allclose((at_two / 2).softmax(1), probs)
+    assert cap_targets(answers, [], 1.0, first, second) is answers

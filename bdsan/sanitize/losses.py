@@ -47,6 +47,23 @@ def suppress_targets(teacher_logits: torch.Tensor, suspected: list[int], *labels
     return teacher_logits
 
 
+def cap_targets(teacher_logits: torch.Tensor, suspected: list[int], temperature: float,
+                *sources: torch.Tensor) -> torch.Tensor:
+    """Teacher logits whose softened probability (at ``temperature``) of each suspected target is at most the
+    largest the teacher gives that class on the ``sources`` (its logits on the images a row was mixed from), the
+    other classes scaled up to fill the rest; rows under the cap come back as they were (up to a shift)."""
+    if not suspected:
+        return teacher_logits
+    columns = torch.tensor(suspected, device=teacher_logits.device)
+    probs = F.softmax(teacher_logits.float() / temperature, 1)
+    cap = torch.stack([F.softmax(s.float() / temperature, 1)[:, columns] for s in sources]).amax(0)
+    capped = torch.minimum(probs[:, columns], cap)
+    rest = 1 - probs[:, columns].sum(1, keepdim=True)
+    probs = probs * ((1 - capped.sum(1, keepdim=True)) / rest.clamp_min(1e-12))
+    probs[:, columns] = capped
+    return temperature * probs.clamp_min(1e-30).log()
+
+
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """An eval-mode copy with gradients off: the teacher that keeps a fine-tuned model's clean behaviour."""
     teacher = copy.deepcopy(model).eval()

@@ -18,7 +18,7 @@ adds a roaming patch toward each class a suite patch was flagged for when the sc
    labels (``stamped_loss``; full-image triggers scaled by ``strength_min``–``strength_max``), the clean part kept by
    ``regularizer`` (``distill``: KL to the input model's softened outputs, ``distill_mode``; or L2-SP) on top of
    its cross-entropy (``clean_ce=false``: distilled only); ``mix_distill`` also distils mixes of pairs of clean
-   images, the suspected targets' share taken out of the input model's answers on mixes of two other classes.
+   images, a suspected target's share in the input model's answers capped at what the two images earn it.
    BatchNorm (``bn=auto``): the delivered statistics are kept, with a calibrated lr (``frozen_statistics_lr``), when
    every found trigger toward the primary target is a suite patch the fit audit flagged; otherwise they are
    re-estimated at every checkpoint from augmented fit images stamped like the training batches (``bn_stamped``).
@@ -62,7 +62,7 @@ from .found_triggers import (
     stamped_like_training,
 )
 from .guard import FitValGuard
-from .losses import DISTILL_MODES, distillation, frozen_copy, suppress_targets, teacher_targets
+from .losses import DISTILL_MODES, cap_targets, distillation, frozen_copy, suppress_targets, teacher_targets
 from .registry import register_method
 
 # select mode → (the guard's tie rule, which tied state it keeps); "lowest" has no SE, so only exact ties
@@ -71,6 +71,7 @@ SELECT_RULES = {"latest-within-se": ("lowest-se", "latest"), "latest-within-diff
 SELECT_MODES = tuple(SELECT_RULES)
 STAMPED_LOSSES = ("ce", "consistency")
 STAMP_MODES = ("all", "patches")
+MIX_TARGETS = ("cap", "suppress")
 OBJECTIVES = ("target-rate", "triggered-error")
 WAVE_PHASES = ("random", "found")
 PRUNE_SCHEDULES = ("at-once", "fewest")
@@ -99,6 +100,7 @@ class Unlearn:
     temperature: float = 2.0
     distill_mode: str = "all"
     mix_distill: float = 0.0
+    mix_target: str = "cap"
     l2_weight: float = 0.01
     scan: bool | str = "auto"
     scan_steps: int = 300
@@ -143,6 +145,8 @@ class Unlearn:
         check_precision(self.precision)
         if self.mix_distill < 0 or (self.mix_distill > 0 and self.regularizer != "distill"):
             raise ValueError("mix_distill must be ≥ 0, and > 0 only with regularizer=distill")
+        if self.mix_target not in MIX_TARGETS:
+            raise ValueError(f"mix_target must be one of {', '.join(MIX_TARGETS)}")
         if self.distill_mode not in DISTILL_MODES:
             raise ValueError(f"distill_mode must be one of {', '.join(DISTILL_MODES)}")
         if not 0 < self.stamp_fraction < 1 or self.epochs < 0 or self.batch_size < 2:
@@ -312,15 +316,24 @@ class Unlearn:
                 "few_images_per_class": few, "prune_ratio": 0.0 if few else self.prune_ratio,
                 "stamp_fraction": self.few_stamp_fraction if few else self.stamp_fraction} | out
 
-    def _mixed(self, clean: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    def _mixed(self, clean: torch.Tensor, generator: torch.Generator
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(``mix_distill`` × len(clean) mixes of pairs of the batch's clean images, the two source labels of each):
+        """(``mix_distill`` × len(clean) mixes of pairs of the batch's clean images, the rows each was mixed from):
         anchors between the few fit images, distilled toward the input model; None when off or too few rows."""
         count = round(self.mix_distill * len(clean))
-        if not count or len(clean) < 2:
-            return None
-        mixes, first, second = mixup_pairs(clean, count, generator)
-        return mixes, labels[first], labels[second]
+        return mixup_pairs(clean, count, generator) if count and len(clean) >= 2 else None
+
+    def _mix_answers(self, teacher: nn.Module, mixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                     clean_answers: torch.Tensor, labels: torch.Tensor, suspected: list[int]) -> torch.Tensor:
+        """The input model's logits on the mixes, a suspected target's share limited (``mix_target``): ``cap`` at
+        what it gives the two mixed images (``clean_answers``: its logits on the clean rows), ``suppress`` to none
+        unless one of them is of that class. A mix of two images is a blend, and a blend backdoor answers part of
+        it."""
+        mixes, first, second = mixed
+        answers = teacher(mixes).float()
+        if self.mix_target == "suppress":
+            return suppress_targets(answers, suspected, labels[first], labels[second])
+        return cap_targets(answers, suspected, self.temperature, clean_answers[first], clean_answers[second])
 
     def _bn_stamp(self, triggers: list, fraction: float):
         """generator → the batch transform that stamps BN re-estimation batches as the training batches are."""
@@ -451,7 +464,7 @@ class Unlearn:
                 inputs, n_stamped = stamp_leading(x, triggers, stamp_fraction, generator, self.jitter,
                                                   self._strength, wave_phase=self._random_phase,
                                                   wave_strength=self._wave_strength)
-                mixed = self._mixed(x[n_stamped:], y[n_stamped:], mix_generator)
+                mixed = self._mixed(x[n_stamped:], mix_generator)
                 if mixed is not None:
                     inputs = torch.cat([inputs, mixed[0]])
                 with precision_autocast(device, bf16):
@@ -462,6 +475,7 @@ class Unlearn:
                 if teacher is not None:
                     with torch.no_grad(), precision_autocast(device, bf16):  # the clean images, stamped rows too
                         teacher_logits = teacher(x if consistency else x[n_stamped:]).float()
+                    clean_answers = teacher_logits[n_stamped:] if consistency else teacher_logits
                     teacher_logits, rows = teacher_targets(
                         teacher_logits, y if consistency else y[n_stamped:], suspected, self.distill_mode)
                 if consistency:  # stamped rows: the input model's answer on the same image without the trigger
@@ -480,11 +494,10 @@ class Unlearn:
                                                              self.temperature)
                 elif anchor is not None:
                     reg = self.l2_weight * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-                if mixed is not None:  # the input model's answers between the fit images, kept too, but never
-                    with torch.no_grad(), precision_autocast(device, bf16):  # a suspected target's share on a mix
-                        mixed_teacher = teacher(mixed[0]).float()  # of two other classes' images (a blend of
-                    mixed_teacher = suppress_targets(mixed_teacher, suspected, *mixed[1:])  # them fires a blend)
-                    reg = reg + self.distill_weight * distillation(mixed_logits, mixed_teacher, self.temperature)
+                if mixed is not None:  # the input model's answers between the fit images, kept too
+                    with torch.no_grad(), precision_autocast(device, bf16):
+                        answers = self._mix_answers(teacher, mixed, clean_answers, y[n_stamped:], suspected)
+                    reg = reg + self.distill_weight * distillation(mixed_logits, answers, self.temperature)
                 optimizer.zero_grad(set_to_none=True)
                 (ce + reg).backward()
                 optimizer.step()
