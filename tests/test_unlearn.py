@@ -567,8 +567,8 @@ def test_mix_distill_holds_mixes_of_the_clean_rows_to_the_input_model(toy_poison
         get_method("unlearn", mix_distill=1, regularizer="l2")
     with pytest.raises(Exception, match="mix_distill"):
         get_method("unlearn", mix_distill=-1)
-    with pytest.raises(Exception, match="mix_target must be one of cap, suppress"):
-        get_method("unlearn", mix_target="drop")
+    with pytest.raises(Exception, match="mix_target must be one of cap, suppress, drop"):
+        get_method("unlearn", mix_target="zero")
 
 
 def test_cap_targets_limits_a_mix_to_what_its_images_earn_the_target():
@@ -583,3 +583,15 @@ def test_cap_targets_limits_a_mix_to_what_its_images_earn_the_target():
     at_two = cap_targets(answers * 2, [0], 2.0, first * 2, second * 2)  # the cap is taken at the temperature
     assert torch.allclose((at_two / 2).softmax(1), probs)
     assert cap_targets(answers, [], 1.0, first, second) is answers
+
+
+def test_mix_target_drop_skips_only_mixes_answered_with_a_target_neither_image_is_of():
+    answers = torch.tensor([[5.0, 0.0, 0.0], [5.0, 0.0, 0.0], [0.0, 5.0, 0.0]])  # the teacher's logits on 3 mixes
+    teacher = lambda mixes: answers[mixes[:, 0, 0, 0].long()]  # mix i: a constant image of value i
+    mixes = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 3, 2, 2)
+    labels = torch.tensor([1, 2, 0])  # the clean rows' labels; mixes of rows (0, 1), (2, 1), (0, 1)
+    mixed = (mixes, torch.tensor([0, 2, 0]), torch.tensor([1, 1, 1]))
+    unlearn = get_method("unlearn", mix_distill=1, mix_target="drop")
+    kept_answers, kept = unlearn._mix_answers(teacher, mixed, torch.zeros(3, 3), labels, [0])
+    assert kept.tolist() == [False, True, True] and torch.equal(kept_answers, answers)
+    assert unlearn._mix_answers(teacher, mixed, torch.zeros(3, 3), labels, [])[1].all()  # nothing suspected

@@ -71,7 +71,7 @@ SELECT_RULES = {"latest-within-se": ("lowest-se", "latest"), "latest-within-diff
 SELECT_MODES = tuple(SELECT_RULES)
 STAMPED_LOSSES = ("ce", "consistency")
 STAMP_MODES = ("all", "patches")
-MIX_TARGETS = ("cap", "suppress")
+MIX_TARGETS = ("cap", "suppress", "drop")
 OBJECTIVES = ("target-rate", "triggered-error")
 WAVE_PHASES = ("random", "found")
 PRUNE_SCHEDULES = ("at-once", "fewest")
@@ -324,16 +324,23 @@ class Unlearn:
         return mixup_pairs(clean, count, generator) if count and len(clean) >= 2 else None
 
     def _mix_answers(self, teacher: nn.Module, mixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                     clean_answers: torch.Tensor, labels: torch.Tensor, suspected: list[int]) -> torch.Tensor:
-        """The input model's logits on the mixes, a suspected target's share limited (``mix_target``): ``cap`` at
-        what it gives the two mixed images (``clean_answers``: its logits on the clean rows), ``suppress`` to none
-        unless one of them is of that class. A mix of two images is a blend, and a blend backdoor answers part of
-        it."""
+                     clean_answers: torch.Tensor, labels: torch.Tensor, suspected: list[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the input model's logits on the mixes, the mixes to distil on). A mix of two images is a blend, and a
+        blend backdoor answers part of it, so a suspected target's share is limited (``mix_target``): ``cap`` at
+        what the model gives the two mixed images (``clean_answers``: its logits on the clean rows); ``suppress``
+        to none unless one of them is of that class; ``drop`` the mixes it answers with a suspected target neither
+        image is of, the others kept as they are."""
         mixes, first, second = mixed
         answers = teacher(mixes).float()
+        rows = torch.ones(len(answers), dtype=torch.bool, device=answers.device)
         if self.mix_target == "suppress":
-            return suppress_targets(answers, suspected, labels[first], labels[second])
-        return cap_targets(answers, suspected, self.temperature, clean_answers[first], clean_answers[second])
+            return suppress_targets(answers, suspected, labels[first], labels[second]), rows
+        if self.mix_target == "drop":
+            top = answers.argmax(1)
+            leaked = torch.isin(top, torch.tensor(suspected, device=top.device, dtype=top.dtype))
+            return answers, ~(leaked & (top != labels[first]) & (top != labels[second]))
+        return cap_targets(answers, suspected, self.temperature, clean_answers[first], clean_answers[second]), rows
 
     def _bn_stamp(self, triggers: list, fraction: float):
         """generator → the batch transform that stamps BN re-estimation batches as the training batches are."""
@@ -496,8 +503,10 @@ class Unlearn:
                     reg = self.l2_weight * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
                 if mixed is not None:  # the input model's answers between the fit images, kept too
                     with torch.no_grad(), precision_autocast(device, bf16):
-                        answers = self._mix_answers(teacher, mixed, clean_answers, y[n_stamped:], suspected)
-                    reg = reg + self.distill_weight * distillation(mixed_logits, answers, self.temperature)
+                        answers, kept = self._mix_answers(teacher, mixed, clean_answers, y[n_stamped:], suspected)
+                    if kept.any():
+                        reg = reg + self.distill_weight * distillation(mixed_logits[kept], answers[kept],
+                                                                       self.temperature)
                 optimizer.zero_grad(set_to_none=True)
                 (ce + reg).backward()
                 optimizer.step()
