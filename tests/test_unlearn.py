@@ -548,6 +548,15 @@ def test_mix_distill_holds_mixes_of_the_clean_rows_to_the_input_model(toy_poison
              (len(answers), suspected, [len(s) for s in sources]))
     recorder("suppress_targets", suppressed, lambda answers, suspected, *labels:
              (len(answers), suspected, [len(s) for s in labels]))
+    kept = []  # the mixes each step distils on
+    real_answers = unlearn.Unlearn._mix_answers
+
+    def mix_answers(self, *args):
+        answers, rows = real_answers(self, *args)
+        kept.append(rows)
+        return answers, rows
+
+    monkeypatch.setattr(unlearn.Unlearn, "_mix_answers", mix_answers)
     fit, _ = split_holdout(toy_poisoned.holdout, 0.5, 0)
     square = get_trigger("badnets_square")
     ctx = Context(seed=0, known_triggers=[square], max_acc_drop=5.0,
@@ -556,9 +565,14 @@ def test_mix_distill_holds_mixes_of_the_clean_rows_to_the_input_model(toy_poison
     run().run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx)
     assert counts == [] and len(distilled) == 10  # the default: no mixes, one term (the clean rows) per step
     distilled.clear()
-    run(mix_distill=2).run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx)
+    run(mix_distill=2).run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx)  # mix_target=drop
     assert len(counts) == 10 and all(count == 2 * clean for clean, count in counts)  # 10 steps, twice the clean rows
-    assert distilled[1::2] == [count for _, count in counts]  # each step: the clean rows, then the mixes
+    # each step: the clean rows, then the mixes the input model does not answer with the suspected target
+    assert distilled[1::2] == [int(rows.sum()) for rows in kept] and [len(rows) for rows in kept] == [
+        count for _, count in counts] and 0 < sum(distilled[1::2])
+    assert not capped and not suppressed
+    counts.clear()
+    run(mix_distill=2, mix_target="cap").run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx)
     # the suspected target's share in the answers on the mixes is capped by the answers on their two images
     assert capped == [(count, [0], [count, count]) for _, count in counts] and not suppressed
     run(mix_distill=2, mix_target="suppress").run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx)
@@ -567,7 +581,7 @@ def test_mix_distill_holds_mixes_of_the_clean_rows_to_the_input_model(toy_poison
         get_method("unlearn", mix_distill=1, regularizer="l2")
     with pytest.raises(Exception, match="mix_distill"):
         get_method("unlearn", mix_distill=-1)
-    with pytest.raises(Exception, match="mix_target must be one of cap, suppress, drop"):
+    with pytest.raises(Exception, match="mix_target must be one of drop, cap, suppress"):
         get_method("unlearn", mix_target="zero")
 
 

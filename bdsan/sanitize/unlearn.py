@@ -18,7 +18,7 @@ adds a roaming patch toward each class a suite patch was flagged for when the sc
    labels (``stamped_loss``; full-image triggers scaled by ``strength_min``–``strength_max``), the clean part kept by
    ``regularizer`` (``distill``: KL to the input model's softened outputs, ``distill_mode``; or L2-SP) on top of
    its cross-entropy (``clean_ce=false``: distilled only); ``mix_distill`` also distils mixes of pairs of clean
-   images, a suspected target's share in the input model's answers capped at what the two images earn it.
+   images toward the input model's answers, leaving out those it answers with a suspected target (``mix_target``).
    BatchNorm (``bn=auto``): the delivered statistics are kept, with a calibrated lr (``frozen_statistics_lr``), when
    every found trigger toward the primary target is a suite patch the fit audit flagged; otherwise they are
    re-estimated at every checkpoint from augmented fit images stamped like the training batches (``bn_stamped``).
@@ -71,12 +71,13 @@ SELECT_RULES = {"latest-within-se": ("lowest-se", "latest"), "latest-within-diff
 SELECT_MODES = tuple(SELECT_RULES)
 STAMPED_LOSSES = ("ce", "consistency")
 STAMP_MODES = ("all", "patches")
-MIX_TARGETS = ("cap", "suppress", "drop")
+MIX_TARGETS = ("drop", "cap", "suppress")
 OBJECTIVES = ("target-rate", "triggered-error")
 WAVE_PHASES = ("random", "found")
 PRUNE_SCHEDULES = ("at-once", "fewest")
 FEWEST_REFERENCES = ("floor", "best")
 DEFAULT_LR = 0.01
+FEW_MIX_DISTILL = 1.0  # mix_distill=auto below few_per_class fit-train images per class
 FROZEN_STEP = 1e-4  # with frozen statistics: the median conv layer's first step, relative to its weights' norm
 
 
@@ -99,8 +100,8 @@ class Unlearn:
     distill_weight: float = 1.0
     temperature: float = 2.0
     distill_mode: str = "all"
-    mix_distill: float = 0.0
-    mix_target: str = "cap"
+    mix_distill: float | str = 0.0
+    mix_target: str = "drop"
     l2_weight: float = 0.01
     scan: bool | str = "auto"
     scan_steps: int = 300
@@ -143,8 +144,9 @@ class Unlearn:
         if self.regularizer not in ("distill", "l2", "none"):
             raise ValueError("regularizer must be distill, l2 or none")
         check_precision(self.precision)
-        if self.mix_distill < 0 or (self.mix_distill > 0 and self.regularizer != "distill"):
-            raise ValueError("mix_distill must be ≥ 0, and > 0 only with regularizer=distill")
+        if self.mix_distill != "auto" and (isinstance(self.mix_distill, str) or self.mix_distill < 0 or
+                                           (self.mix_distill > 0 and self.regularizer != "distill")):
+            raise ValueError("mix_distill must be auto or a number ≥ 0, and > 0 only with regularizer=distill")
         if self.mix_target not in MIX_TARGETS:
             raise ValueError(f"mix_target must be one of {', '.join(MIX_TARGETS)}")
         if self.distill_mode not in DISTILL_MODES:
@@ -266,7 +268,8 @@ class Unlearn:
                 settings["lr"], settings["relative_step_per_lr"] = frozen_statistics_lr(model, x, y)
             with channels_last(model):  # faster convolutions (oneDNN, CUDA); the layout is given back afterwards
                 epochs_log = self._finetune(model, train, stamped, suspected, guard, measure, ctx, teacher, mask,
-                                            settings["bn"], settings["lr"], settings["stamp_fraction"])
+                                            settings["bn"], settings["lr"], settings["stamp_fraction"],
+                                            settings["mix_distill"])
             timings["finetune"] = round(time.perf_counter() - ft_started, 3)
         else:
             details["note"] = ("only full-image triggers found: pruned, not fine-tuned (fine-tuning without them "
@@ -312,16 +315,11 @@ class Unlearn:
         stop = self.stop_at_floor if self.stop_at_floor != "auto" else bn != "frozen"
         per_class = len(train) / max(1, fit.num_classes)
         few = bn != "frozen" and per_class < self.few_per_class
+        mix = self.mix_distill if self.mix_distill != "auto" else (
+            FEW_MIX_DISTILL if few and self.regularizer == "distill" else 0.0)
         return {"bn": bn, "lr": lr, "stop_at_floor": stop, "fit_train_per_class": round(per_class, 2),
                 "few_images_per_class": few, "prune_ratio": 0.0 if few else self.prune_ratio,
-                "stamp_fraction": self.few_stamp_fraction if few else self.stamp_fraction} | out
-
-    def _mixed(self, clean: torch.Tensor, generator: torch.Generator
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(``mix_distill`` × len(clean) mixes of pairs of the batch's clean images, the rows each was mixed from):
-        anchors between the few fit images, distilled toward the input model; None when off or too few rows."""
-        count = round(self.mix_distill * len(clean))
-        return mixup_pairs(clean, count, generator) if count and len(clean) >= 2 else None
+                "stamp_fraction": self.few_stamp_fraction if few else self.stamp_fraction, "mix_distill": mix} | out
 
     def _mix_answers(self, teacher: nn.Module, mixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                      clean_answers: torch.Tensor, labels: torch.Tensor, suspected: list[int]
@@ -439,7 +437,7 @@ class Unlearn:
 
     def _finetune(self, model: nn.Module, train: Holdout, triggers: list, suspected: list[int], guard: FitValGuard,
                   measure, ctx: Context, teacher: nn.Module | None, mask: ChannelMask | None, bn: str,
-                  lr: float, stamp_fraction: float) -> list[dict]:
+                  lr: float, stamp_fraction: float, mix_share: float) -> list[dict]:
         device = ctx.device
         bf16 = training_bf16(device, self.precision)
         generator = ctx.generator(offset=31)
@@ -471,7 +469,7 @@ class Unlearn:
                 inputs, n_stamped = stamp_leading(x, triggers, stamp_fraction, generator, self.jitter,
                                                   self._strength, wave_phase=self._random_phase,
                                                   wave_strength=self._wave_strength)
-                mixed = self._mixed(x[n_stamped:], mix_generator)
+                mixed = _mixed(x[n_stamped:], mix_share, mix_generator)
                 if mixed is not None:
                     inputs = torch.cat([inputs, mixed[0]])
                 with precision_autocast(device, bf16):
@@ -546,6 +544,14 @@ def frozen_statistics_lr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cap
     model.eval()
     per_lr = statistics.median(ratios) if ratios else 0.0
     return (min(cap, FROZEN_STEP / per_lr) if per_lr > 0 else cap), per_lr
+
+
+def _mixed(clean: torch.Tensor, share: float, generator: torch.Generator
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(``share`` × len(clean) mixes of pairs of the batch's clean images, the rows each was mixed from): anchors
+    between the few fit images, distilled toward the input model; None when off or too few rows."""
+    count = round(share * len(clean))
+    return mixup_pairs(clean, count, generator) if count and len(clean) >= 2 else None
 
 
 def _suspected_targets(ctx: Context, sources: list[dict]) -> list[int]:
