@@ -363,6 +363,12 @@ def test_few_images_per_class_with_reestimated_statistics_skip_pruning_and_stamp
     frozen = settings(few_per_class=40, bn="frozen")
     assert (frozen["few_images_per_class"], frozen["prune_ratio"], frozen["stamp_fraction"]) == (False, 1 / 64, 0.5)
     assert settings(few_per_class=40)["few_images_per_class"]
+    # mix_distill=auto mixes only where the few-images rule applies (and only with distillation)
+    assert settings(few_per_class=40, mix_distill="auto")["mix_distill"] == 1.0
+    assert settings(mix_distill="auto")["mix_distill"] == 0.0
+    assert settings(few_per_class=40, bn="frozen", mix_distill="auto")["mix_distill"] == 0.0
+    assert settings(few_per_class=40, mix_distill="auto", regularizer="l2")["mix_distill"] == 0.0
+    assert settings(few_per_class=40, mix_distill=0.5)["mix_distill"] == 0.5
     with pytest.raises(Exception, match="few_stamp_fraction"):
         get_method("unlearn", few_stamp_fraction=0)
 
