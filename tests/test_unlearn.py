@@ -583,6 +583,11 @@ def test_mix_distill_holds_mixes_of_the_clean_rows_to_the_input_model(toy_poison
     assert capped == [(count, [0], [count, count]) for _, count in counts] and not suppressed
     run(mix_distill=2, mix_target="suppress").run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx)
     assert len(suppressed) == 10 and len(capped) == 10
+    boxes = []
+    recorder("boxmix_pairs", boxes, lambda x, count, generator: count)
+    counts.clear()
+    run(mix_distill=1, mix_kind="box").run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx)
+    assert len(boxes) == 10 and counts == []  # pasted boxes instead of convex mixes
     with pytest.raises(Exception, match="mix_distill"):
         get_method("unlearn", mix_distill=1, regularizer="l2")
     with pytest.raises(Exception, match="mix_distill"):
@@ -615,3 +620,23 @@ def test_mix_target_drop_skips_only_mixes_answered_with_a_target_neither_image_i
     kept_answers, kept = unlearn._mix_answers(teacher, mixed, torch.zeros(3, 3), labels, [0])
     assert kept.tolist() == [False, True, True] and torch.equal(kept_answers, answers)
     assert unlearn._mix_answers(teacher, mixed, torch.zeros(3, 3), labels, [])[1].all()  # nothing suspected
+
+
+def test_boxmix_pairs_paste_one_box_of_another_row_and_blend_no_pixel():
+    from bdsan.sanitize import unlearn
+    from bdsan.train.augment import boxmix_pairs
+
+    rows = torch.arange(1.0, 7.0).view(6, 1, 1, 1).expand(6, 3, 8, 8)  # row i is a constant image of value i + 1
+    mixed, first, second = boxmix_pairs(rows, 300, torch.Generator().manual_seed(0))
+    assert mixed.shape == (300, 3, 8, 8) and (first != second).all()
+    from_first = mixed == (first + 1.0).view(-1, 1, 1, 1)
+    from_second = mixed == (second + 1.0).view(-1, 1, 1, 1)
+    assert (from_first ^ from_second).all()  # every pixel from exactly one of the two rows, none blended
+    pasted = from_second[:, 0]
+    rows_hit, cols_hit = pasted.any(2), pasted.any(1)  # a box: the pasted pixels are the product of a row and a column range
+    assert torch.equal(pasted, rows_hit.unsqueeze(2) & cols_hit.unsqueeze(1))
+    assert 0 < pasted.float().mean() < 1 and pasted.flatten(1).any(1).float().mean() > 0.9
+    assert get_method("unlearn", mix_distill=1, mix_kind="box").mix_kind == "box"
+    with pytest.raises(Exception, match="mix_kind must be one of blend, box"):
+        get_method("unlearn", mix_kind="swap")
+    assert unlearn.MIX_KINDS == ("blend", "box")

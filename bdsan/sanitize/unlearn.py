@@ -18,7 +18,8 @@ adds a roaming patch toward each class a suite patch was flagged for when the sc
    labels (``stamped_loss``; full-image triggers scaled by ``strength_min``–``strength_max``), the clean part kept by
    ``regularizer`` (``distill``: KL to the input model's softened outputs, ``distill_mode``; or L2-SP) on top of
    its cross-entropy (``clean_ce=false``: distilled only); ``mix_distill`` also distils mixes of pairs of clean
-   images toward the input model's answers, leaving out those it answers with a suspected target (``mix_target``).
+   images (``mix_kind``: convex blends or pasted boxes) toward the input model's answers, leaving out those it
+   answers with a suspected target (``mix_target``).
    BatchNorm (``bn=auto``): the delivered statistics are kept, with a calibrated lr (``frozen_statistics_lr``), when
    every found trigger toward the primary target is a suite patch the fit audit flagged; otherwise they are
    re-estimated at every checkpoint from augmented fit images stamped like the training batches (``bn_stamped``).
@@ -47,7 +48,7 @@ from torch import nn
 
 from ..device import channels_last, check_precision, precision_autocast, training_bf16
 from ..io.data import Holdout, to_float
-from ..train.augment import augment_images, mixup_pairs
+from ..train.augment import augment_images, boxmix_pairs, mixup_pairs
 from ..train.loop import predict
 from .batchnorm import ShiftedStatistics, check_bn_mode, checkpoint_bn, set_training
 from .context import Context, DefenseResult
@@ -72,6 +73,7 @@ SELECT_MODES = tuple(SELECT_RULES)
 STAMPED_LOSSES = ("ce", "consistency")
 STAMP_MODES = ("all", "patches")
 MIX_TARGETS = ("drop", "cap", "suppress")
+MIX_KINDS = ("blend", "box")
 OBJECTIVES = ("target-rate", "triggered-error")
 WAVE_PHASES = ("random", "found")
 PRUNE_SCHEDULES = ("at-once", "fewest")
@@ -102,6 +104,7 @@ class Unlearn:
     distill_mode: str = "all"
     mix_distill: float | str = 0.0
     mix_target: str = "drop"
+    mix_kind: str = "blend"
     l2_weight: float = 0.01
     scan: bool | str = "auto"
     scan_steps: int = 300
@@ -147,6 +150,8 @@ class Unlearn:
         if self.mix_distill != "auto" and (isinstance(self.mix_distill, str) or self.mix_distill < 0 or
                                            (self.mix_distill > 0 and self.regularizer != "distill")):
             raise ValueError("mix_distill must be auto or a number ≥ 0, and > 0 only with regularizer=distill")
+        if self.mix_kind not in MIX_KINDS:
+            raise ValueError(f"mix_kind must be one of {', '.join(MIX_KINDS)}")
         if self.mix_target not in MIX_TARGETS:
             raise ValueError(f"mix_target must be one of {', '.join(MIX_TARGETS)}")
         if self.distill_mode not in DISTILL_MODES:
@@ -469,7 +474,8 @@ class Unlearn:
                 inputs, n_stamped = stamp_leading(x, triggers, stamp_fraction, generator, self.jitter,
                                                   self._strength, wave_phase=self._random_phase,
                                                   wave_strength=self._wave_strength)
-                mixed = _mixed(x[n_stamped:], mix_share, mix_generator)
+                mixed = _mixed(x[n_stamped:], mix_share, mix_generator,
+                               mixup_pairs if self.mix_kind == "blend" else boxmix_pairs)
                 if mixed is not None:
                     inputs = torch.cat([inputs, mixed[0]])
                 with precision_autocast(device, bf16):
@@ -546,12 +552,12 @@ def frozen_statistics_lr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cap
     return (min(cap, FROZEN_STEP / per_lr) if per_lr > 0 else cap), per_lr
 
 
-def _mixed(clean: torch.Tensor, share: float, generator: torch.Generator
+def _mixed(clean: torch.Tensor, share: float, generator: torch.Generator, mix=mixup_pairs
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(``share`` × len(clean) mixes of pairs of the batch's clean images, the rows each was mixed from): anchors
     between the few fit images, distilled toward the input model; None when off or too few rows."""
     count = round(share * len(clean))
-    return mixup_pairs(clean, count, generator) if count and len(clean) >= 2 else None
+    return mix(clean, count, generator) if count and len(clean) >= 2 else None
 
 
 def _suspected_targets(ctx: Context, sources: list[dict]) -> list[int]:

@@ -64,3 +64,23 @@ def mixup_pairs(x: torch.Tensor, count: int, generator: torch.Generator
     lam = torch.rand(count, generator=generator).to(x.device, x.dtype).view(count, 1, 1, 1)
     first, second = first.to(x.device), second.to(x.device)
     return lam * x[first] + (1 - lam) * x[second], first, second
+
+
+def boxmix_pairs(x: torch.Tensor, count: int, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(``count`` images x[i] with a box of x[j] pasted in, i, j) for random pairs i ≠ j: CutMix boxes, one per
+    image, of side √(1 − λ)·H × √(1 − λ)·W, λ ~ U(0, 1), centred uniformly and clipped. Unlike a convex mix, no
+    pixel is a blend of two images; ``x`` needs ≥ 2 rows."""
+    n, _, h, w = x.shape
+    first = torch.randint(n, (count,), generator=generator)
+    second = (first + torch.randint(1, n, (count,), generator=generator)) % n  # never the same row
+    side = (1 - torch.rand(count, generator=generator)).sqrt()
+    centre = torch.rand(count, 2, generator=generator) * torch.tensor([h, w])
+    half = side.view(count, 1) * torch.tensor([h, w]) / 2
+    low, high = (centre - half).to(x.device), (centre + half).to(x.device)
+    rows = torch.arange(h, device=x.device).view(1, h, 1) + 0.5
+    cols = torch.arange(w, device=x.device).view(1, 1, w) + 0.5
+    box = ((rows >= low[:, 0].view(-1, 1, 1)) & (rows < high[:, 0].view(-1, 1, 1)) &
+           (cols >= low[:, 1].view(-1, 1, 1)) & (cols < high[:, 1].view(-1, 1, 1))).unsqueeze(1)
+    first, second = first.to(x.device), second.to(x.device)
+    return torch.where(box, x[second], x[first]), first, second
