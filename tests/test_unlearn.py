@@ -534,8 +534,9 @@ def test_suppress_targets_only_where_every_source_image_is_another_class():
 
 def test_mix_distill_holds_mixes_of_the_clean_rows_to_the_input_model(toy_poisoned, monkeypatch):
     """``mix_distill``: each training batch adds ``mix_distill`` × (clean rows) mixes of its clean rows, distilled
-    toward the input model's answers with the suspected target's share limited (``mix_target``: capped at what the
-    two images earn, or suppressed); off by default, and only with the distillation regulariser."""
+    toward the input model's answers with the suspected target's share limited (``mix_target``: the mixes it answers
+    with that target left out, its share capped at what the two images earn, or suppressed); ``mix_kind=box`` pastes
+    boxes instead; off by default, and only with the distillation regulariser."""
     from bdsan.detectors.triggers import get_trigger
     from bdsan.sanitize import unlearn
 
@@ -623,7 +624,6 @@ def test_mix_target_drop_skips_only_mixes_answered_with_a_target_neither_image_i
 
 
 def test_boxmix_pairs_paste_one_box_of_another_row_and_blend_no_pixel():
-    from bdsan.sanitize import unlearn
     from bdsan.train.augment import boxmix_pairs
 
     rows = torch.arange(1.0, 7.0).view(6, 1, 1, 1).expand(6, 3, 8, 8)  # row i is a constant image of value i + 1
@@ -639,4 +639,3 @@ def test_boxmix_pairs_paste_one_box_of_another_row_and_blend_no_pixel():
     assert get_method("unlearn", mix_distill=1, mix_kind="box").mix_kind == "box"
     with pytest.raises(Exception, match="mix_kind must be one of blend, box"):
         get_method("unlearn", mix_kind="swap")
-    assert unlearn.MIX_KINDS == ("blend", "box")

@@ -447,6 +447,7 @@ class Unlearn:
         bf16 = training_bf16(device, self.precision)
         generator = ctx.generator(offset=31)
         mix_generator = ctx.generator(offset=37)  # its own stream: the other draws stay as without mixes
+        mix = mixup_pairs if self.mix_kind == "blend" else boxmix_pairs
         augment = ctx.augmentation(self.augment)
         consistency = self.stamped_loss == "consistency"
         anchor = [p.detach().clone() for p in model.parameters()] if self.regularizer == "l2" else None
@@ -474,8 +475,7 @@ class Unlearn:
                 inputs, n_stamped = stamp_leading(x, triggers, stamp_fraction, generator, self.jitter,
                                                   self._strength, wave_phase=self._random_phase,
                                                   wave_strength=self._wave_strength)
-                mixed = _mixed(x[n_stamped:], mix_share, mix_generator,
-                               mixup_pairs if self.mix_kind == "blend" else boxmix_pairs)
+                mixed = _mixed(x[n_stamped:], mix_share, mix_generator, mix)
                 if mixed is not None:
                     inputs = torch.cat([inputs, mixed[0]])
                 with precision_autocast(device, bf16):
@@ -552,10 +552,11 @@ def frozen_statistics_lr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cap
     return (min(cap, FROZEN_STEP / per_lr) if per_lr > 0 else cap), per_lr
 
 
-def _mixed(clean: torch.Tensor, share: float, generator: torch.Generator, mix=mixup_pairs
+def _mixed(clean: torch.Tensor, share: float, generator: torch.Generator, mix
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(``share`` × len(clean) mixes of pairs of the batch's clean images, the rows each was mixed from): anchors
-    between the few fit images, distilled toward the input model; None when off or too few rows."""
+    """(``share`` × len(clean) mixes of pairs of the batch's clean images by ``mix`` — ``mixup_pairs`` or
+    ``boxmix_pairs`` —, the rows each was made from): anchors between the few fit images, distilled toward the input
+    model; None when off or too few rows."""
     count = round(share * len(clean))
     return mix(clean, count, generator) if count and len(clean) >= 2 else None
 

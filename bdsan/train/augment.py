@@ -58,9 +58,7 @@ def mixup_pairs(x: torch.Tensor, count: int, generator: torch.Generator
 
     Images between the ones a small set has, for a teacher to label (unlearn's ``mix_distill``); ``x`` needs ≥ 2 rows.
     """
-    n = len(x)
-    first = torch.randint(n, (count,), generator=generator)
-    second = (first + torch.randint(1, n, (count,), generator=generator)) % n  # never the same row
+    first, second = _distinct_pairs(len(x), count, generator)
     lam = torch.rand(count, generator=generator).to(x.device, x.dtype).view(count, 1, 1, 1)
     first, second = first.to(x.device), second.to(x.device)
     return lam * x[first] + (1 - lam) * x[second], first, second
@@ -71,9 +69,8 @@ def boxmix_pairs(x: torch.Tensor, count: int, generator: torch.Generator
     """(``count`` images x[i] with a box of x[j] pasted in, i, j) for random pairs i ≠ j: CutMix boxes, one per
     image, of side √(1 − λ)·H × √(1 − λ)·W, λ ~ U(0, 1), centred uniformly and clipped. Unlike a convex mix, no
     pixel is a blend of two images; ``x`` needs ≥ 2 rows."""
-    n, _, h, w = x.shape
-    first = torch.randint(n, (count,), generator=generator)
-    second = (first + torch.randint(1, n, (count,), generator=generator)) % n  # never the same row
+    _, _, h, w = x.shape
+    first, second = _distinct_pairs(len(x), count, generator)
     side = (1 - torch.rand(count, generator=generator)).sqrt()
     centre = torch.rand(count, 2, generator=generator) * torch.tensor([h, w])
     half = side.view(count, 1) * torch.tensor([h, w]) / 2
@@ -84,3 +81,9 @@ def boxmix_pairs(x: torch.Tensor, count: int, generator: torch.Generator
            (cols >= low[:, 1].view(-1, 1, 1)) & (cols < high[:, 1].view(-1, 1, 1))).unsqueeze(1)
     first, second = first.to(x.device), second.to(x.device)
     return torch.where(box, x[second], x[first]), first, second
+
+
+def _distinct_pairs(n: int, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` random row pairs (i, j) of ``n`` rows with i ≠ j, on the CPU."""
+    first = torch.randint(n, (count,), generator=generator)
+    return first, (first + torch.randint(1, n, (count,), generator=generator)) % n
