@@ -536,7 +536,8 @@ def test_mix_distill_holds_mixes_of_the_clean_rows_to_the_input_model(toy_poison
     """``mix_distill``: each training batch adds ``mix_distill`` × (clean rows) mixes of its clean rows, distilled
     toward the input model's answers with the suspected target's share limited (``mix_target``: the mixes it answers
     with that target left out, its share capped at what the two images earn, or suppressed); ``mix_kind=box`` pastes
-    boxes instead; off by default, and only with the distillation regulariser."""
+    boxes instead; ``mix_stamp`` of the mixes reach the network stamped, the input model answering them unstamped;
+    off by default, and only with the distillation regulariser."""
     from bdsan.detectors.triggers import get_trigger
     from bdsan.sanitize import unlearn
 
@@ -589,6 +590,28 @@ def test_mix_distill_holds_mixes_of_the_clean_rows_to_the_input_model(toy_poison
     counts.clear()
     run(mix_distill=1, mix_kind="box").run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx)
     assert len(boxes) == 10 and counts == []  # pasted boxes instead of convex mixes
+    stamps, seen, answered = [], [], []  # mix_stamp: the student sees some mixes stamped, the teacher none of them
+    real_stamp = unlearn.stamp_leading
+
+    def stamp_leading(x, triggers, fraction, *args, **kwargs):
+        out, n = real_stamp(x, triggers, fraction, *args, **kwargs)
+        stamps.append((x, out, n))
+        return out, n
+    monkeypatch.setattr(unlearn, "stamp_leading", stamp_leading)
+    monkeypatch.setattr(unlearn.Unlearn, "_mix_answers", lambda self, teacher, mixed, *args: (
+        answered.append(mixed[0]) or real_answers(self, teacher, mixed, *args)))
+    model = copy.deepcopy(toy_poisoned.model).normalized()
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]) if module.training else None)
+    run(mix_distill=1, mix_kind="box", mix_stamp=0.5).run(model, fit, ctx)
+    assert len(stamps) == 20 and len(answered) == 10  # each step: the batch's stamping, then the mixes'
+    steps = [inputs for inputs in seen if len(inputs) > unlearn.Unlearn.batch_size]  # steps (batch + mixes)
+    assert len(steps) == 10
+    for (x, out, n), mixes, inputs in zip(stamps[1::2], answered, steps):
+        assert mixes is x and n == round(0.5 * len(x)) > 0  # the teacher answers the mixes as drawn
+        assert not torch.equal(out[:n], x[:n]) and torch.equal(out[n:], x[n:])
+        assert torch.equal(inputs[-len(x):], out)  # the student is trained on them stamped
+    with pytest.raises(Exception, match="mix_stamp"):
+        get_method("unlearn", mix_stamp=0.5)  # no mixes to stamp
     with pytest.raises(Exception, match="mix_distill"):
         get_method("unlearn", mix_distill=1, regularizer="l2")
     with pytest.raises(Exception, match="mix_distill"):

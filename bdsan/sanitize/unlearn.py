@@ -19,7 +19,8 @@ adds a roaming patch toward each class a suite patch was flagged for when the sc
    ``regularizer`` (``distill``: KL to the input model's softened outputs, ``distill_mode``; or L2-SP) on top of
    its cross-entropy (``clean_ce=false``: distilled only); ``mix_distill`` also distils mixes of pairs of clean
    images (``mix_kind``: convex blends or pasted boxes) toward the input model's answers, leaving out those it
-   answers with a suspected target (``mix_target``).
+   answers with a suspected target (``mix_target``); ``mix_stamp`` of those mixes carry a found trigger and are
+   held to the input model's answer on the same mix without it.
    BatchNorm (``bn=auto``): the delivered statistics are kept, with a calibrated lr (``frozen_statistics_lr``), when
    every found trigger toward the primary target is a suite patch the fit audit flagged; otherwise they are
    re-estimated at every checkpoint from augmented fit images stamped like the training batches (``bn_stamped``).
@@ -105,6 +106,7 @@ class Unlearn:
     mix_distill: float | str = 0.0
     mix_target: str = "drop"
     mix_kind: str = "blend"
+    mix_stamp: float = 0.0
     l2_weight: float = 0.01
     scan: bool | str = "auto"
     scan_steps: int = 300
@@ -154,6 +156,8 @@ class Unlearn:
             raise ValueError(f"mix_kind must be one of {', '.join(MIX_KINDS)}")
         if self.mix_target not in MIX_TARGETS:
             raise ValueError(f"mix_target must be one of {', '.join(MIX_TARGETS)}")
+        if not 0 <= self.mix_stamp < 1 or (self.mix_stamp > 0 and self.mix_distill == 0):
+            raise ValueError("mix_stamp must be in [0, 1), and > 0 only with mix_distill")
         if self.distill_mode not in DISTILL_MODES:
             raise ValueError(f"distill_mode must be one of {', '.join(DISTILL_MODES)}")
         if not 0 < self.stamp_fraction < 1 or self.epochs < 0 or self.batch_size < 2:
@@ -476,8 +480,11 @@ class Unlearn:
                                                   self._strength, wave_phase=self._random_phase,
                                                   wave_strength=self._wave_strength)
                 mixed = _mixed(x[n_stamped:], mix_share, mix_generator, mix)
-                if mixed is not None:
-                    inputs = torch.cat([inputs, mixed[0]])
+                if mixed is not None:  # the student sees mix_stamp of them stamped, the teacher none
+                    shown, _ = stamp_leading(mixed[0], triggers, self.mix_stamp, mix_generator, self.jitter,
+                                             self._strength, wave_phase=self._random_phase,
+                                             wave_strength=self._wave_strength)
+                    inputs = torch.cat([inputs, shown])
                 with precision_autocast(device, bf16):
                     logits = model(inputs).float()
                 if mixed is not None:
