@@ -337,8 +337,9 @@ def test_bn_auto_keeps_the_statistics_only_when_every_trigger_toward_the_primary
 def test_few_images_per_class_with_reestimated_statistics_skip_pruning_and_stamp_less(toy_poisoned,
                                                                                       stamped_shares):
     """``few_per_class``: with re-estimated statistics and fewer fit-train images per class than that, nothing is
-    pruned and ``few_stamp_fraction`` of each batch (training and BatchNorm batches) is stamped; with more images per
-    class, or with frozen statistics, the defaults' pruning and share stand."""
+    pruned, mixes are distilled and ``few_stamp_fraction`` of each batch (training and BatchNorm batches) is stamped
+    (a fifth with the mixes, a tenth without); with more images per class, or with frozen statistics, the defaults'
+    pruning and share stand."""
     from bdsan.detectors.triggers import get_trigger
     from bdsan.sanitize import unlearn
 
@@ -350,9 +351,10 @@ def test_few_images_per_class_with_reestimated_statistics_skip_pruning_and_stamp
                             prune_images=48, stop_at_floor=False)
     few = run(few_per_class=40).run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx).details
     assert few["statistics"]["fit_train_per_class"] == 36 and few["statistics"]["few_images_per_class"]
-    assert (few["statistics"]["prune_ratio"], few["statistics"]["stamp_fraction"]) == (0.0, 0.1)
+    assert (few["statistics"]["prune_ratio"], few["statistics"]["stamp_fraction"]) == (0.0, 0.2)
+    assert few["statistics"]["mix_distill"] == 1.0
     assert "pruned" not in few and [h["label"] for h in few["guard"]["history"]] == ["input", "epoch 1"]
-    assert shares and set(shares) == {0.1}
+    assert shares and set(shares) == {0.2}
     train, _ = ctx.fit_val_split(fit, 0.1)
 
     def settings(**params) -> dict:  # bn given: nothing measured, only the rule applied
@@ -369,8 +371,12 @@ def test_few_images_per_class_with_reestimated_statistics_skip_pruning_and_stamp
     assert settings(few_per_class=40, bn="frozen", mix_distill="auto")["mix_distill"] == 0.0
     assert settings(few_per_class=40, mix_distill="auto", regularizer="l2")["mix_distill"] == 0.0
     assert settings(few_per_class=40, mix_distill=0.5)["mix_distill"] == 0.5
-    with pytest.raises(Exception, match="few_stamp_fraction"):
-        get_method("unlearn", few_stamp_fraction=0)
+    # few_stamp_fraction=auto: a fifth of the clean rows with the mixes, a tenth without; a number as given
+    assert settings(few_per_class=40, mix_distill=0)["stamp_fraction"] == 0.1
+    assert settings(few_per_class=40, few_stamp_fraction=0.3)["stamp_fraction"] == 0.3
+    for wrong in (0, "half"):
+        with pytest.raises(Exception, match="few_stamp_fraction"):
+            get_method("unlearn", few_stamp_fraction=wrong)
 
 
 def test_frozen_statistics_lr_sets_the_median_conv_step_and_leaves_the_statistics_alone(toy_poisoned):
@@ -569,9 +575,10 @@ def test_mix_distill_holds_mixes_of_the_clean_rows_to_the_input_model(toy_poison
     square = get_trigger("badnets_square")
     ctx = Context(seed=0, known_triggers=[square], max_acc_drop=5.0,
                   trigger_evidence=[{"name": square.name, "suspected_target": 0, "asr_net": 1.0}])
-    run = functools.partial(get_method, "unlearn", epochs=1, scan="never", prune_ratio=0)
+    run = functools.partial(get_method, "unlearn", epochs=1, scan="never", prune_ratio=0, mix_kind="blend")
     run().run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx)
-    assert counts == [] and len(distilled) == 10  # the default: no mixes, one term (the clean rows) per step
+    # mix_distill=auto with 36 fit-train images per class: no mixes, one term (the clean rows) per step
+    assert counts == [] and len(distilled) == 10
     distilled.clear()
     run(mix_distill=2).run(copy.deepcopy(toy_poisoned.model).normalized(), fit, ctx)  # mix_target=drop
     assert len(counts) == 10 and all(count == 2 * clean for clean, count in counts)  # 10 steps, twice the clean rows
@@ -610,8 +617,9 @@ def test_mix_distill_holds_mixes_of_the_clean_rows_to_the_input_model(toy_poison
         assert mixes is x and n == round(0.5 * len(x)) > 0  # the teacher answers the mixes as drawn
         assert not torch.equal(out[:n], x[:n]) and torch.equal(out[n:], x[n:])
         assert torch.equal(inputs[-len(x):], out)  # the student is trained on them stamped
-    with pytest.raises(Exception, match="mix_stamp"):
-        get_method("unlearn", mix_stamp=0.5)  # no mixes to stamp
+    for wrong in ({"mix_stamp": 0.5, "mix_distill": 0}, {"mix_stamp": 1}):  # no mixes to stamp; all of them
+        with pytest.raises(Exception, match="mix_stamp"):
+            get_method("unlearn", **wrong)
     with pytest.raises(Exception, match="mix_distill"):
         get_method("unlearn", mix_distill=1, regularizer="l2")
     with pytest.raises(Exception, match="mix_distill"):
@@ -659,6 +667,5 @@ def test_boxmix_pairs_paste_one_box_of_another_row_and_blend_no_pixel():
     rows_hit, cols_hit = pasted.any(2), pasted.any(1)  # a box: the pasted pixels are the product of a row and a column range
     assert torch.equal(pasted, rows_hit.unsqueeze(2) & cols_hit.unsqueeze(1))
     assert 0 < pasted.float().mean() < 1 and pasted.flatten(1).any(1).float().mean() > 0.9
-    assert get_method("unlearn", mix_distill=1, mix_kind="box").mix_kind == "box"
     with pytest.raises(Exception, match="mix_kind must be one of blend, box"):
         get_method("unlearn", mix_kind="swap")

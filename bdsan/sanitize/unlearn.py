@@ -25,7 +25,8 @@ adds a roaming patch toward each class a suite patch was flagged for when the sc
    every found trigger toward the primary target is a suite patch the fit audit flagged; otherwise they are
    re-estimated at every checkpoint from augmented fit images stamped like the training batches (``bn_stamped``).
    With re-estimated statistics and fewer than ``few_per_class`` (5) fit-train images per class — GTSRB's 5% holdout
-   has 2 — nothing is pruned and only ``few_stamp_fraction`` (0.1) of each batch is stamped.
+   has 2 — nothing is pruned, pasted-box mixes are distilled (``mix_distill=auto``) and ``few_stamp_fraction`` (0.2
+   with the mixes, 0.1 without) of the clean rows is stamped.
 3. **Guard**: among the pruned state and the epochs within ``--max-acc-drop`` on fit-val, keep the latest whose
    found-trigger target rate on stamped fit-val images (``objective``) ties with the lowest (``select``: within one
    standard error of the difference, each SE taken with one success and one failure added;
@@ -81,6 +82,8 @@ PRUNE_SCHEDULES = ("at-once", "fewest")
 FEWEST_REFERENCES = ("floor", "best")
 DEFAULT_LR = 0.01
 FEW_MIX_DISTILL = 1.0  # mix_distill=auto below few_per_class fit-train images per class
+FEW_STAMP_FRACTION = 0.1  # few_stamp_fraction=auto without mixes (BENCHMARKS.md "Unlearn without pruning …")
+FEW_STAMP_FRACTION_MIXED = 0.2  # … and with them: the stamped share of all rows kept ("… the unlearning's share kept")
 FROZEN_STEP = 1e-4  # with frozen statistics: the median conv layer's first step, relative to its weights' norm
 
 
@@ -103,9 +106,9 @@ class Unlearn:
     distill_weight: float = 1.0
     temperature: float = 2.0
     distill_mode: str = "all"
-    mix_distill: float | str = 0.0
+    mix_distill: float | str = "auto"
     mix_target: str = "drop"
-    mix_kind: str = "blend"
+    mix_kind: str = "box"
     mix_stamp: float = 0.0
     l2_weight: float = 0.01
     scan: bool | str = "auto"
@@ -134,7 +137,7 @@ class Unlearn:
     floor_se_images: int = 0
     stop_at_floor: bool | str = "auto"
     few_per_class: float = 5.0
-    few_stamp_fraction: float = 0.1
+    few_stamp_fraction: float | str = "auto"
     stamp: str = "all"
     objective: str = "target-rate"
     precision: str = "auto"
@@ -174,8 +177,11 @@ class Unlearn:
             raise ValueError("need 0 < wave_strength_min ≤ wave_strength_max")
         if min(self.wave_neighbours, self.scan_keys, self.scan_roam, self.floor_se_images) < 0:
             raise ValueError("wave_neighbours, scan_keys, scan_roam and floor_se_images must be ≥ 0")
-        if not 0 < self.few_stamp_fraction < 1 or self.few_per_class < 0:
-            raise ValueError("need 0 < few_stamp_fraction < 1 and few_per_class ≥ 0")
+        if self.few_stamp_fraction != "auto" and (isinstance(self.few_stamp_fraction, str) or
+                                                  not 0 < self.few_stamp_fraction < 1):
+            raise ValueError("few_stamp_fraction must be auto or in (0, 1)")
+        if self.few_per_class < 0:
+            raise ValueError("need few_per_class ≥ 0")
         if not 0.0 <= self.prune_ratio < 1.0 or self.prune_images < 1:
             raise ValueError("need 0 ≤ prune_ratio < 1 and prune_images ≥ 1")
         if self.prune_schedule not in PRUNE_SCHEDULES:
@@ -305,8 +311,9 @@ class Unlearn:
         ``stop_at_floor=auto``: stop at the floor only when the statistics are re-estimated (that re-estimation is
         what fine-tuning after pruning cost: BENCHMARKS.md "BatchNorm statistics after pruning"). With re-estimated
         statistics and fewer than ``few_per_class`` fit-train images per class (GTSRB's 5% holdout: 2), nothing is
-        pruned and ``few_stamp_fraction`` of each batch is stamped (BENCHMARKS.md "Unlearn without pruning and a
-        tenth of each batch stamped")."""
+        pruned (BENCHMARKS.md "Unlearn without pruning and a tenth of each batch stamped"), ``mix_distill=auto``
+        distils mixes and ``few_stamp_fraction=auto`` stamps a fifth of the clean rows with them, a tenth without
+        ("Mixes with the unlearning's share kept")."""
         out: dict = {}
         bn = self.bn
         if bn == "auto":
@@ -326,9 +333,11 @@ class Unlearn:
         few = bn != "frozen" and per_class < self.few_per_class
         mix = self.mix_distill if self.mix_distill != "auto" else (
             FEW_MIX_DISTILL if few and self.regularizer == "distill" else 0.0)
+        few_stamp = self.few_stamp_fraction if self.few_stamp_fraction != "auto" else (
+            FEW_STAMP_FRACTION_MIXED if mix > 0 else FEW_STAMP_FRACTION)
         return {"bn": bn, "lr": lr, "stop_at_floor": stop, "fit_train_per_class": round(per_class, 2),
                 "few_images_per_class": few, "prune_ratio": 0.0 if few else self.prune_ratio,
-                "stamp_fraction": self.few_stamp_fraction if few else self.stamp_fraction, "mix_distill": mix} | out
+                "stamp_fraction": few_stamp if few else self.stamp_fraction, "mix_distill": mix} | out
 
     def _mix_answers(self, teacher: nn.Module, mixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                      clean_answers: torch.Tensor, labels: torch.Tensor, suspected: list[int]
@@ -481,9 +490,9 @@ class Unlearn:
                                                   wave_strength=self._wave_strength)
                 mixed = _mixed(x[n_stamped:], mix_share, mix_generator, mix)
                 if mixed is not None:  # the student sees mix_stamp of them stamped, the teacher none
-                    shown, _ = stamp_leading(mixed[0], triggers, self.mix_stamp, mix_generator, self.jitter,
-                                             self._strength, wave_phase=self._random_phase,
-                                             wave_strength=self._wave_strength)
+                    shown = stamp_leading(mixed[0], triggers, self.mix_stamp, mix_generator, self.jitter,
+                                          self._strength, wave_phase=self._random_phase,
+                                          wave_strength=self._wave_strength)[0] if self.mix_stamp else mixed[0]
                     inputs = torch.cat([inputs, shown])
                 with precision_autocast(device, bf16):
                     logits = model(inputs).float()
