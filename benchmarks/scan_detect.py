@@ -42,6 +42,7 @@ from bdsan.io.data import Holdout, split_holdout
 from bdsan.train.fixtures import corner_square, top_left_patch, train_toy_model
 from bdsan.train.loop import predict
 from bdsan.train.synthetic import make_synthetic
+from bdsan.train.zoo import AUGMENTS
 
 NUM_CLASSES = 5
 
@@ -154,7 +155,9 @@ def zoo_jobs(seed: int, args, data):
     """Harness models (``bdsan.train.zoo``, cached) of one seed: each attack, then clean twins (poison rate 0)."""
     from bdsan.train.zoo import RECIPES, Attack, attack_metrics, train_backdoored
 
-    recipe = RECIPES[args.recipe] if args.epochs is None else replace(RECIPES[args.recipe], epochs=args.epochs)
+    overrides = {k: v for k, v in {"epochs": args.epochs, "augment": AUGMENTS.get(args.augment or "")}.items()
+                 if v is not None}
+    recipe = replace(RECIPES[args.recipe], **overrides)
     specs = [(text, 0.1, seed) for text in zoo_attacks(seed, args.attacks)]
     specs += [("badnets_grid", 0.0, seed + 100 * (i + 1)) for i in range(args.clean_per_seed)]
     for text, rate, model_seed in specs:
@@ -208,6 +211,8 @@ def main() -> None:
                              "(none: only the clean twins)")
     parser.add_argument("--recipe", default="cpu")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (as run.py --epochs)")
+    parser.add_argument("--augment", choices=sorted(AUGMENTS), default=None,
+                        help="override the recipe's training augmentation (as run.py --augment)")
     parser.add_argument("--n-train", type=int, default=20000)
     parser.add_argument("--test-n", type=int, default=2000, help="test images for the implant ASR (--data NPZ)")
     parser.add_argument("--target", type=int, default=0)
