@@ -541,9 +541,10 @@ def test_suppress_targets_only_where_every_source_image_is_another_class():
 def test_mix_distill_holds_mixes_of_the_clean_rows_to_the_input_model(toy_poisoned, monkeypatch):
     """``mix_distill``: each training batch adds ``mix_distill`` × (clean rows) mixes of its clean rows, distilled
     toward the input model's answers with the suspected target's share limited (``mix_target``: the mixes it answers
-    with that target left out, its share capped at what the two images earn, or suppressed); ``mix_kind=box`` pastes
-    boxes instead; ``mix_stamp`` of the mixes reach the network stamped, the input model answering them unstamped;
-    off by default, and only with the distillation regulariser."""
+    with that target left out, its share capped at what the two images earn, or suppressed); ``mix_kind``: pasted
+    boxes (the default) or convex mixes; ``mix_stamp`` of the mixes reach the network stamped, the input model
+    answering them unstamped; ``auto`` (the default) mixes only below ``few_per_class``, and mixes need the
+    distillation regulariser."""
     from bdsan.detectors.triggers import get_trigger
     from bdsan.sanitize import unlearn
 
