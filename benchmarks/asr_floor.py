@@ -15,13 +15,19 @@ import argparse
 import datetime as dt
 import json
 import platform
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from bdsan.allocator import keep_freed_memory
-from bdsan.train.zoo import AUGMENTS, RECIPES, Attack, attack_metrics, load_dataset, train_backdoored
+from bdsan.train.zoo import (
+    AUGMENTS,
+    Attack,
+    attack_metrics,
+    load_dataset,
+    recipe_with,
+    train_backdoored,
+)
 
 
 def main() -> None:
@@ -48,9 +54,7 @@ def main() -> None:
     data = load_dataset(args.data)
     window = slice(args.offset, args.offset + args.test_n if args.test_n else None)
     x, y = data.x_test[window], data.y_test[window]
-    recipe = replace(RECIPES[args.recipe], **{k: v for k, v in {"epochs": args.epochs,
-                                                               "augment": AUGMENTS.get(args.augment)}.items()
-                                                if v is not None})
+    recipe = recipe_with(args.recipe, args.epochs, args.augment)
     rows = []
     for seed in args.seeds:
         twin = train_backdoored(data, Attack.parse("badnets_grid", rate=0.0, target=args.target), recipe,

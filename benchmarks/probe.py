@@ -31,6 +31,7 @@ from bdsan.train.zoo import (
     Attack,
     attack_metrics,
     load_dataset,
+    recipe_with,
     split_training_subset,
     train_backdoored,
 )
@@ -136,9 +137,7 @@ def cached_model(args, device: torch.device):
     harness's cached model (trained and cached on a miss, exactly as run.py would)."""
     data = load_dataset(args.data)
     attack = Attack.parse(args.attack)
-    recipe = replace(RECIPES[args.recipe], **{k: v for k, v in {"epochs": args.epochs,
-                                                               "augment": AUGMENTS.get(args.augment)}.items()
-                                                if v is not None})
+    recipe = recipe_with(args.recipe, args.epochs, args.augment)
     backdoored = train_backdoored(data, attack, recipe, n_train=args.n_train or None, seed=args.seed,
                                   device=device, cache_dir=args.cache)
     return data, attack, backdoored

@@ -30,7 +30,6 @@ import datetime as dt
 import json
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -153,11 +152,9 @@ def zoo_attacks(seed: int, names: list[str]) -> list[str]:
 
 def zoo_jobs(seed: int, args, data):
     """Harness models (``bdsan.train.zoo``, cached) of one seed: each attack, then clean twins (poison rate 0)."""
-    from bdsan.train.zoo import RECIPES, Attack, attack_metrics, train_backdoored
+    from bdsan.train.zoo import Attack, attack_metrics, recipe_with, train_backdoored
 
-    overrides = {k: v for k, v in {"epochs": args.epochs, "augment": AUGMENTS.get(args.augment or "")}.items()
-                 if v is not None}
-    recipe = replace(RECIPES[args.recipe], **overrides)
+    recipe = recipe_with(args.recipe, args.epochs, args.augment)
     specs = [(text, 0.1, seed) for text in zoo_attacks(seed, args.attacks)]
     specs += [("badnets_grid", 0.0, seed + 100 * (i + 1)) for i in range(args.clean_per_seed)]
     for text, rate, model_seed in specs:

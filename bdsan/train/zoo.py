@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,12 @@ RECIPES: dict[str, Recipe] = {
     # H100 — not measured yet, no GPU was available when this recipe was written).
     "paper": Recipe("cifar_resnet18", epochs=20, lr=0.2, batch_size=512, label_smoothing=0.1),
 }
+
+
+def recipe_with(name: str, epochs: int | None = None, augment: str | None = None) -> Recipe:
+    """``RECIPES[name]`` with the benchmarks' ``--epochs`` / ``--augment`` (an ``AUGMENTS`` name) overrides, if given."""
+    overrides = {"epochs": epochs, "augment": AUGMENTS.get(augment) if augment else None}
+    return replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass
