@@ -19,7 +19,8 @@ from dataclasses import replace
 import torch
 
 from bdsan.allocator import keep_freed_memory
-from bdsan.detectors.scan import further_patch_keys, scan
+from bdsan.detectors.keys import further_patch_keys
+from bdsan.detectors.scan import scan
 from bdsan.io.data import split_holdout, to_float
 from bdsan.train.zoo import RECIPES, Attack, load_dataset, train_backdoored
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from scan_detect import roc_auc, tpr_at_fpr
 
-from bdsan.detectors.scan import ScanSettings, _anomaly_index, kind_verdict, suspect_among, wave_verdict
+from bdsan.detectors.scan import ScanSettings, _anomaly_index, kind_verdict, suspect_among
+from bdsan.detectors.waves import wave_verdict
 
 
 @dataclass(frozen=True)

@@ -23,26 +23,23 @@ import torch
 from scan_detect import zoo_jobs
 from verdict_rules import print_rules
 
-from bdsan.detectors.scan import (
+from bdsan.detectors.scan import ScanSettings, _split_for_scan, _torch_classifier, scrambled_flip_rates
+from bdsan.detectors.waves import (
     WAVES_PER_FREQUENCY,
-    ScanSettings,
-    _plane_waves,
-    _split_for_scan,
-    _torch_classifier,
     best_waves,
-    scrambled_flip_rates,
+    plane_waves,
     wave_name,
     wave_rates,
     wave_verdict,
 )
-from bdsan.detectors.scan import edge_ratios as scan_edge_ratios
+from bdsan.detectors.waves import edge_ratios as scan_edge_ratios
 from bdsan.device import channels_last, wants_bf16
 from bdsan.io.data import to_float
 
 
 def tables_at(net, opt, held, amplitude: float, cfg: ScanSettings, num_classes: int, bf16: bool) -> dict:
     """The selection (``wave_select`` optimisation images) and held-out tables of every wave at ``amplitude``/255."""
-    waves = amplitude / 255 * _plane_waves(*held.x.shape[2:], cfg.wave_periods)
+    waves = amplitude / 255 * plane_waves(*held.x.shape[2:], cfg.wave_periods)
     cpu = torch.device("cpu")
     select = wave_rates(net, to_float(opt.x[:cfg.wave_select]), opt.y[:cfg.wave_select], waves, num_classes, 512,
                         cpu, bf16)
@@ -68,7 +65,7 @@ def wave_scores(table: dict, edge_ratio: float | None) -> np.ndarray:
 
 
 def edge_ratios(table: dict) -> np.ndarray:
-    """The scan's :func:`bdsan.detectors.scan.edge_ratios` of a stored selection table."""
+    """The scan's :func:`bdsan.detectors.waves.edge_ratios` of a stored selection table."""
     return scan_edge_ratios(torch.tensor(table["select"])).numpy()
 
 

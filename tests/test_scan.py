@@ -11,25 +11,18 @@ import torch
 from scan_helpers import UNKNOWN_TARGET
 
 from bdsan.cli import SCAN_PRECISIONS
+from bdsan.detectors.keys import KEY_MASK_CUTOFF, further_patch_keys, paste_at_random, roaming_patch
 from bdsan.detectors.scan import (
-    KEY_MASK_CUTOFF,
     ScanSettings,
     _anomaly_index,
-    _plane_waves,
     anomalous_triggers,
-    edge_ratios,
-    further_patch_keys,
     kind_verdict,
-    paste_at_random,
-    plane_wave_trigger,
-    roaming_patch,
     scan,
     scan_section,
     scrambled_flip_rates,
-    wave_name,
-    wave_verdict,
 )
 from bdsan.detectors.triggers import Trigger
+from bdsan.detectors.waves import edge_ratios, plane_wave_trigger, plane_waves, wave_name, wave_verdict
 from bdsan.device import PRECISIONS, channels_last, cpu_supports_bf16, training_bf16, wants_bf16
 from bdsan.errors import DataError
 from bdsan.io.data import Holdout
@@ -96,7 +89,7 @@ def test_clean_model_is_not_flagged(toy_clean):
 
 
 def test_plane_waves_are_the_ones_their_names_say():
-    waves = _plane_waves(16, 24, periods=12)
+    waves = plane_waves(16, 24, periods=12)
     assert waves.shape == (96, 1, 16, 24)
     index = 5 * 8 + 0 * 4 + 1  # 6 periods across the columns, phase π/2: SIG's sine, shifted
     assert wave_name(index) == "6 periods across the columns, phase 1π/2"
@@ -162,7 +155,7 @@ class _SineOrEnergy(torch.nn.Module):
 
 
 def test_scrambled_wave_keeps_its_energy_but_loses_its_structure():
-    sine = (32 / 255) * _plane_waves(16, 16, 1)[1:2]  # one period across the columns
+    sine = (32 / 255) * plane_waves(16, 16, 1)[1:2]  # one period across the columns
     net = _SineOrEnergy(sine)
     brightness = torch.linspace(0.3, 0.7, 40)
     held = Holdout((brightness.view(-1, 1, 1, 1) * 255).round().to(torch.uint8).expand(-1, 3, 16, 16).contiguous(),

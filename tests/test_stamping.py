@@ -113,7 +113,7 @@ def test_wave_strength_scales_the_scans_wave_and_not_the_suites_sine():
 
 
 def test_neighbour_waves_are_the_scans_wave_one_period_either_side():
-    from bdsan.detectors.scan import WAVES_PER_FREQUENCY, plane_wave_trigger, wave_name
+    from bdsan.detectors.waves import WAVES_PER_FREQUENCY, plane_wave_trigger, wave_name
     from bdsan.sanitize.found_triggers import neighbour_waves
 
     index = 4 * WAVES_PER_FREQUENCY + 4 + 1  # 5 periods down the rows, phase π/2

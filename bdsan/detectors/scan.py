@@ -60,15 +60,15 @@ from ..device import PRECISIONS, channels_last, precision_autocast, resolve_devi
 from ..errors import DataError, ModelRefused
 from ..io.data import Holdout, stratified_split, to_float
 from ..io.models import LoadedModel
+from .triggers import Trigger
+from .waves import best_waves, edge_ratios, plane_waves, wave_name, wave_rates, wave_verdict
 
 log = logging.getLogger("bdsan.scan")
 
 KINDS = ("patch", "blend", "wave")
 OPTIMISED_KINDS = ("patch", "blend")
-WAVES_PER_FREQUENCY = 8  # _plane_waves: two axes × four phases per frequency
 SCRAMBLE_DRAWS = 4  # pixel shuffles averaged by the wave kind's structure control
 MAD_TO_SIGMA = 1.4826
-KEY_MASK_CUTOFF = 0.1  # further_patch_keys: a pixel an earlier key's mask covers this much is barred to the next
 
 
 @dataclass
@@ -114,7 +114,7 @@ class ScanSettings:
     precision: str = "auto"
 
 
-class _TriggerBank:
+class TriggerBank:
     """K triggers per kind (patch, blend) as stacked tensors; :meth:`parts` gives them in pixel space."""
 
     def __init__(self, kinds: tuple[str, ...], num_classes: int, shape: tuple[int, int, int], epsilon: float,
@@ -186,7 +186,7 @@ def _torch_classifier(model: LoadedModel, device: torch.device) -> torch.nn.Modu
 
 
 @contextlib.contextmanager
-def _frozen_classifier(model: LoadedModel, device: torch.device) -> Iterator[torch.nn.Module]:
+def frozen_classifier(model: LoadedModel, device: torch.device) -> Iterator[torch.nn.Module]:
     """The model's normalised network in eval mode with channels_last weights and no parameter gradients (only the
     triggers are optimised); its parameters' ``requires_grad`` and layout are given back afterwards."""
     net = _torch_classifier(model, device)
@@ -227,7 +227,7 @@ def scan(model: LoadedModel, holdout: Holdout, *, steps: int = 200, batch_size: 
         raise DataError(f"scan needs at least 2 holdout images per class; got {len(holdout)} for {num_classes}")
     opt, held = _split_for_scan(holdout, cfg.eval_fraction, seed)
     optimised = tuple(kind for kind in cfg.kinds if kind in OPTIMISED_KINDS)
-    with _frozen_classifier(model, device) as net:
+    with frozen_classifier(model, device) as net:
         if optimised:
             bank, trace = _optimise(net, opt, num_classes, replace(cfg, kinds=optimised), batch_size, seed,
                                     device, progress, bf16)
@@ -253,7 +253,7 @@ def _optimise(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_size
     """The batched Neural-Cleanse loop over all classes and kinds; returns the best trigger parts per kind."""
     generator = torch.Generator().manual_seed(seed)
     channels, height, width = opt.x.shape[1:]
-    bank = _TriggerBank(cfg.kinds, num_classes, (channels, height, width), cfg.blend_epsilon, cfg.mask_init,
+    bank = TriggerBank(cfg.kinds, num_classes, (channels, height, width), cfg.blend_epsilon, cfg.mask_init,
                         generator, device)
     optimizer = torch.optim.Adam(bank.tensors(), lr=cfg.lr, betas=(0.5, 0.9))
     kinds = cfg.kinds
@@ -321,7 +321,7 @@ def _optimise(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_size
                         for name, tensor in kept.items():
                             best[kind][name][rows_k] = tensor[rows_k].detach()
                 best_norm = torch.where(improved, norms, best_norm)
-            cost, up, down = _adapt_cost(cost, up, down, success >= cfg.success, cfg.patience)
+            cost, up, down = adapt_cost(cost, up, down, success >= cfg.success, cfg.patience)
         if progress:
             progress(step, cfg.steps)
         if step - last_improved >= cfg.early_stop_patience and bool(torch.isfinite(best_norm).all()):
@@ -338,7 +338,7 @@ def _optimise(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_size
     return best, trace
 
 
-def _adapt_cost(cost: torch.Tensor, up: torch.Tensor, down: torch.Tensor, reached: torch.Tensor, patience: int
+def adapt_cost(cost: torch.Tensor, up: torch.Tensor, down: torch.Tensor, reached: torch.Tensor, patience: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Neural Cleanse's size-penalty schedule, per trigger: λ ×1.5 after ``patience`` steps in a row at the success
     rate, ÷1.5^1.5 after ``patience`` steps below it; returns (cost, up, down) counters."""
@@ -349,209 +349,18 @@ def _adapt_cost(cost: torch.Tensor, up: torch.Tensor, down: torch.Tensor, reache
     return cost, torch.where(raise_cost, torch.zeros_like(up), up), torch.where(lower_cost, torch.zeros_like(down), down)
 
 
-def further_patch_keys(model: LoadedModel, holdout: Holdout, trigger, count: int, *, steps: int = 300,
-                       images_per_step: int = 64, device=None, seed: int = 0, precision: str = "auto") -> list:
-    """Up to ``count`` more patch triggers toward the class of the reconstructed patch ``trigger``, each barred
-    from the pixels the earlier ones cover (mask ≥ ``KEY_MASK_CUTOFF``), optimised one at a time on ``holdout``'s
-    images of other classes with the scan's size penalty and schedule. A convolutional network backdoored with a
-    4×4 random-colour patch answered 3-pixel fragments of its colours at many positions (five further keys of 3–4
-    px, each sending 81–89% of development images to the target, on an 86% CIFAR-10 model: BENCHMARKS.md "Keys of a
-    patch the suite does not know"); one reconstruction covers one of them. Stops at the first key that never
-    reaches the success rate."""
-    from .triggers import Trigger
-
-    cfg = ScanSettings(steps=steps)
-    device, bf16, target, others = _toward_class(holdout, trigger, device, precision)
-    if not len(others):
-        return []
-    allowed = (trigger.fn.parts["mask"].to(device) < KEY_MASK_CUTOFF).float()
-    keys = []
-    with _frozen_classifier(model, device) as net:
-        for index in range(count):
-            found = _optimise_key(net, others, target, allowed, cfg, images_per_step, seed + 1 + index, bf16)
-            if found is None:
-                break
-            allowed = allowed * (found["mask"] < KEY_MASK_CUTOFF).float()
-            keys.append(Trigger(f"{trigger.name}_key{index + 1}", dict(trigger.params) | {"key": index + 1},
-                                _ReconstructedTrigger("patch", found)))
-    return keys
-
-
-def roaming_patch(model: LoadedModel, holdout: Holdout, trigger, side: int, *, steps: int = 300,
-                  images_per_step: int = 64, device=None, seed: int = 0, precision: str = "auto"):
-    """A ``side``×``side`` patch toward the class of the reconstructed patch ``trigger`` whose colours are optimised
-    at a random position per image (``holdout``'s images of other classes, Adam on logits, cross-entropy to the
-    class), returned as a Trigger that pastes it at a random position per image. A global-pooling network backdoored
-    with a random-colour patch answers a patch like this anywhere (two 86% CIFAR-10 models: 95.7% and 99.8% of the
-    images to the target, averaged over every position; a clean twin 3.5%: BENCHMARKS.md "Fresh full-image models
-    (seed 5)…"), where the scan's smallest reconstruction covers a 3-pixel fragment at one place. ``flip`` in its
-    params: the share of the last 8 steps' images it sent to the class."""
-    from .triggers import Trigger
-
-    device, bf16, target, others = _toward_class(holdout, trigger, device, precision)
-    height, width = others.x.shape[-2:]
-    if not len(others) or side > min(height, width):
-        return None
-    generator = torch.Generator().manual_seed(seed)
-    logits = (0.5 * torch.randn(others.x.shape[1], side, side, generator=generator)).to(device).requires_grad_(True)
-    optimizer = torch.optim.Adam([logits], lr=0.1)
-    batch = min(images_per_step, len(others))
-    labels = torch.full((batch,), target, device=device)
-    hits = torch.zeros((), device=device)  # images sent to the class in the last 8 steps (no sync per step)
-    with _frozen_classifier(model, device) as net:
-        for step in range(steps):
-            x = to_float(others.x[torch.randint(len(others), (batch,), generator=generator).to(device)])
-            with precision_autocast(device, bf16):
-                out = net(paste_at_random(x, torch.sigmoid(logits), generator)).float()
-            loss = F.cross_entropy(out, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if step >= steps - 8:
-                hits += (out.argmax(1) == labels).sum()
-    patch = torch.sigmoid(logits).detach().cpu()
-    params = dict(trigger.params) | {"roam": side, "flip": round(float(hits) / (min(steps, 8) * batch), 4)}
-    return Trigger(f"{trigger.name}_roam", params, _RoamingPatch(patch, seed))
-
-
-def _toward_class(holdout: Holdout, trigger, device, precision: str) -> tuple[torch.device, bool, int, Holdout]:
-    """(device, bf16, the class of the found ``trigger``, ``holdout``'s images of other classes on the device)."""
-    device = resolve_device(device)
-    target = int(trigger.params["target"])
-    others = holdout.to(device)
-    return device, wants_bf16(device, precision), target, others.subset(torch.nonzero(others.y != target).flatten())
-
-
-def paste_at_random(x: torch.Tensor, patch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``x`` (N×C×H×W) with ``patch`` (C×s×s) pasted at a random position per image (differentiable in ``patch``)."""
-    n, _, height, width = x.shape
-    side = patch.shape[-1]
-    top = torch.randint(0, height - side + 1, (n,), generator=generator).to(x.device)
-    left = torch.randint(0, width - side + 1, (n,), generator=generator).to(x.device)
-    offsets = torch.arange(side, device=x.device)
-    rows = (top[:, None] + offsets)[:, :, None].expand(n, side, side)
-    cols = (left[:, None] + offsets)[:, None, :].expand(n, side, side)
-    images = torch.arange(n, device=x.device)[:, None, None].expand(n, side, side)
-    values = patch.to(x.device, x.dtype).permute(1, 2, 0)[None].expand(n, side, side, -1)
-    return x.permute(0, 2, 3, 1).index_put((images, rows, cols), values).permute(0, 3, 1, 2)
-
-
-class _RoamingPatch:
-    """Callable ``fn(x)`` for a Trigger: pastes a fixed patch at a random position per image (seeded)."""
-
-    def __init__(self, patch: torch.Tensor, seed: int):
-        self.patch, self.generator = patch, torch.Generator().manual_seed(seed + 1)
-
-    def __call__(self, x: torch.Tensor, **_params) -> torch.Tensor:
-        return paste_at_random(x, self.patch, self.generator).contiguous()
-
-
-def _optimise_key(net, others: Holdout, target: int, allowed: torch.Tensor, cfg: ScanSettings, images_per_step: int,
-                  seed: int, bf16: bool) -> dict[str, torch.Tensor] | None:
-    """One patch trigger toward ``target`` whose mask is zero outside ``allowed`` (1×1×H×W): the smallest that
-    flipped ``cfg.success`` of a batch (as measured), or None when none did."""
-    device = allowed.device
-    generator = torch.Generator().manual_seed(seed)
-    bank = _TriggerBank(("patch",), 1, tuple(others.x.shape[1:]), cfg.blend_epsilon, cfg.mask_init, generator, device)
-    optimizer = torch.optim.Adam(bank.tensors(), lr=cfg.lr, betas=(0.5, 0.9))
-    cost = torch.full((1,), cfg.init_cost, device=device)
-    up = torch.zeros(1, dtype=torch.long, device=device)
-    down = torch.zeros(1, dtype=torch.long, device=device)
-    best, best_norm, last_improved = None, math.inf, 0
-    labels = torch.full((min(images_per_step, len(others)),), target, device=device)
-    for step in range(1, cfg.steps + 1):
-        x = to_float(others.x[torch.randint(len(others), (len(labels),), generator=generator).to(device)])
-        parts = bank.parts("patch")
-        mask, pattern = parts["mask"] * allowed, parts["pattern"]
-        with precision_autocast(device, bf16):
-            logits = net((1 - mask) * x + mask * pattern).float()
-        norm = mask.mean()
-        optimizer.zero_grad(set_to_none=True)
-        (F.cross_entropy(logits, labels) + cost[0] * norm).backward()
-        with torch.no_grad():
-            reached = (logits.argmax(1) == labels).float().mean() >= cfg.success
-            if bool(reached) and float(norm) < best_norm * 0.99:
-                best, best_norm, last_improved = {"mask": mask.detach().clone(), "pattern": pattern.detach().clone()}, \
-                    float(norm), step
-        optimizer.step()
-        cost, up, down = _adapt_cost(cost, up, down, reached.view(1), cfg.patience)
-        if best is not None and step - last_improved >= cfg.early_stop_patience:
-            break
-    return best
-
-
-def _plane_waves(height: int, width: int, periods: int) -> torch.Tensor:
-    """Unit-amplitude grey plane waves sin(2π·f·position + φ), P×1×H×W: for f = 1..``periods`` periods per image,
-    running across the columns (constant down each column, as SIG's sine) then down the rows, four phases each;
-    wave p has f = p // 8 + 1, axis ``("columns", "rows")[p // 4 % 2]``, φ = (p % 4)·π/2."""
-    frequency = torch.arange(1, periods + 1, dtype=torch.float32).view(-1, 1, 1, 1)
-    phase = (torch.arange(4, dtype=torch.float32) * math.pi / 2).view(1, -1, 1, 1)
-    across = torch.sin(2 * math.pi * frequency * torch.arange(width).view(1, 1, 1, -1) / width + phase)
-    down = torch.sin(2 * math.pi * frequency * torch.arange(height).view(1, 1, -1, 1) / height + phase)
-    waves = torch.stack([across.expand(-1, -1, height, width), down.expand(-1, -1, height, width)], dim=1)
-    return waves.reshape(-1, 1, height, width)
-
-
-def plane_wave_trigger(index: int, target: int, amplitude: float):
-    """Wave ``index`` of :func:`_plane_waves` (any frequency ≥ 1: index // 8 + 1 periods) at ``amplitude`` as a
-    Trigger that adds it to [0,1] images of any size (reconstructed, kind ``wave``, for ``target``)."""
-    from .triggers import Trigger
-
-    periods = index // WAVES_PER_FREQUENCY + 1
-
-    def apply(x: torch.Tensor, **_params) -> torch.Tensor:
-        wave = _plane_waves(*x.shape[-2:], periods)[index].to(x)
-        return (x + amplitude * wave).clamp(0, 1)
-
-    params = {"source": "scan", "kind": "wave", "target": target, "anomalous": True, "wave_index": index,
-              "amplitude": amplitude}
-    return Trigger(f"scan_wave_class{target}_{periods}periods", params, apply)
-
-
-def wave_name(index: int) -> str:
-    """``index`` of :func:`_plane_waves` in words."""
-    return (f"{index // WAVES_PER_FREQUENCY + 1} periods across the {('columns', 'rows')[index // 4 % 2]}, "
-            f"phase {index % 4}π/2")
-
-
-@torch.no_grad()
-def wave_rates(net, x: torch.Tensor, y: torch.Tensor, waves: torch.Tensor, num_classes: int, batch_size: int,
-               device: torch.device, bf16: bool = False) -> torch.Tensor:
-    """W×K: the fraction of the images ``x`` (float, labels ``y``) of classes other than k that wave w, added and
-    clipped, sends to class k; one batched pass over every wave × image pair."""
-    count = len(x)
-    hits = torch.zeros(len(waves), num_classes, device=device)
-    pairs = len(waves) * count
-    for start in range(0, pairs, batch_size):
-        pair = torch.arange(start, min(start + batch_size, pairs), device=device)
-        wave, image = pair // count, pair % count
-        with precision_autocast(device, bf16):
-            predicted = net((x[image] + waves[wave]).clamp(0, 1)).argmax(1)
-        moved = predicted != y[image]
-        hits.index_put_((wave[moved], predicted[moved]), torch.ones_like(wave[moved], dtype=hits.dtype),
-                        accumulate=True)
-    return hits / (count - torch.bincount(y, minlength=num_classes)).clamp_min(1)
-
-
 def _wave_search(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_size: int, device: torch.device,
                  bf16: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """The ``wave`` kind: per class, the grey plane wave of amplitude ``wave_amplitude`` that sends the most of
     ``wave_select`` optimisation images of other classes to it (SIG's trigger family; no optimisation). Returns the
     chosen waves as blend-like parts, their selection rates and each class's edge ratio."""
-    waves = cfg.wave_amplitude * _plane_waves(*opt.x.shape[2:], cfg.wave_periods).to(device)
+    waves = cfg.wave_amplitude * plane_waves(*opt.x.shape[2:], cfg.wave_periods).to(device)
     count = min(cfg.wave_select, len(opt))  # opt is shuffled (stratified_split): its head is a random sample
     rates = wave_rates(net, to_float(opt.x[:count]), opt.y[:count], waves, num_classes, batch_size, device, bf16)
     return {"delta": best_waves(rates, opt.x.shape[1:], cfg).to(device)}, {
         "selection_flip_rate": rates.max(0).values.tolist(), "n_select": count,
         "wave": [wave_name(int(b)) for b in rates.argmax(0)], "wave_index": rates.argmax(0).tolist(),
         "edge_ratio": edge_ratios(rates).tolist()}
-
-
-def best_waves(rates: torch.Tensor, shape, cfg: ScanSettings) -> torch.Tensor:
-    """K×C×H×W: per class its best wave by the W×K selection ``rates`` (at ``wave_amplitude``), on every channel."""
-    channels, height, width = shape
-    waves = cfg.wave_amplitude * _plane_waves(height, width, cfg.wave_periods)
-    return waves[rates.argmax(0).cpu()].expand(-1, channels, -1, -1).contiguous()
 
 
 def scrambled_flip_rates(net, delta: torch.Tensor, held: Holdout, num_classes: int, batch_size: int,
@@ -568,14 +377,6 @@ def scrambled_flip_rates(net, delta: torch.Tensor, held: Holdout, num_classes: i
         shuffled = delta.flatten(2)[:, :, order].reshape(delta.shape)
         total += _flip_rates(net, {"delta": shuffled}, "wave", held, num_classes, batch_size, device, bf16)
     return (total / draws).tolist()
-
-
-def edge_ratios(rates: torch.Tensor) -> torch.Tensor:
-    """Per class, from the W×K selection rates of :func:`_plane_waves`: the rate of its best wave at the band's top
-    frequency (its last ``WAVES_PER_FREQUENCY`` waves) over the rate of its best wave. Near 1 the class's
-    response is still rising at the edge of the band: fine texture (deer, cat), not a sine trigger, whose response
-    peaks at its own frequency (BENCHMARKS.md, "the wave kind's edge rule")."""
-    return rates[-WAVES_PER_FREQUENCY:].max(0).values / rates.max(0).values.clamp_min(1e-9)
 
 
 @torch.no_grad()
@@ -604,23 +405,6 @@ def unknown_kinds(kinds) -> list[str]:
 def suspect_among(flagged, scores, wave_flips) -> int:
     """The suspected target among flagged classes: the highest patch/blend score, then the best wave flip."""
     return max(sorted(flagged), key=lambda cls: (scores[cls], wave_flips[cls]))
-
-
-def wave_verdict(flips: np.ndarray, edge_ratio, cfg: ScanSettings,
-                 scrambled=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The wave kind's (anomalous, texture, sink) per class: anomalous when the best wave flips ≥ ``wave_threshold``
-    of held-out images, the edge rule (``wave_edge_ratio``) does not call the class's response texture and the
-    structure control does not call the class a sink: its wave, pixels shuffled, still flips ≥ ``wave_scrambled_max``
-    and its response is not tuned to one frequency (edge ratio ≥ ``wave_sink_edge_min``). ``edge_ratio`` or
-    ``scrambled`` None (scans stored before the rule): nothing is set aside by it."""
-    texture, sink = np.zeros(len(flips), bool), np.zeros(len(flips), bool)
-    if edge_ratio is not None and cfg.wave_edge_ratio is not None:
-        texture = np.asarray(edge_ratio, dtype=float) >= cfg.wave_edge_ratio
-    if scrambled is not None and cfg.wave_scrambled_max is not None:
-        sink = np.asarray(scrambled, dtype=float) >= cfg.wave_scrambled_max
-        if edge_ratio is not None and cfg.wave_sink_edge_min is not None:
-            sink &= np.asarray(edge_ratio, dtype=float) >= cfg.wave_sink_edge_min
-    return (np.asarray(flips) >= cfg.wave_threshold) & ~texture & ~sink, texture, sink
 
 
 def kind_verdict(norms: np.ndarray, flips: np.ndarray, cfg: ScanSettings, index: np.ndarray | None = None,
@@ -701,8 +485,6 @@ def _verdict(bank: dict, flip: dict, cfg: ScanSettings, holdout: Holdout, model:
 
 def _make_triggers(bank: dict, section: dict, cfg: ScanSettings) -> list:
     """One bdsan Trigger per class and kind (anomalous ones first) applying the reconstructed trigger."""
-    from .triggers import Trigger
-
     anomalous = {int(k): v for k, v in section["anomalous_kinds"].items()}
     triggers = []
     for kind in cfg.kinds:
@@ -712,12 +494,12 @@ def _make_triggers(bank: dict, section: dict, cfg: ScanSettings) -> list:
             params = {"source": "scan", "kind": kind, "target": cls, "anomalous": kind in anomalous.get(cls, [])}
             if kind == "wave":  # which plane wave, so that a defense can stamp its neighbours too
                 params |= {"wave_index": section["wave"]["wave_index"][cls], "amplitude": cfg.wave_amplitude}
-            triggers.append(Trigger(f"scan_{kind}_class{cls}", params, _ReconstructedTrigger(kind, trigger_parts)))
+            triggers.append(Trigger(f"scan_{kind}_class{cls}", params, ReconstructedTrigger(kind, trigger_parts)))
     triggers.sort(key=lambda t: not t.params["anomalous"])
     return triggers
 
 
-class _ReconstructedTrigger:
+class ReconstructedTrigger:
     """Callable ``fn(x)`` for a Trigger: stamps a reconstructed trigger on [0,1] NCHW images of any size/device."""
 
     def __init__(self, kind: str, parts: dict[str, torch.Tensor]):

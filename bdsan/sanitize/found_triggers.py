@@ -72,7 +72,7 @@ def roam_from_audit(model: nn.Module, train: Holdout, ctx: Context, side: int, s
     backdoored with a random-colour patch elsewhere can fire on a suite patch too (on a blind 86% model the suite's
     ``four_corner`` reached net ASR 0.988 on the fit images), and the scan does not run then. Their ``source`` is the
     audit's, so ``bn=auto`` treats them as suite patches. Returns (kept, summary)."""
-    from ..detectors.scan import roaming_patch
+    from ..detectors.keys import roaming_patch
 
     started = time.perf_counter()
     loaded = from_module(model, "module", train.num_classes, Preprocessing(), list(train.classes))
@@ -114,14 +114,8 @@ def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, a
     for each patch among them, a ``roam``×``roam`` patch toward its class optimised and stamped at random positions
     (``roaming_patch``), kept when it flips at least ``ROAM_MIN_FLIP`` of its images.
     """
-    from ..detectors.scan import (
-        OPTIMISED_KINDS,
-        anomalous_triggers,
-        further_patch_keys,
-        roaming_patch,
-        scan,
-        scan_section,
-    )
+    from ..detectors.keys import further_patch_keys, roaming_patch
+    from ..detectors.scan import OPTIMISED_KINDS, anomalous_triggers, scan, scan_section
 
     started = time.perf_counter()
     loaded = from_module(model, "module", train.num_classes, Preprocessing(), list(train.classes))
@@ -213,7 +207,7 @@ def neighbour_waves(triggers: list, count: int) -> list:
     ``count`` periods fewer and more per image (at least one period). The scan finds a sine's axis and class but
     not always its frequency (6 periods for a 5-period trigger on two of four models: BENCHMARKS.md "Unlearn's wave
     at more than the scan's amplitude")."""
-    from ..detectors.scan import WAVES_PER_FREQUENCY, plane_wave_trigger
+    from ..detectors.waves import WAVES_PER_FREQUENCY, plane_wave_trigger
 
     waves = [t.params for t in triggers if _is_reconstructed(t, "wave") and "wave_index" in t.params]
     return [plane_wave_trigger(wave["wave_index"] + step * WAVES_PER_FREQUENCY, wave["target"], wave["amplitude"])
