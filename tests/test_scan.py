@@ -22,10 +22,19 @@ from bdsan.detectors.scan import (
     scrambled_flip_rates,
 )
 from bdsan.detectors.triggers import Trigger
-from bdsan.detectors.waves import edge_ratios, plane_wave_trigger, plane_waves, wave_name, wave_verdict
+from bdsan.detectors.waves import (
+    edge_ratios,
+    noise_verdict,
+    plane_wave_trigger,
+    plane_waves,
+    wave_name,
+    wave_verdict,
+)
 from bdsan.device import PRECISIONS, channels_last, cpu_supports_bf16, training_bf16, wants_bf16
 from bdsan.errors import DataError
 from bdsan.io.data import Holdout
+from bdsan.io.models import from_module
+from bdsan.io.preprocess import Preprocessing
 
 SCAN_STEPS = 150  # early stopping usually ends sooner; toy scale
 TARGET = UNKNOWN_TARGET
@@ -167,6 +176,26 @@ def test_scrambled_wave_keeps_its_energy_but_loses_its_structure():
     assert rates[0] == 0.0  # shuffled, the sine no longer correlates with itself
     assert rates[1] == 1.0  # but it still carries the energy the sink class answers
     assert rates[2] == 0.0
+
+
+def test_noise_rule_is_opt_in_and_flags_the_class_shuffled_noise_sends_images_to():
+    """The opt-in noise rule flags a class that the structure control's shuffled wave (noise) sends ≥
+    ``noise_threshold`` of held-out images to, with kind ``noise``; off by default."""
+    assert not noise_verdict([0.1, 0.8, 0.59], ScanSettings()).any()
+    assert noise_verdict([0.1, 0.8, 0.59], ScanSettings(noise_threshold=0.6)).tolist() == [False, True, False]
+    assert len(noise_verdict(None, ScanSettings(noise_threshold=0.6))) == 0  # a scan stored before the control
+    sine = (32 / 255) * plane_waves(16, 16, 1)[1:2]
+    model = from_module(_SineOrEnergy(sine), "sine_or_energy", 3, Preprocessing((0.0,) * 3, (1.0,) * 3))
+    brightness = torch.linspace(0.3, 0.7, 60)
+    held = Holdout((brightness.view(-1, 1, 1, 1) * 255).round().to(torch.uint8).expand(-1, 3, 16, 16).contiguous(),
+                   torch.full((60,), 2), ["a", "b", "c"])
+    settings = {"kinds": ("wave",), "wave_select": 30, "seed": 0, "device": "cpu", "wave_periods": 4}
+    default = scan_section(scan(model, held, **settings))
+    assert default["wave"]["scrambled_flip_rate"][1] >= 0.6 and "noise" not in str(default["anomalous_kinds"])
+    assert default["wave"]["noise"] == [False, False, False]
+    noise = scan_section(scan(model, held, noise_threshold=0.6, **settings))
+    assert "noise" in noise["anomalous_kinds"]["1"] and noise["wave"]["noise"] == [False, True, False]
+    assert all("noise" not in kinds for cls, kinds in noise["anomalous_kinds"].items() if cls != "1")
 
 
 def test_wave_kind_flags_a_sig_backdoor_and_not_a_clean_model(toy_clean):

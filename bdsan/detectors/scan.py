@@ -61,7 +61,7 @@ from ..errors import DataError, ModelRefused
 from ..io.data import Holdout, stratified_split, to_float
 from ..io.models import LoadedModel
 from .triggers import Trigger
-from .waves import best_waves, edge_ratios, plane_waves, wave_name, wave_rates, wave_verdict
+from .waves import best_waves, edge_ratios, noise_verdict, plane_waves, wave_name, wave_rates, wave_verdict
 
 log = logging.getLogger("bdsan.scan")
 
@@ -111,6 +111,10 @@ class ScanSettings:
     # sine targets' highest 0.17 and its sink class's lowest 0.33; BENCHMARKS.md, "blind GTSRB seed 4"); None: the
     # shuffled flip alone decides
     wave_sink_edge_min: float | None = 0.24
+    # opt-in, a lead (BENCHMARKS.md, "A noise lead"): a class to which the structure control's shuffled wave (grey
+    # noise) still sends ≥ this share of held-out images is anomalous, kind ``noise`` (noise-blend targets measured
+    # 0.72–1.00, every other class ≤ 0.49 on the development models); None: off
+    noise_threshold: float | None = None
     precision: str = "auto"
 
 
@@ -438,11 +442,14 @@ def _verdict(bank: dict, flip: dict, cfg: ScanSettings, holdout: Holdout, model:
         if kind == "wave":  # an absolute test: no size to compare, every class has a best wave
             flagged, texture, sink = wave_verdict(flips, trace["wave"]["edge_ratio"], cfg,
                                                   trace["wave"]["scrambled_flip_rate"])
-            for cls in np.nonzero(flagged)[0]:
-                anomalous_classes.add(int(cls))
-                flagged_kinds.setdefault(int(cls), []).append(kind)
+            noise = noise_verdict(trace["wave"]["scrambled_flip_rate"], cfg)
+            for found, found_kind in ((flagged, kind), (noise, "noise")):
+                for cls in np.nonzero(found)[0]:
+                    anomalous_classes.add(int(cls))
+                    flagged_kinds.setdefault(int(cls), []).append(found_kind)
             section["wave"] = {"flip_rate": [float(v) for v in flips], **trace["wave"],
-                               "texture": [bool(v) for v in texture], "sink": [bool(v) for v in sink]}
+                               "texture": [bool(v) for v in texture], "sink": [bool(v) for v in sink],
+                               "noise": [bool(v) for v in noise]}
             continue
         parts = bank[kind]
         if kind == "patch":
