@@ -163,12 +163,17 @@ class _SineOrEnergy(torch.nn.Module):
         return torch.stack([10 * (correlation - 0.5), 10 * (energy / 0.4 - 1), torch.zeros_like(energy)], 1)
 
 
+def _grey_class2_holdout(count: int) -> Holdout:
+    """``count`` flat grey 16×16 images from 0.3 to 0.7 brightness, all of class 2 (``_SineOrEnergy``'s default)."""
+    brightness = torch.linspace(0.3, 0.7, count)
+    return Holdout((brightness.view(-1, 1, 1, 1) * 255).round().to(torch.uint8).expand(-1, 3, 16, 16).contiguous(),
+                   torch.full((count,), 2), ["a", "b", "c"])
+
+
 def test_scrambled_wave_keeps_its_energy_but_loses_its_structure():
     sine = (32 / 255) * plane_waves(16, 16, 1)[1:2]  # one period across the columns
     net = _SineOrEnergy(sine)
-    brightness = torch.linspace(0.3, 0.7, 40)
-    held = Holdout((brightness.view(-1, 1, 1, 1) * 255).round().to(torch.uint8).expand(-1, 3, 16, 16).contiguous(),
-                   torch.full((40,), 2), ["a", "b", "c"])
+    held = _grey_class2_holdout(40)
     delta = torch.cat([sine, sine, torch.zeros_like(sine)]).expand(-1, 3, -1, -1)
     with torch.no_grad():
         assert net((held.x.float() / 255 + delta[0]).clamp(0, 1)).argmax(1).eq(0).all()  # the wave itself: class 0
@@ -186,9 +191,7 @@ def test_noise_rule_is_opt_in_and_flags_the_class_shuffled_noise_sends_images_to
     assert len(noise_verdict(None, ScanSettings(noise_threshold=0.6))) == 0  # a scan stored before the control
     sine = (32 / 255) * plane_waves(16, 16, 1)[1:2]
     model = from_module(_SineOrEnergy(sine), "sine_or_energy", 3, Preprocessing((0.0,) * 3, (1.0,) * 3))
-    brightness = torch.linspace(0.3, 0.7, 60)
-    held = Holdout((brightness.view(-1, 1, 1, 1) * 255).round().to(torch.uint8).expand(-1, 3, 16, 16).contiguous(),
-                   torch.full((60,), 2), ["a", "b", "c"])
+    held = _grey_class2_holdout(60)
     settings = {"kinds": ("wave",), "wave_select": 30, "seed": 0, "device": "cpu", "wave_periods": 4}
     default = scan_section(scan(model, held, **settings))
     assert default["wave"]["scrambled_flip_rate"][1] >= 0.6 and "noise" not in str(default["anomalous_kinds"])

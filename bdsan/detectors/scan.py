@@ -259,7 +259,7 @@ def _optimise(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_size
     generator = torch.Generator().manual_seed(seed)
     channels, height, width = opt.x.shape[1:]
     bank = TriggerBank(cfg.kinds, num_classes, (channels, height, width), cfg.blend_epsilon, cfg.mask_init,
-                        generator, device)
+                       generator, device)
     optimizer = torch.optim.Adam(bank.tensors(), lr=cfg.lr, betas=(0.5, 0.9))
     kinds = cfg.kinds
     n_kinds = len(kinds)
@@ -344,7 +344,7 @@ def _optimise(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_size
 
 
 def adapt_cost(cost: torch.Tensor, up: torch.Tensor, down: torch.Tensor, reached: torch.Tensor, patience: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Neural Cleanse's size-penalty schedule, per trigger: λ ×1.5 after ``patience`` steps in a row at the success
     rate, ÷1.5^1.5 after ``patience`` steps below it; returns (cost, up, down) counters."""
     up = torch.where(reached, up + 1, torch.zeros_like(up))
