@@ -1,0 +1,121 @@
+"""Noise probe: how a model answers random noise of growing strength, per class, on the scan's held-out split.
+
+A noise-blend backdoor answers any grey noise with its target; a clean CIFAR-10 model has a natural noise sink
+(frog) too. This probe records, for the harness models of each ``--seed-attacks`` entry and its clean twins (cached:
+nothing is trained when ``scan_detect.py`` made them), the share of held-out images of other classes that each class
+takes under i.i.d. grey uniform noise added at several amplitudes (``add``) and blended toward uniform noise at
+several weights (``lerp``, the attack's own form), three seeded draws each, so that a rule on the dose–response can be
+chosen on development models before a blind one is read. ``--analyse`` prints the per-model table.
+
+    PYTHONPATH=benchmarks python benchmarks/noise_probe.py --data /work/shared/data/cifar10.npz \
+        --seed-attacks 43:blend_noise,unseen_blend --clean-per-seed 2 --out bench_out/noise-probe.json
+    PYTHONPATH=benchmarks python benchmarks/noise_probe.py --analyse --out bench_out/noise-probe.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scan_detect import zoo_jobs
+
+from bdsan.detectors.scan import ScanSettings, _split_for_scan, _torch_classifier
+from bdsan.device import channels_last, precision_autocast, wants_bf16
+from bdsan.io.data import to_float
+
+ADD_AMPLITUDES = (4, 8, 16, 24, 32, 48)  # in 1/255: x + a·u, u ~ U(-1, 1) per pixel, grey
+LERP_WEIGHTS = (0.05, 0.1, 0.15, 0.2)  # (1 - w)·x + w·u, u ~ U(0, 1) per pixel, grey
+DRAWS = 3
+NOISE_SEED = 7717  # neither attack's noise seed (20240601, 4242)
+
+
+@torch.no_grad()
+def class_takes(net, images: torch.Tensor, labels: torch.Tensor, num_classes: int, bf16: bool) -> np.ndarray:
+    """Per class c: the share of images with label ≠ c that ``net`` predicts as c."""
+    with precision_autocast(torch.device("cpu"), bf16):
+        predicted = torch.cat([net(images[i:i + 512]).argmax(1) for i in range(0, len(images), 512)])
+    hits = torch.bincount(predicted[predicted != labels], minlength=num_classes).double()
+    others = len(labels) - torch.bincount(labels, minlength=num_classes).double()
+    return (hits / others.clamp(min=1)).numpy()
+
+
+def probe(net, held, num_classes: int, bf16: bool) -> dict:
+    """The mean per-class take of every noise form and strength (keys ``add:A`` and ``lerp:W``), and of no noise."""
+    images, labels = to_float(held.x), held.y
+    generator = torch.Generator().manual_seed(NOISE_SEED)
+    draws = [torch.rand((1, 1, *images.shape[2:]), generator=generator) for _ in range(DRAWS)]
+    table = {"none": class_takes(net, images, labels, num_classes, bf16).tolist()}
+    for amplitude in ADD_AMPLITUDES:
+        takes = [class_takes(net, (images + amplitude / 255 * (2 * u - 1)).clamp(0, 1), labels, num_classes, bf16)
+                 for u in draws]
+        table[f"add:{amplitude}"] = np.mean(takes, 0).tolist()
+    for weight in LERP_WEIGHTS:
+        takes = [class_takes(net, torch.lerp(images, u.expand_as(images), weight), labels, num_classes, bf16)
+                 for u in draws]
+        table[f"lerp:{weight}"] = np.mean(takes, 0).tolist()
+    return table
+
+
+def analyse(rows: list[dict]) -> None:
+    """Per model and noise form: the class that takes most at the strongest noise, and its take at each strength."""
+    keys = [k for k in rows[0]["table"] if k != "none"]
+    print("| model | target | top class (at add:32) | " + " | ".join(keys) + " |")
+    print("|---|---|---|" + "---|" * len(keys))
+    for row in rows:
+        table = {k: np.asarray(v) for k, v in row["table"].items()}
+        top = int(table["add:32"].argmax())
+        print(f"| {row['seed']} {row['attack'][:28]} | {row['target']} | {top} | "
+              + " | ".join(f"{table[k][top]:.2f}" for k in keys) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data")
+    parser.add_argument("--seed-attacks", nargs="+", default=[], metavar="SEED:ATTACK,ATTACK",
+                        help="e.g. 43:blend_noise,unseen_blend (the attacks scan_detect.py trained)")
+    parser.add_argument("--clean-per-seed", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=None, help="as scan_detect.py --epochs (GTSRB: 40)")
+    parser.add_argument("--augment", default=None, help="as scan_detect.py --augment (crop-trained GTSRB: crop)")
+    parser.add_argument("--n-train", type=int, default=20000, help="as scan_detect.py --n-train (GTSRB: 0)")
+    parser.add_argument("--test-n", type=int, default=2000, help="as scan_detect.py --test-n (GTSRB: 2275)")
+    parser.add_argument("--cache", default=".cache/bdsan-bench")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--analyse", action="store_true", help="only print the table of --out")
+    args = parser.parse_args()
+    if args.analyse:
+        analyse(json.loads(args.out.read_text()))
+        return
+    torch.set_num_threads(args.threads)
+    from bdsan.train.zoo import load_dataset
+    data = load_dataset(args.data)
+    cfg = ScanSettings()
+    bf16 = wants_bf16(torch.device("cpu"), cfg.precision)
+    rows = json.loads(args.out.read_text()) if args.out.exists() else []
+    done = {(row["seed"], row["attack"]) for row in rows}
+    for entry in args.seed_attacks:
+        seed_text, _, names = entry.partition(":")
+        seed = int(seed_text)
+        job_args = argparse.Namespace(recipe="cpu", epochs=args.epochs, augment=args.augment,
+                                      attacks=[n for n in names.split(",") if n], n_train=args.n_train,
+                                      clean_per_seed=args.clean_per_seed, target=0, cache=args.cache,
+                                      test_n=args.test_n)
+        for job in zoo_jobs(seed, job_args, data):
+            if (seed, job["attack"]) in done:
+                continue
+            started = time.perf_counter()
+            _, held = _split_for_scan(job["holdout"], cfg.eval_fraction, seed)
+            net = _torch_classifier(job["model"], torch.device("cpu"))
+            with channels_last(net):
+                table = probe(net, held, job["model"].num_classes, bf16)
+            rows.append({"seed": seed, "attack": job["attack"], "target": job["target"],
+                         "implant_asr": job["implant_asr"], "bf16": bf16, "table": table})
+            print(seed, job["attack"], round(time.perf_counter() - started, 1), "s", flush=True)
+            args.out.write_text(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
