@@ -205,9 +205,10 @@ def render_scan_table(scan: dict, class_names: list[str] | None = None) -> list[
     lines = [(f"scan: {verdict}; suspected target {_class_label(scan.get('suspected_target'), class_names)} "
               f"({scan.get('steps_run')} steps, {scan.get('time_s', 0):.1f} s, {scan.get('n_opt')} images optimised, "
               f"{scan.get('n_eval')} held out)")]
-    blend, wave = scan.get("blend") or {}, scan.get("wave") or {}
+    blend, wave, noise = scan.get("blend") or {}, scan.get("wave") or {}, scan.get("noise") or {}
     lines.append(f"  {'class':12s} {'mask px':>8s} {'flip':>7s} {'anomaly':>8s}" +
                  (f"  {'blend |δ|':>9s} {'flip':>7s} {'anomaly':>8s}" if blend else "") +
+                 (f"  {'noise take':>10s}" if noise else "") +
                  (f"  {'wave flip':>9s}  best wave" if wave else ""))
     for cls in range(len(scan.get("flip_rate") or [])):
         row = f"  {_class_label(cls, class_names):12s} "
@@ -216,6 +217,8 @@ def render_scan_table(scan: dict, class_names: list[str] | None = None) -> list[
         if blend:
             row += (f"  {blend['mean_abs_delta'][cls]:9.4f} {_pct(blend['flip_rate'][cls]):>7s} "
                     f"{blend['anomaly_index'][cls]:8.2f}")
+        if noise:
+            row += f"  {_pct(noise['take'][cls]):>10s}"
         if wave:
             row += f"  {_pct(wave['flip_rate'][cls]):>9s}  {wave['wave'][cls]}"
             row += _set_aside(wave, cls, (scan.get("params") or {}).get("wave_threshold", 0.0))
@@ -246,7 +249,12 @@ def _scan_message(scan: dict, names: list[str] | None) -> str:
                 f"held-out images to class {_class_label(target, names)}{shuffled} (anomalous "
                 f"classes: {scan.get('anomalous_classes')}); the model likely has a sine-like (SIG) backdoor, unless "
                 f"models trained on trusted data of the same kind react to this wave too (a natural stripe class).")
-    kinds = ", ".join(kind for kind in found if kind != "wave") or "patch/blend"
+    if "noise" in found and not {"patch", "blend"} & set(found):
+        noise = scan["noise"]
+        return (f"Fresh grey noise blended at {noise['weight']:.0%} sends {_pct(noise['take'][target])} of held-out "
+                f"images to class {_class_label(target, names)} (anomalous classes: {scan.get('anomalous_classes')}); "
+                f"the model likely has a noise-blend backdoor (clean benchmark models' noise sinks took at most 46%).")
+    kinds = ", ".join(kind for kind in found if kind not in ("wave", "noise")) or "patch/blend"
     return (f"Trigger reverse-engineering found an anomalously small {kinds} trigger for class "
             f"{_class_label(target, names)} (anomalous classes: {scan.get('anomalous_classes')}); "
             f"the model likely has a backdoor with an unknown trigger.")

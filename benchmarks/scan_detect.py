@@ -190,7 +190,8 @@ def scan_run(job: dict, seed: int, args) -> dict:
            "anomalous_kinds": section["anomalous_kinds"], "steps_run": section["steps_run"],
            "bf16": section.get("bf16"),
            "mask_l1": section.get("mask_l1"), "patch_index": section.get("anomaly_index"),
-           "patch_flip": section.get("flip_rate"), "blend": section.get("blend"), "wave": section.get("wave")}
+           "patch_flip": section.get("flip_rate"), "blend": section.get("blend"), "wave": section.get("wave"),
+           "noise": section.get("noise")}
     asr = job["implant_asr"]
     if args.defend and "toy" in job and asr is not None and asr >= 0.5:
         run["defenses"] = defend(job["toy"], job["trigger"], job["target"], seed, args.methods)

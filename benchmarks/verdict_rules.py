@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from scan_detect import roc_auc, tpr_at_fpr
 
+from bdsan.detectors.noise import noise_verdict
 from bdsan.detectors.scan import ScanSettings, _anomaly_index, kind_verdict, suspect_among
-from bdsan.detectors.waves import noise_verdict, wave_verdict
+from bdsan.detectors.waves import wave_verdict
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Rule:
     wave_threshold: float = ScanSettings.wave_threshold
     wave_scrambled: float | None = ScanSettings.wave_scrambled_max  # the structure control (scans that stored it)
     wave_sink_edge: float | None = ScanSettings.wave_sink_edge_min  # a sink's response is not tuned: edge ratio ≥
-    noise: float | None = ScanSettings.noise_threshold  # the opt-in noise rule: shuffled wave ≥ this (None: off)
+    noise: float | None = None  # the noise kind's threshold (scans that stored its takes; None: kind ignored)
 
 
 _DEFAULT = ScanSettings()
@@ -56,7 +57,8 @@ RULES = {f"scan default (size ≤ {_DEFAULT.max_norm_ratio:g} (patch) and {_DEFA
              wave_edge=None, wave_threshold=0.95, wave_scrambled=None),
          "all as before 2026-12-04 evening (patch 0.3, wave ≥ 0.95, no edge rule)": Rule(
              patch_ratio=0.3, wave_edge=None, wave_threshold=0.95, wave_scrambled=None),
-         "noise: shuffled wave ≥ 0.6 (opt-in lead, 2026-12-07)": Rule(noise=0.6)}
+         f"noise kind: fresh noise blended at {_DEFAULT.noise_weight:g} takes ≥ {_DEFAULT.noise_threshold:g}": Rule(
+             noise=_DEFAULT.noise_threshold)}
 
 
 def kind_tables(run: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -76,8 +78,7 @@ def verdict(run: dict, rule: Rule) -> tuple[float, set[int], int | None]:
     cfg = ScanSettings(max_norm_ratio=math.inf if rule.patch_ratio is None else rule.patch_ratio,
                        blend_max_norm_ratio=math.inf if rule.blend_ratio is None else rule.blend_ratio,
                        wave_edge_ratio=rule.wave_edge, wave_threshold=rule.wave_threshold,
-                       wave_scrambled_max=rule.wave_scrambled, wave_sink_edge_min=rule.wave_sink_edge,
-                       noise_threshold=rule.noise)
+                       wave_scrambled_max=rule.wave_scrambled, wave_sink_edge_min=rule.wave_sink_edge)
     flagged: set[int] = set()
     evidence = {}
     tables = kind_tables(run)
@@ -94,7 +95,9 @@ def verdict(run: dict, rule: Rule) -> tuple[float, set[int], int | None]:
     if waves is not None:
         flagged |= set(np.nonzero(wave_verdict(waves, run["wave"].get("edge_ratio"), cfg,
                                                run["wave"].get("scrambled_flip_rate"))[0])[0].tolist())
-        flagged |= set(np.nonzero(noise_verdict(run["wave"].get("scrambled_flip_rate"), cfg))[0].tolist())
+    if rule.noise is not None and run.get("noise"):
+        takes = run["noise"]["take"]
+        flagged |= set(np.nonzero(noise_verdict(takes, replace(cfg, noise_threshold=rule.noise)))[0].tolist())
     suspect = suspect_among(flagged, scores, waves if waves is not None else np.zeros(num_classes)) if flagged else None
     score = float(scores.max()) if np.isfinite(scores).any() else -10.0
     return score, flagged, suspect

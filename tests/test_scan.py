@@ -12,6 +12,7 @@ from scan_helpers import UNKNOWN_TARGET
 
 from bdsan.cli import SCAN_PRECISIONS
 from bdsan.detectors.keys import KEY_MASK_CUTOFF, further_patch_keys, paste_at_random, roaming_patch
+from bdsan.detectors.noise import noise_verdict
 from bdsan.detectors.scan import (
     ScanSettings,
     _anomaly_index,
@@ -24,7 +25,6 @@ from bdsan.detectors.scan import (
 from bdsan.detectors.triggers import Trigger
 from bdsan.detectors.waves import (
     edge_ratios,
-    noise_verdict,
     plane_wave_trigger,
     plane_waves,
     wave_name,
@@ -183,22 +183,27 @@ def test_scrambled_wave_keeps_its_energy_but_loses_its_structure():
     assert rates[2] == 0.0
 
 
-def test_noise_rule_is_opt_in_and_flags_the_class_shuffled_noise_sends_images_to():
-    """The opt-in noise rule flags a class that the structure control's shuffled wave (noise) sends ≥
-    ``noise_threshold`` of held-out images to, with kind ``noise``; off by default."""
-    assert not noise_verdict([0.1, 0.8, 0.59], ScanSettings()).any()
-    assert noise_verdict([0.1, 0.8, 0.59], ScanSettings(noise_threshold=0.6)).tolist() == [False, True, False]
-    assert len(noise_verdict(None, ScanSettings(noise_threshold=0.6))) == 0  # a scan stored before the control
+def test_noise_kind_is_opt_in_and_flags_the_class_fresh_noise_sends_images_to():
+    """The noise kind flags a class to which fresh grey noise blended at ``noise_weight`` sends ≥
+    ``noise_threshold`` of held-out images, reconstructs that noise blend as the class's trigger, and is off by
+    default."""
+    assert noise_verdict([0.1, 0.8, 0.69], ScanSettings()).tolist() == [False, True, False]
     sine = (32 / 255) * plane_waves(16, 16, 1)[1:2]
     model = from_module(_SineOrEnergy(sine), "sine_or_energy", 3, Preprocessing((0.0,) * 3, (1.0,) * 3))
     held = _grey_class2_holdout(60)
-    settings = {"kinds": ("wave",), "wave_select": 30, "seed": 0, "device": "cpu", "wave_periods": 4}
-    default = scan_section(scan(model, held, **settings))
-    assert default["wave"]["scrambled_flip_rate"][1] >= 0.6 and "noise" not in str(default["anomalous_kinds"])
-    assert default["wave"]["noise"] == [False, False, False]
-    noise = scan_section(scan(model, held, noise_threshold=0.6, **settings))
-    assert "noise" in noise["anomalous_kinds"]["1"] and noise["wave"]["noise"] == [False, True, False]
-    assert all("noise" not in kinds for cls, kinds in noise["anomalous_kinds"].items() if cls != "1")
+    settings = {"wave_select": 30, "seed": 0, "device": "cpu", "wave_periods": 4}
+    default = scan_section(scan(model, held, kinds=("wave",), **settings))
+    assert "noise" not in default and "noise" not in str(default["anomalous_kinds"])
+    result = scan(model, held, kinds=("noise",), **settings)
+    section = scan_section(result)
+    assert section["noise"]["take"] == [0.0, 1.0, 0.0] and section["noise"]["weight"] == 0.2
+    assert section["anomalous_kinds"] == {"1": ["noise"]} and section["suspected_target"] == 1
+    trigger = next(t for t in anomalous_triggers(result) if t.params["kind"] == "noise")
+    with torch.no_grad():
+        assert model.normalized()(trigger(held.x.float() / 255)).argmax(1).eq(1).all()
+    faint = scan_section(scan(model, held, kinds=("noise",), noise_weight=0.05, **settings))
+    assert faint["noise"]["take"][1] < 0.7 and not faint["anomalous"]
+    assert faint["flip_rate"] == faint["noise"]["take"]  # the SPEC names stay filled with --kinds noise alone
 
 
 def test_wave_kind_flags_a_sig_backdoor_and_not_a_clean_model(toy_clean):

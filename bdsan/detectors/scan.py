@@ -20,7 +20,9 @@ and the response needs the wave's structure: the same wave with its pixels shuff
 mean of ``SCRAMBLE_DRAWS`` shuffles) must send under ``wave_scrambled_max`` of the held-out images to the class. A
 class that collects images under any perturbation of that energy, with a response not tuned to one frequency (edge
 ratio ≥ ``wave_sink_edge_min``), is a sink (GTSRB's most frequent class, speed limit 50), not a sine trigger
-(BENCHMARKS.md, "the wave kind's structure control", "blind GTSRB seed 4").
+(BENCHMARKS.md, "the wave kind's structure control", "blind GTSRB seed 4"). A fourth kind, ``noise`` (opt-in until
+its blind check), is searched too: per class, the share of held-out images that fresh grey noise blended at
+``noise_weight`` sends to it, anomalous at ≥ ``noise_threshold`` (:mod:`bdsan.detectors.noise`).
 
 λ_t adapts per trigger (raised ×1.5 after ``patience`` steps at ≥ ``success`` flip rate, lowered ÷1.5^1.5 after
 ``patience`` steps below it); the smallest trigger that reached ``success`` on a batch is kept, as it was when that
@@ -60,12 +62,14 @@ from ..device import PRECISIONS, channels_last, precision_autocast, resolve_devi
 from ..errors import DataError, ModelRefused
 from ..io.data import Holdout, stratified_split, to_float
 from ..io.models import LoadedModel
+from .noise import noise_draws, noise_parts, noise_takes, noise_verdict
 from .triggers import Trigger
-from .waves import best_waves, edge_ratios, noise_verdict, plane_waves, wave_name, wave_rates, wave_verdict
+from .waves import best_waves, edge_ratios, plane_waves, wave_name, wave_rates, wave_verdict
 
 log = logging.getLogger("bdsan.scan")
 
-KINDS = ("patch", "blend", "wave")
+KINDS = ("patch", "blend", "wave", "noise")
+DEFAULT_KINDS = ("patch", "blend", "wave")  # noise: opt-in until its blind check (BENCHMARKS.md, "Noise by dose")
 OPTIMISED_KINDS = ("patch", "blend")
 SCRAMBLE_DRAWS = 4  # pixel shuffles averaged by the wave kind's structure control
 MAD_TO_SIGMA = 1.4826
@@ -94,7 +98,7 @@ class ScanSettings:
     # blend's reconstruction did not generalise"; the default since blind seed 11); "after-step": as they are after
     # the optimiser step that followed (the default before; the defenses' scans keep it)
     keep: str = "measured"
-    kinds: tuple[str, ...] = KINDS
+    kinds: tuple[str, ...] = DEFAULT_KINDS
     # the wave kind: no optimisation, a search over grey plane waves (BENCHMARKS.md, "the best plane wave")
     wave_amplitude: float = 32 / 255
     wave_periods: int = 12
@@ -111,11 +115,12 @@ class ScanSettings:
     # sine targets' highest 0.17 and its sink class's lowest 0.33; BENCHMARKS.md, "blind GTSRB seed 4"); None: the
     # shuffled flip alone decides
     wave_sink_edge_min: float | None = 0.24
-    # opt-in (BENCHMARKS.md, "A noise lead"): a class to which the structure control's shuffled wave (grey noise)
-    # still sends ≥ this share of held-out images is anomalous, kind ``noise``; noise-blend targets measured
-    # 0.72–1.00, other classes ≤ 0.49 on the development models, but 0.6 flagged a blind CIFAR clean twin (frog
-    # 0.62); None: off
-    noise_threshold: float | None = None
+    # the noise kind (bdsan.detectors.noise): fresh grey noise blended at this weight (the noise-blend family's
+    # published 0.2), ``noise_draws`` draws; a class taking ≥ ``noise_threshold`` of held-out images is anomalous
+    # (development: noise-blend targets 0.98–1.00, every other class ≤ 0.455; BENCHMARKS.md, "Noise by dose")
+    noise_weight: float = 0.2
+    noise_draws: int = 3
+    noise_threshold: float = 0.7
     precision: str = "auto"
 
 
@@ -154,8 +159,8 @@ class TriggerBank:
 
 
 def _stamp(kind: str, parts: dict[str, torch.Tensor], rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Apply trigger rows ``rows`` (one per image) of one kind to images ``x`` in [0,1]."""
-    if kind == "patch":
+    """Apply trigger rows ``rows`` (one per image) of one kind to images ``x`` in [0,1] (noise: patch-form)."""
+    if kind in ("patch", "noise"):
         mask, pattern = parts["mask"][rows], parts["pattern"][rows]
         return (1 - mask) * x + mask * pattern
     return (x + parts["delta"][rows]).clamp(0, 1)
@@ -241,7 +246,11 @@ def scan(model: LoadedModel, holdout: Holdout, *, steps: int = 200, batch_size: 
         if "wave" in cfg.kinds:
             bank["wave"], trace["wave"] = _wave_search(net, opt, num_classes, cfg, batch_size, device, bf16)
         flip = {kind: _flip_rates(net, bank[kind], kind, held, num_classes, batch_size, device, bf16)
-                for kind in cfg.kinds}
+                for kind in cfg.kinds if kind != "noise"}
+        if "noise" in cfg.kinds:
+            noise = noise_draws(cfg.noise_draws, holdout.image_size, seed).to(device)
+            bank["noise"] = noise_parts(noise, cfg.noise_weight, num_classes, opt.x.shape[1])
+            flip["noise"] = noise_takes(net, held, num_classes, noise, cfg.noise_weight, batch_size, device, bf16)
         if "wave" in cfg.kinds:
             trace["wave"]["scrambled_flip_rate"] = scrambled_flip_rates(
                 net, bank["wave"]["delta"], held, num_classes, batch_size, device, bf16, seed)
@@ -443,14 +452,16 @@ def _verdict(bank: dict, flip: dict, cfg: ScanSettings, holdout: Holdout, model:
         if kind == "wave":  # an absolute test: no size to compare, every class has a best wave
             flagged, texture, sink = wave_verdict(flips, trace["wave"]["edge_ratio"], cfg,
                                                   trace["wave"]["scrambled_flip_rate"])
-            noise = noise_verdict(trace["wave"]["scrambled_flip_rate"], cfg)
-            for found, found_kind in ((flagged, kind), (noise, "noise")):
-                for cls in np.nonzero(found)[0]:
-                    anomalous_classes.add(int(cls))
-                    flagged_kinds.setdefault(int(cls), []).append(found_kind)
             section["wave"] = {"flip_rate": [float(v) for v in flips], **trace["wave"],
-                               "texture": [bool(v) for v in texture], "sink": [bool(v) for v in sink],
-                               "noise": [bool(v) for v in noise]}
+                               "texture": [bool(v) for v in texture], "sink": [bool(v) for v in sink]}
+        elif kind == "noise":  # absolute too: the share fresh noise sends to each class
+            flagged = noise_verdict(flips, cfg)
+            section["noise"] = {"take": [float(v) for v in flips], "weight": cfg.noise_weight,
+                                "draws": cfg.noise_draws, "threshold": cfg.noise_threshold}
+        if kind in ("wave", "noise"):
+            for cls in np.nonzero(flagged)[0]:
+                anomalous_classes.add(int(cls))
+                flagged_kinds.setdefault(int(cls), []).append(kind)
             continue
         parts = bank[kind]
         if kind == "patch":
@@ -474,8 +485,8 @@ def _verdict(bank: dict, flip: dict, cfg: ScanSettings, holdout: Holdout, model:
             section["blend"] = {"mean_abs_delta": [float(v) for v in norms], "flip_rate": [float(v) for v in flips],
                                 "anomaly_index": [float(v) for v in index]}
     if "patch" not in cfg.kinds:  # the SPEC names stay meaningful with --kinds blend (or wave)
-        fallback = section.get("blend") or {"flip_rate": section["wave"]["flip_rate"],
-                                            "anomaly_index": [None] * num_classes}
+        searched = section.get("wave", {}).get("flip_rate") or section["noise"]["take"]
+        fallback = section.get("blend") or {"flip_rate": searched, "anomaly_index": [None] * num_classes}
         section["mask_l1"], section["flip_rate"] = None, fallback["flip_rate"]
         section["anomaly_index"] = fallback["anomaly_index"]
     if anomalous_classes:  # the suspect is a flagged class: the highest score, then the best wave
@@ -549,7 +560,7 @@ def _render_pngs(bank: dict, section: dict, held: Holdout, sample_images: int) -
         parts = bank[kind]
         num_classes = len(next(iter(parts.values())))
         for cls in range(num_classes):
-            if kind == "patch":
+            if kind in ("patch", "noise"):
                 mask, pattern = parts["mask"][cls], parts["pattern"][cls]
                 view = torch.cat([pattern * mask, mask.expand_as(pattern)], dim=2)
             else:

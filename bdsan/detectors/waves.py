@@ -103,13 +103,3 @@ def wave_verdict(flips: np.ndarray, edge_ratio, cfg: ScanSettings,
         if edge_ratio is not None and cfg.wave_sink_edge_min is not None:
             sink &= np.asarray(edge_ratio, dtype=float) >= cfg.wave_sink_edge_min
     return (np.asarray(flips) >= cfg.wave_threshold) & ~texture & ~sink, texture, sink
-
-
-def noise_verdict(scrambled, cfg: ScanSettings) -> np.ndarray:
-    """Per class, anomalous by the opt-in ``noise_threshold`` rule: the structure control's shuffled wave (grey noise
-    of the wave's values) sends ≥ that share of held-out images to the class. A noise-blend target takes nearly every
-    image under such noise where clean classes took at most half on the development models (BENCHMARKS.md, "A noise
-    lead"). All False when the rule is off or ``scrambled`` is None (scans stored before the control)."""
-    if scrambled is None or cfg.noise_threshold is None:
-        return np.zeros(0 if scrambled is None else len(scrambled), bool)
-    return np.asarray(scrambled, dtype=float) >= cfg.noise_threshold

@@ -55,10 +55,11 @@ def test_cli_refuses_an_unknown_scan_kind_before_any_work(run_cli, clean_safeten
 
 
 def test_cli_default_scan_kinds_are_the_scans_own():
-    from bdsan.cli import SCAN_KINDS_DEFAULT
-    from bdsan.detectors.scan import KINDS, ScanSettings
+    from bdsan.cli import SCAN_KINDS_DEFAULT, SCAN_KINDS_HELP
+    from bdsan.detectors.scan import DEFAULT_KINDS, KINDS, ScanSettings
 
-    assert SCAN_KINDS_DEFAULT == ",".join(KINDS) == ",".join(ScanSettings().kinds)
+    assert SCAN_KINDS_DEFAULT == ",".join(DEFAULT_KINDS) == ",".join(ScanSettings().kinds)
+    assert all(f"{kind} " in SCAN_KINDS_HELP for kind in KINDS)  # the help names every kind, opt-in ones too
 
 
 def test_cli_scan_refuses_an_unknown_precision(run_cli, clean_safetensors, holdout_npz):
@@ -113,3 +114,20 @@ def test_text_sarif_and_junit_name_the_wave_that_flagged_a_class():
     assert "6 periods across the columns" in failure.get("message")
     details = json.loads(failure.text)
     assert details["anomalous_kinds"] == {"0": ["wave"]} and details["wave"]["flip_rate"] == [0.97, 0.93, 0.91]
+
+
+def test_text_and_sarif_name_the_noise_that_flagged_a_class():
+    from bdsan.report import Report, render_sarif, render_text
+
+    report = Report("scan")
+    report.scan = {"anomalous": True, "anomalous_classes": [1], "anomalous_kinds": {"1": ["noise"]},
+                   "suspected_target": 1, "mask_l1": [40.0, 38.0], "flip_rate": [0.6, 0.7],
+                   "anomaly_index": [0.1, 0.2], "steps_run": 50, "time_s": 1.0, "n_opt": 10, "n_eval": 10,
+                   "noise": {"take": [0.05, 0.99], "weight": 0.2, "draws": 3, "threshold": 0.7}}
+    assert "   99.0%  ANOMALOUS" in render_text(report) and "noise take" in render_text(report)
+    message = json.loads(render_sarif(report))["runs"][0]["results"][0]["message"]["text"]
+    assert "grey noise blended at 20% sends 99.0% of held-out images to class 1" in message
+    assert "noise-blend backdoor" in message
+    report.scan["anomalous_kinds"] = {"1": ["patch", "noise"]}  # a small patch too: the patch message
+    message = json.loads(render_sarif(report))["runs"][0]["results"][0]["message"]["text"]
+    assert "anomalously small patch trigger for class 1" in message
