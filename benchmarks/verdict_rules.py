@@ -109,12 +109,15 @@ def main() -> None:
     parser.add_argument("--detail", action="store_true", help="per model: each kind's target-class statistics")
     parser.add_argument("--structure", action="store_true",
                         help="per model: the wave kind's structure control (target, strongest other wave class)")
+    parser.add_argument("--noise", action="store_true", help="per model: the noise kind's takes (target, other)")
     args = parser.parse_args()
     runs = [r for path in args.results for r in json.loads(Path(path).read_text())]
     if args.detail:
         print_detail(runs)
     if args.structure:
         print_structure(runs)
+    if args.noise:
+        print_noise(runs)
     print_rules(runs)
 
 
@@ -168,6 +171,19 @@ def print_structure(runs: list[dict]) -> None:
         share = "—" if target is None else f"{shuffled[target] / max(shuffled.sum(), 1e-9):.2f}"
         print(f"| {run['attack']} | {cell} | {other}: {flips[other]:.3f} / {shuffled[other]:.3f} "
               f"({ratios[other]:.2f}) | {shuffled.sum():.2f} | {share} |")
+
+
+def print_noise(runs: list[dict]) -> None:
+    """Per model that stored the noise kind: the target's take and the largest take of any other class."""
+    print("| model | noise take: target | largest take of any other class |")
+    print("|---|---|---|")
+    for run in runs:
+        if not run.get("noise"):
+            continue
+        takes, target = np.asarray(run["noise"]["take"]), run["target"] if run["backdoored"] else None
+        others = np.where(np.arange(len(takes)) == target, -1.0, takes)
+        cell = "—" if target is None else f"{takes[target]:.3f}"
+        print(f"| {run['attack']} | {cell} | {others.max():.3f} (class {int(others.argmax())}) |")
 
 
 if __name__ == "__main__":
