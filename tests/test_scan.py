@@ -183,17 +183,18 @@ def test_scrambled_wave_keeps_its_energy_but_loses_its_structure():
     assert rates[2] == 0.0
 
 
-def test_noise_kind_is_opt_in_and_flags_the_class_fresh_noise_sends_images_to():
-    """The noise kind flags a class to which fresh grey noise blended at ``noise_weight`` sends ≥
-    ``noise_threshold`` of held-out images, reconstructs that noise blend as the class's trigger, and is off by
-    default."""
+def test_noise_kind_flags_the_class_fresh_noise_sends_images_to():
+    """The noise kind (a default) flags a class to which fresh grey noise blended at ``noise_weight`` sends ≥
+    ``noise_threshold`` of held-out images and reconstructs that noise blend as the class's trigger; a scan without
+    the kind neither measures nor flags it."""
+    assert "noise" in ScanSettings().kinds
     assert noise_verdict([0.1, 0.8, 0.69], ScanSettings()).tolist() == [False, True, False]
     sine = (32 / 255) * plane_waves(16, 16, 1)[1:2]
     model = from_module(_SineOrEnergy(sine), "sine_or_energy", 3, Preprocessing((0.0,) * 3, (1.0,) * 3))
     held = _grey_class2_holdout(60)
     settings = {"wave_select": 30, "seed": 0, "device": "cpu", "wave_periods": 4}
-    default = scan_section(scan(model, held, kinds=("wave",), **settings))
-    assert "noise" not in default and "noise" not in str(default["anomalous_kinds"])
+    without = scan_section(scan(model, held, kinds=("wave",), **settings))
+    assert "noise" not in without and "noise" not in str(without["anomalous_kinds"])
     result = scan(model, held, kinds=("noise",), **settings)
     section = scan_section(result)
     assert section["noise"]["take"] == [0.0, 1.0, 0.0] and section["noise"]["weight"] == 0.2
