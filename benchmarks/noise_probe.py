@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from scan_detect import zoo_jobs
+from scan_detect import add_probe_arguments, probe_jobs
 
 from bdsan.detectors.scan import ScanSettings, _split_for_scan, _torch_classifier
 from bdsan.device import channels_last, precision_autocast, wants_bf16
@@ -73,17 +72,7 @@ def analyse(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data")
-    parser.add_argument("--seed-attacks", nargs="+", default=[], metavar="SEED:ATTACK,ATTACK",
-                        help="e.g. 43:blend_noise,unseen_blend (the attacks scan_detect.py trained)")
-    parser.add_argument("--clean-per-seed", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=None, help="as scan_detect.py --epochs (GTSRB: 40)")
-    parser.add_argument("--augment", default=None, help="as scan_detect.py --augment (crop-trained GTSRB: crop)")
-    parser.add_argument("--n-train", type=int, default=20000, help="as scan_detect.py --n-train (GTSRB: 0)")
-    parser.add_argument("--test-n", type=int, default=2000, help="as scan_detect.py --test-n (GTSRB: 2275)")
-    parser.add_argument("--cache", default=".cache/bdsan-bench")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, required=True)
+    add_probe_arguments(parser, "43:blend_noise,unseen_blend")
     parser.add_argument("--analyse", action="store_true", help="only print the table of --out")
     args = parser.parse_args()
     if args.analyse:
@@ -96,25 +85,18 @@ def main() -> None:
     bf16 = wants_bf16(torch.device("cpu"), cfg.precision)
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     done = {(row["seed"], row["attack"]) for row in rows}
-    for entry in args.seed_attacks:
-        seed_text, _, names = entry.partition(":")
-        seed = int(seed_text)
-        job_args = argparse.Namespace(recipe="cpu", epochs=args.epochs, augment=args.augment,
-                                      attacks=[n for n in names.split(",") if n], n_train=args.n_train,
-                                      clean_per_seed=args.clean_per_seed, target=0, cache=args.cache,
-                                      test_n=args.test_n)
-        for job in zoo_jobs(seed, job_args, data):
-            if (seed, job["attack"]) in done:
-                continue
-            started = time.perf_counter()
-            _, held = _split_for_scan(job["holdout"], cfg.eval_fraction, seed)
-            net = _torch_classifier(job["model"], torch.device("cpu"))
-            with channels_last(net):
-                table = probe(net, held, job["model"].num_classes, bf16)
-            rows.append({"seed": seed, "attack": job["attack"], "target": job["target"],
-                         "implant_asr": job["implant_asr"], "bf16": bf16, "table": table})
-            print(seed, job["attack"], round(time.perf_counter() - started, 1), "s", flush=True)
-            args.out.write_text(json.dumps(rows))
+    for seed, job in probe_jobs(args, data):
+        if (seed, job["attack"]) in done:
+            continue
+        started = time.perf_counter()
+        _, held = _split_for_scan(job["holdout"], cfg.eval_fraction, seed)
+        net = _torch_classifier(job["model"], torch.device("cpu"))
+        with channels_last(net):
+            table = probe(net, held, job["model"].num_classes, bf16)
+        rows.append({"seed": seed, "attack": job["attack"], "target": job["target"],
+                     "implant_asr": job["implant_asr"], "bf16": bf16, "table": table})
+        print(seed, job["attack"], round(time.perf_counter() - started, 1), "s", flush=True)
+        args.out.write_text(json.dumps(rows))
 
 
 if __name__ == "__main__":

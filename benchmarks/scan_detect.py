@@ -172,6 +172,35 @@ def zoo_jobs(seed: int, args, data):
                "holdout": backdoored.holdout, "implant_asr": asr, "train_s": round(backdoored.train_seconds, 1)}
 
 
+def add_probe_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """The options of a probe over cached harness models (``wave_probe.py``, ``noise_probe.py``): which seeds and
+    attacks, trained as by this script."""
+    parser.add_argument("--data")
+    parser.add_argument("--seed-attacks", nargs="+", default=[], metavar="SEED:ATTACK,ATTACK",
+                        help=f"e.g. {example} (the attacks scan_detect.py trained)")
+    parser.add_argument("--clean-per-seed", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=None, help="as scan_detect.py --epochs (GTSRB: 40)")
+    parser.add_argument("--augment", default=None, help="as scan_detect.py --augment (crop-trained GTSRB: crop)")
+    parser.add_argument("--n-train", type=int, default=20000, help="as scan_detect.py --n-train (GTSRB: 0)")
+    parser.add_argument("--test-n", type=int, default=2000, help="as scan_detect.py --test-n (GTSRB: 2275)")
+    parser.add_argument("--cache", default=".cache/bdsan-bench")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+
+
+def probe_jobs(args, data):
+    """(seed, job) for every model of ``args.seed_attacks`` and its clean twins (:func:`zoo_jobs`, cached)."""
+    for entry in args.seed_attacks:
+        seed_text, _, names = entry.partition(":")
+        seed = int(seed_text)
+        job_args = argparse.Namespace(recipe="cpu", epochs=args.epochs, augment=args.augment,
+                                      attacks=[n for n in names.split(",") if n], n_train=args.n_train,
+                                      clean_per_seed=args.clean_per_seed, target=0, cache=args.cache,
+                                      test_n=args.test_n)
+        for job in zoo_jobs(seed, job_args, data):
+            yield seed, job
+
+
 def scan_run(job: dict, seed: int, args) -> dict:
     """Scan one model (and, with ``--defend`` on a toy model that implanted, run the defenses): its results row."""
     cpu0, wall0 = time.process_time(), time.perf_counter()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scan_detect import zoo_jobs
+from scan_detect import add_probe_arguments, probe_jobs
 from verdict_rules import print_rules
 
 from bdsan.detectors.scan import ScanSettings, _split_for_scan, _torch_classifier, scrambled_flip_rates
@@ -139,17 +139,8 @@ def print_structure(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data")
-    parser.add_argument("--seed-attacks", nargs="+", default=[], metavar="SEED:ATTACK,ATTACK",
-                        help="e.g. 8:sig,unseen_sine 10:blend_noise,sig (the attacks scan_detect.py trained)")
-    parser.add_argument("--clean-per-seed", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=None, help="as scan_detect.py --epochs (GTSRB: 40)")
-    parser.add_argument("--n-train", type=int, default=20000, help="as scan_detect.py --n-train (GTSRB: 0)")
-    parser.add_argument("--test-n", type=int, default=2000, help="as scan_detect.py --test-n (GTSRB: 2275)")
+    add_probe_arguments(parser, "8:sig,unseen_sine 10:blend_noise,sig")
     parser.add_argument("--amplitudes", type=float, nargs="+", default=[32.0], help="in 1/255")
-    parser.add_argument("--cache", default=".cache/bdsan-bench")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--analyse", action="store_true", help="only print the rules' comparison of --out")
     parser.add_argument("--also", nargs="*", default=[], type=Path,
                         help="with --analyse: more probe files; a model in several gets the fields of all (the later "
@@ -173,28 +164,22 @@ def main() -> None:
     cfg = ScanSettings()
     bf16 = wants_bf16(torch.device("cpu"), cfg.precision)
     rows = []
-    for entry in args.seed_attacks:
-        seed_text, _, names = entry.partition(":")
-        seed = int(seed_text)
-        job_args = argparse.Namespace(recipe="cpu", epochs=args.epochs, attacks=[n for n in names.split(",") if n],
-                                      n_train=args.n_train, clean_per_seed=args.clean_per_seed, target=0,
-                                      cache=args.cache, test_n=args.test_n)
-        for job in zoo_jobs(seed, job_args, data):
-            started = time.perf_counter()
-            opt, held = _split_for_scan(job["holdout"], cfg.eval_fraction, seed)
-            net = _torch_classifier(job["model"], torch.device("cpu"))
-            with channels_last(net):
-                tables = {str(a): tables_at(net, opt, held, a, cfg, job["model"].num_classes, bf16)
-                          for a in args.amplitudes}
-                scan_table = tables.get(str(cfg.wave_amplitude * 255)) or tables_at(
-                    net, opt, held, cfg.wave_amplitude * 255, cfg, job["model"].num_classes, bf16)
-                scrambled = scrambled_at_scan_amplitude(net, opt, held, scan_table, cfg, job["model"].num_classes,
-                                                        seed, bf16)
-            rows.append({"seed": seed, "attack": job["attack"], "target": job["target"],
-                         "implant_asr": job["implant_asr"], "bf16": bf16, "tables": tables, "scrambled": scrambled,
-                         "wave_names": [wave_name(i) for i in range(WAVES_PER_FREQUENCY * cfg.wave_periods)]})
-            print(seed, job["attack"], round(time.perf_counter() - started, 1), "s", flush=True)
-            args.out.write_text(json.dumps(rows))
+    for seed, job in probe_jobs(args, data):
+        started = time.perf_counter()
+        opt, held = _split_for_scan(job["holdout"], cfg.eval_fraction, seed)
+        net = _torch_classifier(job["model"], torch.device("cpu"))
+        with channels_last(net):
+            tables = {str(a): tables_at(net, opt, held, a, cfg, job["model"].num_classes, bf16)
+                      for a in args.amplitudes}
+            scan_table = tables.get(str(cfg.wave_amplitude * 255)) or tables_at(
+                net, opt, held, cfg.wave_amplitude * 255, cfg, job["model"].num_classes, bf16)
+            scrambled = scrambled_at_scan_amplitude(net, opt, held, scan_table, cfg, job["model"].num_classes,
+                                                    seed, bf16)
+        rows.append({"seed": seed, "attack": job["attack"], "target": job["target"],
+                     "implant_asr": job["implant_asr"], "bf16": bf16, "tables": tables, "scrambled": scrambled,
+                     "wave_names": [wave_name(i) for i in range(WAVES_PER_FREQUENCY * cfg.wave_periods)]})
+        print(seed, job["attack"], round(time.perf_counter() - started, 1), "s", flush=True)
+        args.out.write_text(json.dumps(rows))
 
 
 if __name__ == "__main__":
