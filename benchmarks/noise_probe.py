@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scan_detect import add_probe_arguments, probe_jobs
 
-from bdsan.detectors.scan import ScanSettings, _split_for_scan, _torch_classifier
+from bdsan.detectors.scan import ScanSettings, _split_for_scan, _torch_classifier, scan, scan_section
 from bdsan.device import channels_last, precision_autocast, wants_bf16
 from bdsan.io.data import to_float
 
@@ -74,6 +74,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_probe_arguments(parser, "43:blend_noise,unseen_blend")
     parser.add_argument("--analyse", action="store_true", help="only print the table of --out")
+    parser.add_argument("--scan-noise", action="store_true",
+                        help="add to each row of --out the scan's own noise kind (`scan_noise`: the section a "
+                             "scan_detect.py run with --kinds … noise stores, same seed), for verdict_rules.py "
+                             "--noise-from")
     args = parser.parse_args()
     if args.analyse:
         analyse(json.loads(args.out.read_text()))
@@ -86,6 +90,15 @@ def main() -> None:
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     done = {(row["seed"], row["attack"]) for row in rows}
     for seed, job in probe_jobs(args, data):
+        if args.scan_noise:
+            row = next((row for row in rows if (row["seed"], row["attack"]) == (seed, job["attack"])), None)
+            if row is None:
+                row = {"seed": seed, "attack": job["attack"], "target": job["target"]}
+                rows.append(row)
+            row["scan_noise"] = scan_section(scan(job["model"], job["holdout"], kinds=("noise",), seed=seed,
+                                                  device="cpu"))["noise"]
+            args.out.write_text(json.dumps(rows))
+            continue
         if (seed, job["attack"]) in done:
             continue
         started = time.perf_counter()

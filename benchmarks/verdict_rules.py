@@ -36,13 +36,15 @@ class Rule:
     wave_threshold: float = ScanSettings.wave_threshold
     wave_scrambled: float | None = ScanSettings.wave_scrambled_max  # the structure control (scans that stored it)
     wave_sink_edge: float | None = ScanSettings.wave_sink_edge_min  # a sink's response is not tuned: edge ratio ≥
-    noise: float | None = None  # the noise kind's threshold (scans that stored its takes; None: kind ignored)
+    noise: float | None = ScanSettings.noise_threshold  # the noise kind (scans that stored its takes; None: off)
 
 
 _DEFAULT = ScanSettings()
 RULES = {f"scan default (size ≤ {_DEFAULT.max_norm_ratio:g} (patch) and {_DEFAULT.blend_max_norm_ratio:g} (blend)"
          f"·median; wave flip ≥ {_DEFAULT.wave_threshold:g}, edge rule {_DEFAULT.wave_edge_ratio:g}, shuffled wave < "
-         f"{_DEFAULT.wave_scrambled_max:g} or edge ratio < {_DEFAULT.wave_sink_edge_min:g})": Rule(),
+         f"{_DEFAULT.wave_scrambled_max:g} or edge ratio < {_DEFAULT.wave_sink_edge_min:g}; noise kind: fresh noise "
+         f"blended at {_DEFAULT.noise_weight:g} takes ≥ {_DEFAULT.noise_threshold:g})": Rule(),
+         "without the noise kind (the default before 2026-12-07 midday)": Rule(noise=None),
          "wave: structure control by the shuffled flip alone (2026-12-05 to blind GTSRB seed 4)": Rule(
              wave_sink_edge=None),
          "wave: no structure control (the wave rule before 2026-12-05)": Rule(wave_scrambled=None),
@@ -56,9 +58,7 @@ RULES = {f"scan default (size ≤ {_DEFAULT.max_norm_ratio:g} (patch) and {_DEFA
          "wave: flip ≥ 0.95, no edge rule (the wave rule before 2026-12-04 evening)": Rule(
              wave_edge=None, wave_threshold=0.95, wave_scrambled=None),
          "all as before 2026-12-04 evening (patch 0.3, wave ≥ 0.95, no edge rule)": Rule(
-             patch_ratio=0.3, wave_edge=None, wave_threshold=0.95, wave_scrambled=None),
-         f"noise kind: fresh noise blended at {_DEFAULT.noise_weight:g} takes ≥ {_DEFAULT.noise_threshold:g}": Rule(
-             noise=_DEFAULT.noise_threshold)}
+             patch_ratio=0.3, wave_edge=None, wave_threshold=0.95, wave_scrambled=None, noise=None)}
 
 
 def kind_tables(run: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -110,8 +110,14 @@ def main() -> None:
     parser.add_argument("--structure", action="store_true",
                         help="per model: the wave kind's structure control (target, strongest other wave class)")
     parser.add_argument("--noise", action="store_true", help="per model: the noise kind's takes (target, other)")
+    parser.add_argument("--noise-from", nargs="*", default=[], type=Path,
+                        help="noise_probe.py --scan-noise files: the scan's noise kind for stored scans made "
+                             "before it (matched by seed and attack)")
     args = parser.parse_args()
     runs = [r for path in args.results for r in json.loads(Path(path).read_text())]
+    probed = {(row["seed"], row["attack"]): row["scan_noise"] for path in args.noise_from
+              for row in json.loads(path.read_text()) if "scan_noise" in row}
+    runs = [run if run.get("noise") else run | {"noise": probed.get((run["seed"], run["attack"]))} for run in runs]
     if args.detail:
         print_detail(runs)
     if args.structure:
