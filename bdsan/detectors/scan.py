@@ -20,9 +20,10 @@ and the response needs the wave's structure: the same wave with its pixels shuff
 mean of ``SCRAMBLE_DRAWS`` shuffles) must send under ``wave_scrambled_max`` of the held-out images to the class. A
 class that collects images under any perturbation of that energy, with a response not tuned to one frequency (edge
 ratio ≥ ``wave_sink_edge_min``), is a sink (GTSRB's most frequent class, speed limit 50), not a sine trigger
-(BENCHMARKS.md, "the wave kind's structure control", "blind GTSRB seed 4"). A fourth kind, ``noise`` (a default since
-its blind check: BENCHMARKS.md, "Noise by dose"), is searched too: per class, the share of held-out images that fresh grey noise blended at
-``noise_weight`` sends to it, anomalous at ≥ ``noise_threshold`` (:mod:`bdsan.detectors.noise`).
+(BENCHMARKS.md, "the wave kind's structure control", "blind GTSRB seed 4"). A fourth kind, ``noise`` (a default
+since its blind check: BENCHMARKS.md, "Noise by dose"), is searched too: per class, the share of held-out images
+that fresh grey noise blended at ``noise_weight`` sends to it, anomalous at ≥ ``noise_threshold``
+(:mod:`bdsan.detectors.noise`).
 
 λ_t adapts per trigger (raised ×1.5 after ``patience`` steps at ≥ ``success`` flip rate, lowered ÷1.5^1.5 after
 ``patience`` steps below it); the smallest trigger that reached ``success`` on a batch is kept, as it was when that
