@@ -196,14 +196,16 @@ def badnets_square(x: torch.Tensor, side: int | None = None, margin: int | None 
 
 
 @functools.lru_cache(maxsize=32)
-def _uniform_noise(height: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
-    return torch.rand(1, height, width, generator=_generator(seed)).to(device)
+def _uniform_noise(height: int, width: int, seed: int, device: torch.device, channels: int = 1) -> torch.Tensor:
+    return torch.rand(channels, height, width, generator=_generator(seed)).to(device)
 
 
 @register_trigger("blend_noise", "Blend with fixed grayscale uniform noise (seed 20240601), alpha 0.2 (D-BR "
-                  "randomPixelTrigger)")
-def blend_noise(x: torch.Tensor, alpha: float = 0.2, seed: int = 20240601) -> torch.Tensor:
-    noise = _uniform_noise(x.shape[-2], x.shape[-1], seed, x.device).to(x.dtype)
+                  "randomPixelTrigger); channels=3: colour noise")
+def blend_noise(x: torch.Tensor, alpha: float = 0.2, seed: int = 20240601, channels: int = 1) -> torch.Tensor:
+    if channels not in (1, x.shape[-3]):
+        raise UsageError(f"blend_noise channels must be 1 (grey) or {x.shape[-3]} (colour), got {channels}")
+    noise = _uniform_noise(x.shape[-2], x.shape[-1], seed, x.device, int(channels)).to(x.dtype)
     return torch.lerp(x, noise.unsqueeze(0).expand_as(x), alpha)
 
 
