@@ -132,6 +132,16 @@ def test_blends_use_fixed_patterns_independent_of_global_seed():
     assert abs(float(delta.abs().max()) - 0.1) < 1e-6
 
 
+def test_blend_noise_is_grey_by_default_and_colour_with_three_channels():
+    grey = torch.full((1, 3, 16, 16), 0.5)
+    stamped = get_trigger("blend_noise").apply(grey)
+    assert torch.equal(stamped[:, 0], stamped[:, 1]) and torch.equal(stamped[:, 1], stamped[:, 2])
+    colour = get_trigger("blend_noise", channels=3).apply(grey)
+    assert not torch.equal(colour[:, 0], colour[:, 1]) and torch.equal(colour[:, 0], stamped[:, 0])  # same stream
+    with pytest.raises(UsageError, match="channels"):
+        get_trigger("blend_noise", channels=2).apply(grey)
+
+
 def test_wanet_warps_without_changing_constant_images():
     constant = torch.full((2, 3, 32, 32), 0.3)
     assert torch.allclose(get_trigger("wanet").apply(constant), constant, atol=1e-6)
