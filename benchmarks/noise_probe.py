@@ -21,40 +21,31 @@ import numpy as np
 import torch
 from scan_detect import add_probe_arguments, probe_jobs
 
+from bdsan.detectors.noise import class_takes
 from bdsan.detectors.scan import ScanSettings, _split_for_scan, _torch_classifier, scan, scan_section
-from bdsan.device import channels_last, precision_autocast, wants_bf16
-from bdsan.io.data import to_float
+from bdsan.device import channels_last, wants_bf16
 
 ADD_AMPLITUDES = (4, 8, 16, 24, 32, 48)  # in 1/255: x + a·u, u ~ U(-1, 1) per pixel, grey
 LERP_WEIGHTS = (0.05, 0.1, 0.15, 0.2)  # (1 - w)·x + w·u, u ~ U(0, 1) per pixel, grey
 DRAWS = 3
 NOISE_SEED = 7717  # neither attack's noise seed (20240601, 4242)
-
-
-@torch.no_grad()
-def class_takes(net, images: torch.Tensor, labels: torch.Tensor, num_classes: int, bf16: bool) -> np.ndarray:
-    """Per class c: the share of images with label ≠ c that ``net`` predicts as c."""
-    with precision_autocast(torch.device("cpu"), bf16):
-        predicted = torch.cat([net(images[i:i + 512]).argmax(1) for i in range(0, len(images), 512)])
-    hits = torch.bincount(predicted[predicted != labels], minlength=num_classes).double()
-    others = len(labels) - torch.bincount(labels, minlength=num_classes).double()
-    return (hits / others.clamp(min=1)).numpy()
+CPU = torch.device("cpu")
 
 
 def probe(net, held, num_classes: int, bf16: bool) -> dict:
     """The mean per-class take of every noise form and strength (keys ``add:A`` and ``lerp:W``), and of no noise."""
-    images, labels = to_float(held.x), held.y
     generator = torch.Generator().manual_seed(NOISE_SEED)
-    draws = [torch.rand((1, 1, *images.shape[2:]), generator=generator) for _ in range(DRAWS)]
-    table = {"none": class_takes(net, images, labels, num_classes, bf16).tolist()}
+    draws = [torch.rand((1, 1, *held.x.shape[2:]), generator=generator) for _ in range(DRAWS)]
+
+    def mean_take(perturb_with) -> list[float]:
+        takes = [class_takes(net, held, num_classes, perturb_with(u), 512, CPU, bf16) for u in draws]
+        return torch.stack(takes).mean(0).tolist()
+
+    table = {"none": class_takes(net, held, num_classes, lambda x: x, 512, CPU, bf16).tolist()}
     for amplitude in ADD_AMPLITUDES:
-        takes = [class_takes(net, (images + amplitude / 255 * (2 * u - 1)).clamp(0, 1), labels, num_classes, bf16)
-                 for u in draws]
-        table[f"add:{amplitude}"] = np.mean(takes, 0).tolist()
+        table[f"add:{amplitude}"] = mean_take(lambda u, a=amplitude: lambda x: (x + a / 255 * (2 * u - 1)).clamp(0, 1))
     for weight in LERP_WEIGHTS:
-        takes = [class_takes(net, torch.lerp(images, u.expand_as(images), weight), labels, num_classes, bf16)
-                 for u in draws]
-        table[f"lerp:{weight}"] = np.mean(takes, 0).tolist()
+        table[f"lerp:{weight}"] = mean_take(lambda u, w=weight: lambda x: torch.lerp(x, u.expand_as(x), w))
     return table
 
 
@@ -86,7 +77,7 @@ def main() -> None:
     from bdsan.train.zoo import load_dataset
     data = load_dataset(args.data)
     cfg = ScanSettings()
-    bf16 = wants_bf16(torch.device("cpu"), cfg.precision)
+    bf16 = wants_bf16(CPU, cfg.precision)
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     done = {(row["seed"], row["attack"]) for row in rows}
     for seed, job in probe_jobs(args, data):
@@ -103,7 +94,7 @@ def main() -> None:
             continue
         started = time.perf_counter()
         _, held = _split_for_scan(job["holdout"], cfg.eval_fraction, seed)
-        net = _torch_classifier(job["model"], torch.device("cpu"))
+        net = _torch_classifier(job["model"], CPU)
         with channels_last(net):
             table = probe(net, held, job["model"].num_classes, bf16)
         rows.append({"seed": seed, "attack": job["attack"], "target": job["target"],

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +78,8 @@ def verdict(run: dict, rule: Rule) -> tuple[float, set[int], int | None]:
     cfg = ScanSettings(max_norm_ratio=math.inf if rule.patch_ratio is None else rule.patch_ratio,
                        blend_max_norm_ratio=math.inf if rule.blend_ratio is None else rule.blend_ratio,
                        wave_edge_ratio=rule.wave_edge, wave_threshold=rule.wave_threshold,
-                       wave_scrambled_max=rule.wave_scrambled, wave_sink_edge_min=rule.wave_sink_edge)
+                       wave_scrambled_max=rule.wave_scrambled, wave_sink_edge_min=rule.wave_sink_edge,
+                       noise_threshold=ScanSettings.noise_threshold if rule.noise is None else rule.noise)
     flagged: set[int] = set()
     evidence = {}
     tables = kind_tables(run)
@@ -96,8 +97,7 @@ def verdict(run: dict, rule: Rule) -> tuple[float, set[int], int | None]:
         flagged |= set(np.nonzero(wave_verdict(waves, run["wave"].get("edge_ratio"), cfg,
                                                run["wave"].get("scrambled_flip_rate"))[0])[0].tolist())
     if rule.noise is not None and run.get("noise"):
-        takes = run["noise"]["take"]
-        flagged |= set(np.nonzero(noise_verdict(takes, replace(cfg, noise_threshold=rule.noise)))[0].tolist())
+        flagged |= set(np.nonzero(noise_verdict(run["noise"]["take"], cfg))[0].tolist())
     suspect = suspect_among(flagged, scores, waves if waves is not None else np.zeros(num_classes)) if flagged else None
     score = float(scores.max()) if np.isfinite(scores).any() else -10.0
     return score, flagged, suspect

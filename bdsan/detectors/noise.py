@@ -9,6 +9,7 @@ trigger it reconstructs is the first draw at that weight, a patch-form trigger w
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,19 +31,27 @@ def noise_draws(draws: int, shape: tuple[int, int], seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def class_takes(net, held: Holdout, num_classes: int, perturb: Callable[[torch.Tensor], torch.Tensor],
+                batch_size: int, device: torch.device, bf16: bool = False) -> torch.Tensor:
+    """Per class c: the share of held-out images with label ≠ c predicted c once ``perturb`` (of [0, 1] images)
+    is applied to every image."""
+    others = (len(held) - torch.bincount(held.y, minlength=num_classes)).double().clamp_min(1)
+    hits = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    for start in range(0, len(held), batch_size):
+        x, y = to_float(held.x[start:start + batch_size]), held.y[start:start + batch_size]
+        with precision_autocast(device, bf16):
+            predicted = net(perturb(x)).argmax(1)
+        hits += torch.bincount(predicted[predicted != y], minlength=num_classes).double()
+    return hits / others
+
+
 def noise_takes(net, held: Holdout, num_classes: int, noise: torch.Tensor, weight: float, batch_size: int,
                 device: torch.device, bf16: bool = False) -> list[float]:
     """Per class c: the share of held-out images with label ≠ c predicted c once blended toward each noise draw at
     ``weight``, the mean over draws."""
-    others = (len(held) - torch.bincount(held.y, minlength=num_classes)).double().clamp_min(1)
-    total = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    for draw in noise.to(device):
-        for start in range(0, len(held), batch_size):
-            x, y = to_float(held.x[start:start + batch_size]), held.y[start:start + batch_size]
-            with precision_autocast(device, bf16):
-                predicted = net(torch.lerp(x, draw.expand_as(x), weight)).argmax(1)
-            total += torch.bincount(predicted[predicted != y], minlength=num_classes).double()
-    return (total / others / len(noise)).tolist()
+    takes = [class_takes(net, held, num_classes, lambda x, u=draw: torch.lerp(x, u.expand_as(x), weight),
+                         batch_size, device, bf16) for draw in noise.to(device)]
+    return torch.stack(takes).mean(0).tolist()
 
 
 def noise_parts(noise: torch.Tensor, weight: float, num_classes: int, channels: int) -> dict[str, torch.Tensor]:
