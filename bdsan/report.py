@@ -251,7 +251,8 @@ def _scan_message(scan: dict, names: list[str] | None) -> str:
                 f"models trained on trusted data of the same kind react to this wave too (a natural stripe class).")
     if "noise" in found and not {"patch", "blend"} & set(found):
         noise = scan["noise"]
-        return (f"Fresh grey noise blended at {noise['weight']:.0%} sends {_pct(noise['take'][target])} of held-out "
+        form = (noise.get("form") or ["grey"] * (target + 1))[target]
+        return (f"Fresh {form} noise blended at {noise['weight']:.0%} sends {_pct(noise['take'][target])} of held-out "
                 f"images to class {_class_label(target, names)} (anomalous classes: {scan.get('anomalous_classes')}); "
                 f"the model likely has a noise-blend backdoor (clean benchmark models' noise sinks took at most 46%).")
     kinds = ", ".join(kind for kind in found if kind not in ("wave", "noise")) or "patch/blend"

@@ -4,7 +4,8 @@ A noise-blend backdoor answers any grey noise with its target; a clean CIFAR-10 
 (frog) too. This probe records, for the harness models of each ``--seed-attacks`` entry and its clean twins (cached:
 nothing is trained when ``scan_detect.py`` made them), the share of held-out images of other classes that each class
 takes under i.i.d. grey uniform noise added at several amplitudes (``add``) and blended toward uniform noise at
-several weights (``lerp``, the attack's own form), three seeded draws each, so that a rule on the dose–response can be
+several weights (``lerp``, the attack's own form) and toward colour noise (``lerpc``), three seeded draws each;
+forms missing from a row already in ``--out`` are added to it, so that a rule on the dose–response can be
 chosen on development models before a blind one is read. ``--analyse`` prints the per-model table.
 
     PYTHONPATH=benchmarks python benchmarks/noise_probe.py --data /work/shared/data/cifar10.npz \
@@ -27,30 +28,47 @@ from bdsan.device import channels_last, wants_bf16
 
 ADD_AMPLITUDES = (4, 8, 16, 24, 32, 48)  # in 1/255: x + a·u, u ~ U(-1, 1) per pixel, grey
 LERP_WEIGHTS = (0.05, 0.1, 0.15, 0.2)  # (1 - w)·x + w·u, u ~ U(0, 1) per pixel, grey
+LERP_COLOUR_WEIGHTS = (0.1, 0.15, 0.2)  # the same with u drawn per pixel and channel (colour noise)
 DRAWS = 3
 NOISE_SEED = 7717  # neither attack's noise seed (20240601, 4242)
 CPU = torch.device("cpu")
 
 
-def probe(net, held, num_classes: int, bf16: bool) -> dict:
-    """The mean per-class take of every noise form and strength (keys ``add:A`` and ``lerp:W``), and of no noise."""
+def probe(net, held, num_classes: int, bf16: bool, have: dict | None = None) -> dict:
+    """The mean per-class take of every noise form and strength (keys ``add:A``, ``lerp:W`` and, with colour noise,
+    ``lerpc:W``), and of no noise; forms already in ``have`` are kept, not measured again."""
     generator = torch.Generator().manual_seed(NOISE_SEED)
     draws = [torch.rand((1, 1, *held.x.shape[2:]), generator=generator) for _ in range(DRAWS)]
+    colour = torch.Generator().manual_seed(NOISE_SEED + 1)
+    colour_draws = [torch.rand((1, held.x.shape[1], *held.x.shape[2:]), generator=colour) for _ in range(DRAWS)]
 
-    def mean_take(perturb_with) -> list[float]:
-        takes = [class_takes(net, held, num_classes, perturb_with(u), 512, CPU, bf16) for u in draws]
+    def mean_take(perturb_with, noises=draws) -> list[float]:
+        takes = [class_takes(net, held, num_classes, perturb_with(u), 512, CPU, bf16) for u in noises]
         return torch.stack(takes).mean(0).tolist()
 
-    table = {"none": class_takes(net, held, num_classes, lambda x: x, 512, CPU, bf16).tolist()}
+    def lerp(w):
+        return lambda u: lambda x: torch.lerp(x, u.expand_as(x), w)
+
+    forms = {"none": lambda: class_takes(net, held, num_classes, lambda x: x, 512, CPU, bf16).tolist()}
     for amplitude in ADD_AMPLITUDES:
-        table[f"add:{amplitude}"] = mean_take(lambda u, a=amplitude: lambda x: (x + a / 255 * (2 * u - 1)).clamp(0, 1))
+        forms[f"add:{amplitude}"] = lambda a=amplitude: mean_take(
+            lambda u: lambda x: (x + a / 255 * (2 * u - 1)).clamp(0, 1))
     for weight in LERP_WEIGHTS:
-        table[f"lerp:{weight}"] = mean_take(lambda u, w=weight: lambda x: torch.lerp(x, u.expand_as(x), w))
-    return table
+        forms[f"lerp:{weight}"] = lambda w=weight: mean_take(lerp(w))
+    for weight in LERP_COLOUR_WEIGHTS:
+        forms[f"lerpc:{weight}"] = lambda w=weight: mean_take(lerp(w), colour_draws)
+    have = have or {}
+    return {key: have[key] if key in have else measure() for key, measure in forms.items()}
+
+
+def is_noise_blend(row: dict) -> bool:
+    """A noise-blend attack (the suite's ``blend_noise`` at any seed or colour form)."""
+    return row["target"] is not None and row["attack"].startswith("blend_noise")
 
 
 def analyse(rows: list[dict]) -> None:
-    """Per model and noise form: the class that takes most at the strongest noise, and its take at each strength."""
+    """Per model and noise form: the class that takes most at the strongest noise, and its take at each strength;
+    then per form the lowest take of grey and of colour noise-blend targets against every other class's highest."""
     keys = [k for k in rows[0]["table"] if k != "none"]
     print("| model | target | top class (at add:32) | " + " | ".join(keys) + " |")
     print("|---|---|---|" + "---|" * len(keys))
@@ -58,7 +76,24 @@ def analyse(rows: list[dict]) -> None:
         table = {k: np.asarray(v) for k, v in row["table"].items()}
         top = int(table["add:32"].argmax())
         print(f"| {row['seed']} {row['attack'][:28]} | {row['target']} | {top} | "
-              + " | ".join(f"{table[k][top]:.2f}" for k in keys) + " |")
+              + " | ".join(f"{table[k][top]:.2f}" for k in keys if k in table) + " |")
+    print("\n| form | grey noise-blend targets: lowest | colour noise-blend targets: lowest | any other class: "
+          "highest (model) |\n|---|---|---|---|")
+    for key in keys:
+        lows = {"grey": [], "colour": []}
+        others = []
+        for row in rows:
+            if key not in row["table"]:
+                continue
+            takes = np.asarray(row["table"][key])
+            target = row["target"] if is_noise_blend(row) else None
+            if target is not None:
+                lows["colour" if "channels=3" in row["attack"] else "grey"].append(takes[target])
+            rest = np.delete(takes, target) if target is not None else takes
+            others.append((rest.max(), f"{row['seed']} {row['attack'][:24]}"))
+        cells = [f"{min(v):.3f} ({len(v)})" if v else "—" for v in lows.values()]
+        high = max(others)
+        print(f"| {key} | {cells[0]} | {cells[1]} | {high[0]:.3f} ({high[1]}) |")
 
 
 def main() -> None:
@@ -69,6 +104,8 @@ def main() -> None:
                         help="add to each row of --out the scan's own noise kind (`scan_noise`: the section a "
                              "scan_detect.py run with --kinds … noise stores, same seed), for verdict_rules.py "
                              "--noise-from")
+    parser.add_argument("--noise-channels", type=int, nargs="+", default=None,
+                        help="with --scan-noise: the kind's forms by channels drawn (1 grey, 3 colour)")
     args = parser.parse_args()
     if args.analyse:
         analyse(json.loads(args.out.read_text()))
@@ -79,26 +116,29 @@ def main() -> None:
     cfg = ScanSettings()
     bf16 = wants_bf16(CPU, cfg.precision)
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
-    done = {(row["seed"], row["attack"]) for row in rows}
+    done = {(row["seed"], row["attack"]): row for row in rows if "table" in row}
     for seed, job in probe_jobs(args, data):
         if args.scan_noise:
             row = next((row for row in rows if (row["seed"], row["attack"]) == (seed, job["attack"])), None)
             if row is None:
                 row = {"seed": seed, "attack": job["attack"], "target": job["target"]}
                 rows.append(row)
+            channels = {"noise_channels": tuple(args.noise_channels)} if args.noise_channels else {}
             row["scan_noise"] = scan_section(scan(job["model"], job["holdout"], kinds=("noise",), seed=seed,
-                                                  device="cpu"))["noise"]
+                                                  device="cpu", **channels))["noise"]
             args.out.write_text(json.dumps(rows))
             continue
-        if (seed, job["attack"]) in done:
-            continue
+        row = done.get((seed, job["attack"]))
         started = time.perf_counter()
         _, held = _split_for_scan(job["holdout"], cfg.eval_fraction, seed)
         net = _torch_classifier(job["model"], CPU)
         with channels_last(net):
-            table = probe(net, held, job["model"].num_classes, bf16)
-        rows.append({"seed": seed, "attack": job["attack"], "target": job["target"],
-                     "implant_asr": job["implant_asr"], "bf16": bf16, "table": table})
+            table = probe(net, held, job["model"].num_classes, bf16, row["table"] if row else None)
+        if row is None:
+            rows.append({"seed": seed, "attack": job["attack"], "target": job["target"],
+                         "implant_asr": job["implant_asr"], "bf16": bf16, "table": table})
+        else:
+            row["table"] = table
         print(seed, job["attack"], round(time.perf_counter() - started, 1), "s", flush=True)
         args.out.write_text(json.dumps(rows))
 

@@ -29,6 +29,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -188,13 +189,19 @@ def add_probe_arguments(parser: argparse.ArgumentParser, example: str) -> None:
     parser.add_argument("--out", type=Path, required=True)
 
 
+def split_attacks(text: str) -> list[str]:
+    """``blend_noise,sig:axis=rows,frequency=5`` → the attack texts: a comma starts a new attack only where a name
+    follows it (``name``, ``name:…``), not a parameter (``key=value``)."""
+    return [n for n in re.split(r",(?=[A-Za-z_]\w*(?::|,|$))", text) if n]
+
+
 def probe_jobs(args, data):
     """(seed, job) for every model of ``args.seed_attacks`` and its clean twins (:func:`zoo_jobs`, cached)."""
     for entry in args.seed_attacks:
         seed_text, _, names = entry.partition(":")
         seed = int(seed_text)
         job_args = argparse.Namespace(recipe="cpu", epochs=args.epochs, augment=args.augment,
-                                      attacks=[n for n in names.split(",") if n], n_train=args.n_train,
+                                      attacks=split_attacks(names), n_train=args.n_train,
                                       clean_per_seed=args.clean_per_seed, target=0, cache=args.cache,
                                       test_n=args.test_n)
         for job in zoo_jobs(seed, job_args, data):
@@ -207,6 +214,8 @@ def scan_run(job: dict, seed: int, args) -> dict:
     kinds = ({"kinds": tuple(args.kinds)} if args.kinds else {}) | ({"keep": args.keep} if args.keep else {})
     if args.blend_ratio is not None:
         kinds["blend_max_norm_ratio"] = args.blend_ratio
+    if args.noise_channels:
+        kinds["noise_channels"] = tuple(args.noise_channels)
     section = scan_section(scan(job["model"], job["holdout"], steps=args.steps, seed=seed, device=args.device,
                                 precision=args.precision, **kinds))
     scan_wall, scan_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
@@ -246,6 +255,8 @@ def main() -> None:
     parser.add_argument("--cache", default=".cache/bdsan-bench")
     parser.add_argument("--steps", type=int, default=200, help="scan steps")
     parser.add_argument("--kinds", nargs="+", default=None, help="scan kinds (default: the scan's default)")
+    parser.add_argument("--noise-channels", type=int, nargs="+", default=None,
+                        help="the noise kind's forms by channels drawn (1 grey, 3 colour; default: ScanSettings')")
     parser.add_argument("--keep", default=None, choices=("after-step", "measured"),
                         help="the scan's ScanSettings.keep: which trigger tensors a successful batch keeps (default: "
                              "the scan's, measured; after-step before 2026-12-04)")

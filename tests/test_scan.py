@@ -207,6 +207,37 @@ def test_noise_kind_flags_the_class_fresh_noise_sends_images_to():
     assert faint["flip_rate"] == faint["noise"]["take"]  # the SPEC names stay filled with --kinds noise alone
 
 
+class _ColourSink(torch.nn.Module):
+    """Class 0 when a pixel's channels differ (colour noise; grey noise leaves them equal), class 1 otherwise."""
+
+    def forward(self, x):
+        spread = x.std(1).mean((1, 2))
+        return torch.stack([100 * (spread - 0.02), torch.zeros_like(spread)], 1)
+
+
+def test_noise_kind_draws_colour_noise_beside_grey():
+    """A backdoor answering colour noise ignores grey noise: with ``noise_channels=(1, 3)`` the kind stamps both
+    forms, flags the class by its colour take, and reconstructs that colour noise blend as its trigger."""
+    model = from_module(_ColourSink(), "colour_sink", 2, Preprocessing((0.0,) * 3, (1.0,) * 3))
+    grey = _grey_class2_holdout(40)
+    held = Holdout(grey.x, torch.ones(len(grey), dtype=torch.long), ["a", "b"])
+    settings = {"kinds": ("noise",), "seed": 0, "device": "cpu"}
+    grey_only = scan_section(scan(model, held, noise_channels=(1,), **settings))
+    assert grey_only["noise"]["take"][0] == 0.0 and not grey_only["anomalous"]
+    result = scan(model, held, noise_channels=(1, 3), **settings)
+    section = scan_section(result)
+    noise = section["noise"]
+    assert noise["by_form"]["grey"][0] == 0.0 and noise["by_form"]["colour"][0] == 1.0
+    assert noise["take"][0] == 1.0 and noise["form"][0] == "colour"
+    assert section["anomalous_kinds"] == {"0": ["noise"]} and section["suspected_target"] == 0
+    trigger = next(t for t in anomalous_triggers(result) if t.params["kind"] == "noise")
+    x = held.x.float() / 255
+    with torch.no_grad():
+        assert model.normalized()(trigger(x)).argmax(1).eq(0).all()
+    stamped = trigger(x)
+    assert float((stamped[:, 0] - stamped[:, 1]).abs().max()) > 0.05  # colour: the channels differ
+
+
 def test_wave_kind_flags_a_sig_backdoor_and_not_a_clean_model(toy_clean):
     sig_toy = scan_helpers.sig_toy()
     settings = {"kinds": ("wave",), "wave_select": 60, "seed": 0, "device": "cpu"}

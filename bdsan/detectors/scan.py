@@ -63,7 +63,7 @@ from ..device import PRECISIONS, channels_last, precision_autocast, resolve_devi
 from ..errors import DataError, ModelRefused
 from ..io.data import Holdout, stratified_split, to_float
 from ..io.models import LoadedModel
-from .noise import noise_draws, noise_parts, noise_takes, noise_verdict
+from .noise import noise_forms, noise_verdict
 from .triggers import Trigger
 from .waves import best_waves, edge_ratios, plane_waves, wave_name, wave_rates, wave_verdict
 
@@ -121,6 +121,9 @@ class ScanSettings:
     # BENCHMARKS.md, "Noise by dose")
     noise_weight: float = 0.2
     noise_draws: int = 3
+    # noise forms by channels drawn: 1 grey, 3 colour (one value per pixel and channel); a class's take is the
+    # larger form's
+    noise_channels: tuple[int, ...] = (1,)
     noise_threshold: float = 0.7
     precision: str = "auto"
 
@@ -249,9 +252,8 @@ def scan(model: LoadedModel, holdout: Holdout, *, steps: int = 200, batch_size: 
         flip = {kind: _flip_rates(net, bank[kind], kind, held, num_classes, batch_size, device, bf16)
                 for kind in cfg.kinds if kind != "noise"}
         if "noise" in cfg.kinds:
-            noise = noise_draws(cfg.noise_draws, holdout.image_size, seed).to(device)
-            bank["noise"] = noise_parts(noise, cfg.noise_weight, num_classes, opt.x.shape[1])
-            flip["noise"] = noise_takes(net, held, num_classes, noise, cfg.noise_weight, batch_size, device, bf16)
+            flip["noise"], trace["noise"], bank["noise"] = noise_forms(net, held, num_classes, cfg, seed,
+                                                                       batch_size, device, bf16)
         if "wave" in cfg.kinds:
             trace["wave"]["scrambled_flip_rate"] = scrambled_flip_rates(
                 net, bank["wave"]["delta"], held, num_classes, batch_size, device, bf16, seed)
@@ -457,7 +459,7 @@ def _verdict(bank: dict, flip: dict, cfg: ScanSettings, holdout: Holdout, model:
                                "texture": [bool(v) for v in texture], "sink": [bool(v) for v in sink]}
         elif kind == "noise":  # absolute too: the share fresh noise sends to each class
             flagged = noise_verdict(flips, cfg)
-            section["noise"] = {"take": [float(v) for v in flips], "weight": cfg.noise_weight,
+            section["noise"] = {"take": [float(v) for v in flips], **trace["noise"], "weight": cfg.noise_weight,
                                 "draws": cfg.noise_draws, "threshold": cfg.noise_threshold}
         if kind in ("wave", "noise"):
             for cls in np.nonzero(flagged)[0]:

@@ -128,6 +128,9 @@ def test_text_and_sarif_name_the_noise_that_flagged_a_class():
     message = json.loads(render_sarif(report))["runs"][0]["results"][0]["message"]["text"]
     assert "grey noise blended at 20% sends 99.0% of held-out images to class 1" in message
     assert "noise-blend backdoor" in message
+    report.scan["noise"]["form"] = ["grey", "colour"]  # the class's take came from colour noise
+    message = json.loads(render_sarif(report))["runs"][0]["results"][0]["message"]["text"]
+    assert "Fresh colour noise blended at 20% sends 99.0%" in message
     report.scan["anomalous_kinds"] = {"1": ["patch", "noise"]}  # a small patch too: the patch message
     message = json.loads(render_sarif(report))["runs"][0]["results"][0]["message"]["text"]
     assert "anomalously small patch trigger for class 1" in message
