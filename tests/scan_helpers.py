@@ -29,3 +29,20 @@ def trigger_asr(model: torch.nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, 
     x = x_uint8[y != target].float().div(255)
     with torch.no_grad():
         return float((model.eval()(trigger(x)).argmax(1) == target).float().mean())
+
+
+class ColourSink(torch.nn.Module):
+    """Class 0 when a pixel's channels differ (colour noise; grey noise leaves them equal), class 1 otherwise."""
+
+    def forward(self, x):
+        spread = x.std(1).mean((1, 2))
+        return torch.stack([100 * (spread - 0.02), torch.zeros_like(spread)], 1)
+
+
+def grey_class1_holdout(count: int):
+    """``count`` flat grey 16×16 images from 0.3 to 0.7 brightness, all of class 1 (``ColourSink``'s default)."""
+    from bdsan.io.data import Holdout
+
+    brightness = torch.linspace(0.3, 0.7, count)
+    x = (brightness.view(-1, 1, 1, 1) * 255).round().to(torch.uint8).expand(-1, 3, 16, 16).contiguous()
+    return Holdout(x, torch.ones(count, dtype=torch.long), ["a", "b"])

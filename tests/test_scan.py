@@ -207,20 +207,11 @@ def test_noise_kind_flags_the_class_fresh_noise_sends_images_to():
     assert faint["flip_rate"] == faint["noise"]["take"]  # the SPEC names stay filled with --kinds noise alone
 
 
-class _ColourSink(torch.nn.Module):
-    """Class 0 when a pixel's channels differ (colour noise; grey noise leaves them equal), class 1 otherwise."""
-
-    def forward(self, x):
-        spread = x.std(1).mean((1, 2))
-        return torch.stack([100 * (spread - 0.02), torch.zeros_like(spread)], 1)
-
-
 def test_noise_kind_draws_colour_noise_beside_grey():
     """A backdoor answering colour noise ignores grey noise: with ``noise_channels=(1, 3)`` the kind stamps both
     forms, flags the class by its colour take, and reconstructs that colour noise blend as its trigger."""
-    model = from_module(_ColourSink(), "colour_sink", 2, Preprocessing((0.0,) * 3, (1.0,) * 3))
-    grey = _grey_class2_holdout(40)
-    held = Holdout(grey.x, torch.ones(len(grey), dtype=torch.long), ["a", "b"])
+    model = from_module(scan_helpers.ColourSink(), "colour_sink", 2, Preprocessing((0.0,) * 3, (1.0,) * 3))
+    held = scan_helpers.grey_class1_holdout(40)
     settings = {"kinds": ("noise",), "seed": 0, "device": "cpu"}
     grey_only = scan_section(scan(model, held, noise_channels=(1,), **settings))
     assert grey_only["noise"]["take"][0] == 0.0 and not grey_only["anomalous"]

@@ -1,5 +1,6 @@
 """Stamping found triggers on fine-tuning batches (unlearn, FMP) and on BN re-estimation batches."""
 import pytest
+import scan_helpers
 import torch
 
 import bdsan.detectors.scan as scan_module
@@ -71,6 +72,20 @@ def test_the_defenses_scan_keeps_the_settings_their_numbers_were_measured_with(m
     with pytest.raises(RuntimeError, match="stop here"):
         scan_fit_split(torch.nn.Flatten(), train, Context(), steps=1, wave=True)  # unlearn's scan_wave
     assert seen["kinds"] == ("patch", "blend", "wave") and seen["keep"] == "after-step"
+
+
+def test_scan_noise_kind_hands_a_flagged_class_its_noise_blend():
+    """``scan_noise_kind``: the defenses' scan searches the noise kind (grey and colour) too, and a class it flags
+    gets that noise blend as a found trigger; without it no noise trigger is found."""
+    train = scan_helpers.grey_class1_holdout(40)
+    without, _ = scan_fit_split(scan_helpers.ColourSink(), train, Context(), steps=2)
+    assert not [t for t in without if t.params["kind"] == "noise"]
+    found, summary = scan_fit_split(scan_helpers.ColourSink(), train, Context(), steps=2, noise=True)
+    noise = [t for t in found if t.params["kind"] == "noise"]
+    assert [t.params["target"] for t in noise] == [0] and noise[0].params["anomalous"]
+    assert summary["noise"]["take"][0] == 1.0 and summary["noise"]["form"][0] == "colour"
+    x = train.x.float() / 255
+    assert scan_helpers.ColourSink()(noise[0](x)).argmax(1).eq(0).all()
 
 
 def _scan_wave() -> tuple[torch.Tensor, Trigger]:

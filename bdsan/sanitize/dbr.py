@@ -77,6 +77,7 @@ class DBR:
     scan: bool | str = "auto"
     scan_steps: int = 300
     scan_wave: bool = False
+    scan_noise_kind: bool = False
     scan_keys: int = 0
     scan_roam: int = 0
     augment: bool = True
@@ -107,7 +108,7 @@ class DBR:
         train, fit_val = ctx.fit_val_split(fit.to(ctx.device), self.fit_val_fraction)
         triggers, sources, scan_summary = gather_triggers(model, train, ctx, self.scan, self.scan_steps,
                                                           wave=self.scan_wave, keys=self.scan_keys,
-                                                          roam=self.scan_roam)
+                                                          roam=self.scan_roam, noise=self.scan_noise_kind)
         targets = _targets(ctx, triggers, sources)
         used = [(t, target) for t, target in zip(triggers, targets) if target is not None]
         guard = FitValGuard(fit_val, ctx.max_acc_drop, ctx.batch_size)

@@ -347,6 +347,7 @@ class FMP:
     scan: bool | str | None = None
     scan_steps: int = 300
     scan_wave: bool = True
+    scan_noise_kind: bool = False
     scan_keys: int = 0
     scan_roam: int | None = None
     rank_precision: str = "auto"
@@ -423,7 +424,7 @@ class FMP:
             scan_started = time.perf_counter()
             triggers, sources, scan_summary = gather_triggers(model, train, ctx, self.scan, self.scan_steps,
                                                               wave=self.scan_wave, keys=self.scan_keys,
-                                                              roam=self.scan_roam)
+                                                              roam=self.scan_roam, noise=self.scan_noise_kind)
             if scan_summary is not None:
                 timings["scan"] = time.perf_counter() - scan_started
 
