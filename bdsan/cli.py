@@ -188,8 +188,8 @@ SCAN_PRECISIONS = ("auto", "bf16", "fp32")  # bdsan.device.PRECISIONS, spelled o
 SCAN_KINDS_DEFAULT = "patch,blend,wave,noise"
 SCAN_KINDS_HELP = ("Trigger kinds to look for: patch (mask + pattern) and blend (full-image additive) are "
                    "reverse-engineered; wave searches grey plane waves, SIG's family (about 40 s more on a CPU); "
-                   "noise flags a class that fresh grey noise blended at 0.2 sends ≥ 70% of images to "
-                   "(a noise-blend backdoor; a few seconds).")
+                   "noise flags a class that fresh grey or colour noise blended at 0.2 sends ≥ 70% of images "
+                   "to (a noise-blend backdoor; a few seconds).")
 SCAN_PRECISION_HELP = ("Arithmetic of the scan's passes: auto = bf16 on CUDA and on CPUs with native bf16 "
                        "(AVX512-BF16/AMX; about 2x faster there), fp32 elsewhere.")
 

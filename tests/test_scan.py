@@ -209,7 +209,9 @@ def test_noise_kind_flags_the_class_fresh_noise_sends_images_to():
 
 def test_noise_kind_draws_colour_noise_beside_grey():
     """A backdoor answering colour noise ignores grey noise: with ``noise_channels=(1, 3)`` the kind stamps both
-    forms, flags the class by its colour take, and reconstructs that colour noise blend as its trigger."""
+    forms (the default), flags the class by its colour take, and reconstructs that colour noise blend as its
+    trigger."""
+    assert ScanSettings().noise_channels == (1, 3)
     model = from_module(scan_helpers.ColourSink(), "colour_sink", 2, Preprocessing((0.0,) * 3, (1.0,) * 3))
     held = scan_helpers.grey_class1_holdout(40)
     settings = {"kinds": ("noise",), "seed": 0, "device": "cpu"}
