@@ -491,7 +491,7 @@ def test_roam_audit_tries_a_roaming_patch_toward_each_class_a_suite_patch_was_fl
 
     seen = []
 
-    def fake(*args):
+    def fake(*args, **kwargs):
         seen.append(args[-1])
         raise RuntimeError("stop")
 

@@ -230,7 +230,8 @@ class Unlearn:
         scan_started = time.perf_counter()
         triggers, sources, scan_summary = gather_triggers(model, train, ctx, self.scan, self.scan_steps,
                                                           self.scan_all_classes, self.scan_wave, self.scan_keys,
-                                                          self.scan_roam, self.roam_audit, self.scan_noise_kind)
+                                                          self.scan_roam, self.roam_audit,
+                                                          noise=self.scan_noise_kind)
         if scan_summary is not None:
             timings["scan"] = round(time.perf_counter() - scan_started, 3)
         tie, pick = SELECT_RULES[self.select]
