@@ -67,10 +67,10 @@ def noise_forms(net, held: Holdout, num_classes: int, cfg: ScanSettings, seed: i
     channels = sorted({min(c, image_channels) for c in cfg.noise_channels})
     by_form, firsts = {}, {}
     for c in channels:
+        name = FORM_NAMES.get(c, f"{c}-channel")
         noise = noise_draws(cfg.noise_draws, held.image_size, seed, c).to(device)
-        by_form[FORM_NAMES.get(c, f"{c}-channel")] = noise_takes(net, held, num_classes, noise, cfg.noise_weight,
-                                                                 batch_size, device, bf16)
-        firsts[FORM_NAMES.get(c, f"{c}-channel")] = noise[0].expand(image_channels, -1, -1)
+        by_form[name] = noise_takes(net, held, num_classes, noise, cfg.noise_weight, batch_size, device, bf16)
+        firsts[name] = noise[0].expand(image_channels, -1, -1)
     names = list(by_form)
     table = torch.tensor([by_form[name] for name in names], dtype=torch.float64)
     best = table.argmax(0)
