@@ -115,7 +115,8 @@ class Unlearn:
     scan_steps: int = 300
     scan_all_classes: bool = False
     scan_wave: bool = True
-    scan_noise_kind: bool = False
+    # the noise kind too: default since its blind check (BENCHMARKS.md "Colour noise"; FMP and D-BR: opt-in)
+    scan_noise_kind: bool = True
     scan_keys: int = 0
     scan_roam: int = 4
     roam_audit: bool = False
