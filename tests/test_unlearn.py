@@ -492,13 +492,14 @@ def test_roam_audit_tries_a_roaming_patch_toward_each_class_a_suite_patch_was_fl
     seen = []
 
     def fake(*args, **kwargs):
-        seen.append(args[-1])
+        seen.append((args[-1], kwargs.get("noise")))
         raise RuntimeError("stop")
 
     monkeypatch.setattr(module, "gather_triggers", fake)
-    with pytest.raises(RuntimeError, match="stop"):
-        get_method("unlearn", roam_audit=True).run(model, fit, ctx)
-    assert seen == [True]
+    for params in ({"roam_audit": True}, {"scan_noise_kind": False}):
+        with pytest.raises(RuntimeError, match="stop"):
+            get_method("unlearn", **params).run(model, fit, ctx)
+    assert seen == [(True, True), (False, False)]  # the noise kind is searched by default (BENCHMARKS "Colour noise")
 
 
 def test_select_earliest_within_diff_se_asks_the_guard_for_the_earliest_tied_state(toy_poisoned, monkeypatch):
