@@ -17,6 +17,7 @@ import json
 import platform
 from pathlib import Path
 
+import extra_triggers  # noqa: F401  (registers the benchmark-only attacks)
 import torch
 
 from bdsan.allocator import keep_freed_memory

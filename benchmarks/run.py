@@ -28,6 +28,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import extra_triggers  # noqa: F401  (registers the benchmark-only attacks)
 import torch
 
 from bdsan.allocator import keep_freed_memory

@@ -33,6 +33,7 @@ import re
 import time
 from pathlib import Path
 
+import extra_triggers  # noqa: F401  (registers the benchmark-only attacks)
 import torch
 
 from bdsan.allocator import keep_freed_memory
