@@ -187,6 +187,7 @@ def test_fmp_fine_tunes_with_scan_triggers_when_the_audit_knows_none():
     result = fmp.run(model, fit, Context(seed=0, batch_size=256, max_acc_drop=3.0))
     finetune = result.details["finetune"]
     assert finetune["scan"]["suspected_target"] == scan_helpers.UNKNOWN_TARGET
+    assert set(finetune["scan"]["noise"]) == {"take", "form"}  # the noise kind is searched by default
     assert finetune["trigger_sources"] and all(t["source"] == "scan" for t in finetune["trigger_sources"])
     assert finetune["few_images_per_class"] is False and finetune["known_trigger_fraction"] == 0.5
     assert trigger_asr(result.model, verify.x, verify.y) <= 0.2

@@ -347,7 +347,8 @@ class FMP:
     scan: bool | str | None = None
     scan_steps: int = 300
     scan_wave: bool = True
-    scan_noise_kind: bool = False
+    # the noise kind too: default since its blind check (BENCHMARKS.md "FMP with the noise kind …")
+    scan_noise_kind: bool = True
     scan_keys: int = 0
     scan_roam: int | None = None
     rank_precision: str = "auto"
