@@ -11,9 +11,11 @@ RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bdsan_bench_run", RUN_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(RUN_PY.parent))  # as `python benchmarks/run.py` does: its sibling modules import
+        spec = importlib.util.spec_from_file_location("bdsan_bench_run", RUN_PY)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module
 
 
