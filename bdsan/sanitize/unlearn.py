@@ -115,7 +115,7 @@ class Unlearn:
     scan_steps: int = 300
     scan_all_classes: bool = False
     scan_wave: bool = True
-    # the noise kind too: default since its blind check (BENCHMARKS.md "Colour noise"; FMP and D-BR: opt-in)
+    # the noise kind too: default since its blind check (BENCHMARKS.md "Colour noise"; FMP too, D-BR opt-in)
     scan_noise_kind: bool = True
     scan_keys: int = 0
     scan_roam: int = 4
