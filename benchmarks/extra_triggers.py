@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from bdsan.detectors.triggers import register_trigger
 from bdsan.errors import UsageError
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @functools.lru_cache(maxsize=8)
