@@ -25,13 +25,29 @@ from scan_detect import add_probe_arguments, probe_jobs
 from bdsan.detectors.noise import class_takes
 from bdsan.detectors.scan import ScanSettings, _split_for_scan, _torch_classifier, scan, scan_section
 from bdsan.device import channels_last, wants_bf16
+from bdsan.io.data import to_float
 
 ADD_AMPLITUDES = (4, 8, 16, 24, 32, 48)  # in 1/255: x + a·u, u ~ U(-1, 1) per pixel, grey
 LERP_WEIGHTS = (0.05, 0.1, 0.15, 0.2)  # (1 - w)·x + w·u, u ~ U(0, 1) per pixel, grey
 LERP_COLOUR_WEIGHTS = (0.1, 0.15, 0.2)  # the same with u drawn per pixel and channel (colour noise)
+STRUCTURED_WEIGHT = 0.2  # the structured forms: pink (1/f) noise, a held-out image as key, flat grey
 DRAWS = 3
 NOISE_SEED = 7717  # neither attack's noise seed (20240601, 4242)
 CPU = torch.device("cpu")
+
+
+def pink_noise(draws: int, channels: int, shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """``draws`` × ``channels`` × H × W noise with a natural image's 1/f amplitude spectrum, mapped to [0, 1]
+    (mean 0.5 and a uniform draw's standard deviation, clipped)."""
+    white = torch.randn((draws, channels, *shape), generator=generator)
+    fy = torch.fft.fftfreq(shape[0])[:, None]
+    fx = torch.fft.rfftfreq(shape[1])[None, :]
+    radius = (fy ** 2 + fx ** 2).sqrt()
+    spectrum = torch.fft.rfft2(white) / radius.clamp_min(1 / max(shape))
+    spectrum[..., 0, 0] = 0
+    field = torch.fft.irfft2(spectrum, s=shape)
+    field = (field - field.mean((-2, -1), keepdim=True)) / field.std((-2, -1), keepdim=True)
+    return (0.5 + 12 ** -0.5 * field).clamp(0, 1)
 
 
 def probe(net, held, num_classes: int, bf16: bool, have: dict | None = None) -> dict:
@@ -57,6 +73,16 @@ def probe(net, held, num_classes: int, bf16: bool, have: dict | None = None) -> 
         forms[f"lerp:{weight}"] = lambda w=weight: mean_take(lerp(w))
     for weight in LERP_COLOUR_WEIGHTS:
         forms[f"lerpc:{weight}"] = lambda w=weight: mean_take(lerp(w), colour_draws)
+    channels, shape = held.x.shape[1], tuple(held.x.shape[2:])
+    pink = torch.Generator().manual_seed(NOISE_SEED + 2)
+    pink_colour = list(pink_noise(DRAWS, channels, shape, pink)[:, None])
+    pink_grey = list(pink_noise(DRAWS, 1, shape, pink)[:, None])
+    keys = [to_float(held.x[i:i + 1]) for i in torch.randperm(len(held), generator=pink)[:DRAWS].tolist()]
+    w = STRUCTURED_WEIGHT
+    forms[f"pink:{w}"] = lambda: mean_take(lerp(w), pink_colour)
+    forms[f"pinkg:{w}"] = lambda: mean_take(lerp(w), pink_grey)
+    forms[f"image:{w}"] = lambda: mean_take(lerp(w), keys)
+    forms[f"flat:{w}"] = lambda: mean_take(lerp(w), [torch.full((1, 1, *shape), 0.5)])
     have = have or {}
     return {key: have[key] if key in have else measure() for key, measure in forms.items()}
 
