@@ -215,6 +215,8 @@ def scan_run(job: dict, seed: int, args) -> dict:
     kinds = ({"kinds": tuple(args.kinds)} if args.kinds else {}) | ({"keep": args.keep} if args.keep else {})
     if args.blend_ratio is not None:
         kinds["blend_max_norm_ratio"] = args.blend_ratio
+    if args.mix_ratio is not None:
+        kinds["mix_max_norm_ratio"] = args.mix_ratio
     if args.noise_channels:
         kinds["noise_channels"] = tuple(args.noise_channels)
     section = scan_section(scan(job["model"], job["holdout"], steps=args.steps, seed=seed, device=args.device,
@@ -229,7 +231,8 @@ def scan_run(job: dict, seed: int, args) -> dict:
            "anomalous_kinds": section["anomalous_kinds"], "steps_run": section["steps_run"],
            "bf16": section.get("bf16"),
            "mask_l1": section.get("mask_l1"), "patch_index": section.get("anomaly_index"),
-           "patch_flip": section.get("flip_rate"), "blend": section.get("blend"), "wave": section.get("wave"),
+           "patch_flip": section.get("flip_rate"), "blend": section.get("blend"), "mix": section.get("mix"),
+           "wave": section.get("wave"),
            "noise": section.get("noise")}
     asr = job["implant_asr"]
     if args.defend and "toy" in job and asr is not None and asr >= 0.5:
@@ -261,6 +264,8 @@ def main() -> None:
     parser.add_argument("--keep", default=None, choices=("after-step", "measured"),
                         help="the scan's ScanSettings.keep: which trigger tensors a successful batch keeps (default: "
                              "the scan's, measured; after-step before 2026-12-04)")
+    parser.add_argument("--mix-ratio", type=float, default=None,
+                        help="the mix kind's size test, ScanSettings.mix_max_norm_ratio")
     parser.add_argument("--blend-ratio", type=float, default=None,
                         help="the blend kind's size test, ScanSettings.blend_max_norm_ratio (default: the scan's, 0.3)")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),

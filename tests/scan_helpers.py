@@ -17,6 +17,19 @@ def unknown_patch_toy():
     return train_toy_model(trigger=top_left_patch, target=UNKNOWN_TARGET, seed=1)
 
 
+def blended_picture(x: torch.Tensor) -> torch.Tensor:
+    """An image-blend trigger: a fixed smooth colour picture (seeded 4×4 colours, upsampled) blended at 0.2."""
+    low = torch.rand((1, 3, 4, 4), generator=torch.Generator().manual_seed(5))
+    picture = torch.nn.functional.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)[0]
+    return torch.lerp(x, picture.to(x.device, x.dtype).expand_as(x), 0.2)
+
+
+@functools.lru_cache(maxsize=1)
+def picture_blend_toy():
+    """ToyModel backdoored with ``blended_picture`` → class 2; trained once per session."""
+    return train_toy_model(trigger=blended_picture, target=UNKNOWN_TARGET, seed=1)
+
+
 @functools.lru_cache(maxsize=1)
 def sig_toy():
     """ToyModel backdoored with SIG's sine (``sig``, across the columns) → class 2; trained once per session."""

@@ -365,6 +365,52 @@ def test_the_blend_kind_has_its_own_size_test():
     assert not kind_verdict(norms, flips, settings, kind="patch")[1].any()  # the patch kind keeps 0.3
 
 
+def test_mix_kind_flags_an_image_blend_and_not_a_clean_model(toy_clean):
+    """The opt-in mix kind (x' = (1−α)·x + α·p, one α per class) flags the target of a picture blended at 0.2 with
+    the smallest α, and its reconstruction flips held-out images; a clean model's classes are all ordinary."""
+    assert "mix" not in ScanSettings().kinds  # opt-in until its blind check
+    toy = scan_helpers.picture_blend_toy()
+    assert scan_helpers.trigger_asr(toy.model.normalized(), toy.holdout.x, toy.holdout.y,
+                                    trigger=scan_helpers.blended_picture) > 0.9
+    result = scan(toy.model, toy.holdout, steps=SCAN_STEPS, seed=0, device="cpu", kinds=("mix",))
+    section = scan_section(result)
+    alpha = np.asarray(section["mix"]["alpha"])
+    assert section["anomalous_kinds"] == {str(TARGET): ["mix"]} and section["suspected_target"] == TARGET
+    assert alpha.argmin() == TARGET and alpha[TARGET] <= ScanSettings().mix_max_norm_ratio * np.median(alpha)
+    assert section["mask_l1"] is None and section["flip_rate"] == section["mix"]["flip_rate"]
+    json.dumps(section)
+    found = anomalous_triggers(result)
+    assert [t.params["kind"] for t in found] == ["mix"]
+    held = toy.holdout.x[toy.holdout.y != TARGET].float() / 255
+    stamped = found[0](held)
+    with torch.no_grad():
+        assert toy.model.normalized()(stamped).argmax(1).eq(TARGET).float().mean() >= 0.5
+    kept = found[0](torch.ones_like(held[:1])) - found[0](torch.zeros_like(held[:1]))  # (1 − α) of x, everywhere
+    assert torch.allclose(kept, torch.full_like(kept, 1 - float(alpha[TARGET])), atol=1e-4)
+    clean = scan_section(scan(toy_clean.model, toy_clean.holdout, steps=SCAN_STEPS, seed=0, device="cpu",
+                              kinds=("mix",)))
+    assert clean["anomalous"] is False
+
+
+def test_adding_the_mix_kind_leaves_the_other_kinds_as_they_were(unknown_patch_toy, unknown_patch_scan):
+    """The mix kind is optimised as a problem of its own: the patch kind's triggers and verdict do not change."""
+    both = scan_section(scan(unknown_patch_toy.model, unknown_patch_toy.holdout, steps=SCAN_STEPS, seed=0,
+                             device="cpu", kinds=("patch", "mix")))
+    alone = scan_section(unknown_patch_scan)
+    assert np.allclose(both["mask_l1"], alone["mask_l1"], rtol=1e-3), (both["mask_l1"], alone["mask_l1"])
+    assert both["anomaly_index"] == pytest.approx(alone["anomaly_index"], abs=1e-2)
+    assert both["anomalous_kinds"][str(TARGET)][0] == "patch" and "mix_steps_run" in both
+    assert len(both["mix"]["alpha"]) == len(both["mask_l1"]) and set(both["reached_success"]) == {"patch", "mix"}
+
+
+def test_the_mix_kind_has_its_own_size_test():
+    alphas = np.array([0.06, 0.14, 0.13, 0.15, 0.12, 0.16, 0.14, 0.15])  # the target at 0.43 of the median
+    flips = np.full(8, 0.8)
+    assert not kind_verdict(alphas, flips, ScanSettings(mix_max_norm_ratio=0.35), kind="mix")[1].any()
+    flagged = kind_verdict(alphas, flips, ScanSettings(mix_max_norm_ratio=0.5, max_norm_ratio=0.35), kind="mix")[1]
+    assert flagged.tolist() == [True] + [False] * 7
+
+
 def test_further_keys_avoid_the_first_reconstruction_and_flip_toward_its_class(unknown_patch_toy, unknown_patch_scan):
     first = next(t for t in anomalous_triggers(unknown_patch_scan) if t.params["kind"] == "patch")
     keys = further_patch_keys(unknown_patch_toy.model, unknown_patch_toy.holdout, first, 2, steps=SCAN_STEPS, seed=0,

@@ -8,6 +8,10 @@ batched problem (each step forwards (2K)×B stamped images, chunked by ``batch_s
 * ``blend``: x' = clip(x + δ), δ = ε·tanh(d) (C×H×W, full image); loss = CE + λ_t·mean(|δ|). Covers blended and
   additive triggers (noise blends, low-frequency) that no small mask reproduces. It does not single out SIG: a
   sine of amplitude 40/255 is larger than the universal perturbation any class has (BENCHMARKS.md, scan).
+* ``mix`` (opt-in): x' = (1−α)·x + α·p, one α = sigmoid(a) per class (a constant full-image mask) and p = sigmoid(b)
+  (C×H×W); loss = CE + λ_t·α. The form of an image-blend attack (a fixed picture blended at 0.2), whose key is
+  too large for the blend kind's small δ and spread over the whole image, where a patch mask finds cheaper local
+  answers for clean classes (BENCHMARKS.md, "Natural-image blends").
 
 A third kind, ``wave`` (a default since it passed a blind test), is searched, not optimised: SIG's own family, per
 class the grey plane wave (rows or columns, 1–``wave_periods`` periods, four phases, amplitude ``wave_amplitude``)
@@ -69,8 +73,10 @@ from .waves import best_waves, edge_ratios, plane_waves, wave_name, wave_rates, 
 
 log = logging.getLogger("bdsan.scan")
 
-KINDS = ("patch", "blend", "wave", "noise")
-OPTIMISED_KINDS = ("patch", "blend")
+KINDS = ("patch", "blend", "wave", "noise", "mix")
+DEFAULT_KINDS = ("patch", "blend", "wave", "noise")
+OPTIMISED_KINDS = ("patch", "blend", "mix")
+MIX_ALPHA_INIT = -2.0  # the mix kind's initial α logit: sigmoid(−2) ≈ 0.12
 SCRAMBLE_DRAWS = 4  # pixel shuffles averaged by the wave kind's structure control
 MAD_TO_SIGMA = 1.4826
 
@@ -94,11 +100,13 @@ class ScanSettings:
     max_norm_ratio: float = 0.35  # 0.3 before blind seed 13 (BENCHMARKS.md, "the wave kind's edge rule, and blind seed 12")
     # the blend kind's size test (BENCHMARKS.md, "Seeds 10 (development) and 11 (blind)": 0.75 gave a false positive)
     blend_max_norm_ratio: float = 0.3
+    # the mix kind's size test: α ≤ this · the median class's α
+    mix_max_norm_ratio: float = 0.35
     # "measured": keep the tensors a successful batch's success was measured on (BENCHMARKS.md "Why the noise
     # blend's reconstruction did not generalise"; the default since blind seed 11); "after-step": as they are after
     # the optimiser step that followed (the default before; the defenses' scans keep it)
     keep: str = "measured"
-    kinds: tuple[str, ...] = KINDS
+    kinds: tuple[str, ...] = DEFAULT_KINDS
     # the wave kind: no optimisation, a search over grey plane waves (BENCHMARKS.md, "the best plane wave")
     wave_amplitude: float = 32 / 255
     wave_periods: int = 12
@@ -130,7 +138,7 @@ class ScanSettings:
 
 
 class TriggerBank:
-    """K triggers per kind (patch, blend) as stacked tensors; :meth:`parts` gives them in pixel space."""
+    """K triggers per kind (patch, blend, mix) as stacked tensors; :meth:`parts` gives them in pixel space."""
 
     def __init__(self, kinds: tuple[str, ...], num_classes: int, shape: tuple[int, int, int], epsilon: float,
                  mask_init: float, generator: torch.Generator, device: torch.device):
@@ -145,27 +153,32 @@ class TriggerBank:
         if "blend" in kinds:
             delta = 0.05 * torch.randn(num_classes, channels, height, width, generator=generator)
             self.params["blend"] = [delta.to(device).requires_grad_()]
+        if "mix" in kinds:
+            alpha = torch.full((num_classes, 1, 1, 1), MIX_ALPHA_INIT)
+            pattern = 2.0 * torch.randn(num_classes, channels, height, width, generator=generator)
+            self.params["mix"] = [alpha.to(device).requires_grad_(), pattern.to(device).requires_grad_()]
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for kind in self.kinds for t in self.params[kind]]
 
     def parts(self, kind: str) -> dict[str, torch.Tensor]:
-        """The trigger in pixel space: ``mask``/``pattern`` (patch) or ``delta`` (blend), K-stacked."""
-        if kind == "patch":
-            mask, pattern = self.params["patch"]
+        """The trigger in pixel space: ``mask``/``pattern`` (patch; mix: a 1×1×1 mask) or ``delta`` (blend),
+        K-stacked."""
+        if kind in ("patch", "mix"):
+            mask, pattern = self.params[kind]
             return {"mask": torch.sigmoid(mask), "pattern": torch.sigmoid(pattern)}
         return {"delta": self.epsilon * torch.tanh(self.params["blend"][0])}
 
     def norms(self, kind: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-class size: mean mask value (patch) or mean |δ| (blend)."""
-        if kind == "patch":
+        """Per-class size: mean mask value (patch; mix: α) or mean |δ| (blend)."""
+        if kind in ("patch", "mix"):
             return parts["mask"].flatten(1).mean(1)
         return parts["delta"].abs().flatten(1).mean(1)
 
 
 def _stamp(kind: str, parts: dict[str, torch.Tensor], rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Apply trigger rows ``rows`` (one per image) of one kind to images ``x`` in [0,1] (noise: patch-form)."""
-    if kind in ("patch", "noise"):
+    """Apply trigger rows ``rows`` (one per image) of one kind to images ``x`` in [0,1] (noise, mix: patch-form)."""
+    if kind in ("patch", "noise", "mix"):
         mask, pattern = parts["mask"][rows], parts["pattern"][rows]
         return (1 - mask) * x + mask * pattern
     return (x + parts["delta"][rows]).clamp(0, 1)
@@ -241,13 +254,8 @@ def scan(model: LoadedModel, holdout: Holdout, *, steps: int = 200, batch_size: 
     if len(holdout) < 2 * num_classes:
         raise DataError(f"scan needs at least 2 holdout images per class; got {len(holdout)} for {num_classes}")
     opt, held = _split_for_scan(holdout, cfg.eval_fraction, seed)
-    optimised = tuple(kind for kind in cfg.kinds if kind in OPTIMISED_KINDS)
     with frozen_classifier(model, device) as net:
-        if optimised:
-            bank, trace = _optimise(net, opt, num_classes, replace(cfg, kinds=optimised), batch_size, seed,
-                                    device, progress, bf16)
-        else:
-            bank, trace = {}, {"steps_run": 0, "reached_success": []}
+        bank, trace = _optimise_groups(net, opt, num_classes, cfg, batch_size, seed, device, progress, bf16)
         if "wave" in cfg.kinds:
             bank["wave"], trace["wave"] = _wave_search(net, opt, num_classes, cfg, batch_size, device, bf16)
         flip = {kind: _flip_rates(net, bank[kind], kind, held, num_classes, batch_size, device, bf16)
@@ -264,6 +272,30 @@ def scan(model: LoadedModel, holdout: Holdout, *, steps: int = 200, batch_size: 
     result["images"] = _render_pngs(bank, result, held, sample_images)
     result["time_s"] = round(time.perf_counter() - started, 3)
     return result
+
+
+def _optimise_groups(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_size: int, seed: int,
+                     device: torch.device, progress, bf16: bool = False) -> tuple[dict, dict]:
+    """The optimised kinds in two problems: patch and blend together (as every verdict before the mix kind was
+    measured), then mix on its own, so that adding it leaves the others' triggers as they were. The trace's
+    ``reached_success`` is per kind; ``steps_run`` is the first problem's (``mix_steps_run`` the mix kind's)."""
+    first = tuple(kind for kind in cfg.kinds if kind in OPTIMISED_KINDS and kind != "mix")
+    groups = [group for group in (first, ("mix",) if "mix" in cfg.kinds else ()) if group]
+    bank: dict = {}
+    trace: dict = {"steps_run": 0, "reached_success": {}}
+    for number, group in enumerate(groups):
+        offset = number * cfg.steps
+        report = (lambda done, _total, o=offset: progress(o + done, len(groups) * cfg.steps)) if progress else None
+        part, part_trace = _optimise(net, opt, num_classes, replace(cfg, kinds=group), batch_size, seed, device,
+                                     report, bf16)
+        bank |= part
+        for index, kind in enumerate(group):
+            trace["reached_success"][kind] = part_trace["reached_success"][index * num_classes:(index + 1) * num_classes]
+        if number == 0:
+            trace["steps_run"] = part_trace["steps_run"]
+        if group == ("mix",):
+            trace["mix_steps_run"] = part_trace["steps_run"]
+    return bank, trace
 
 
 def _optimise(net, opt: Holdout, num_classes: int, cfg: ScanSettings, batch_size: int, seed: int,
@@ -430,12 +462,12 @@ def kind_verdict(norms: np.ndarray, flips: np.ndarray, cfg: ScanSettings, index:
     """One kind's per-class trigger sizes and held-out flip rates → (anomaly index, anomalous, ranking score).
 
     Anomalous: index > ``anomaly_threshold``, flip ≥ ``flip_threshold`` and size ≤ ratio·median size, the ratio
-    being ``max_norm_ratio`` (patch) or ``blend_max_norm_ratio`` (blend). The ranking score is the index where the
+    being ``max_norm_ratio`` (patch), ``blend_max_norm_ratio`` (blend) or ``mix_max_norm_ratio`` (mix). The ranking score is the index where the
     trigger generalises (flip ≥ ``flip_threshold``), else −∞. ``index`` replaces :func:`_anomaly_index`
     (``benchmarks/rescore_scan.py`` compares index rules this way)."""
     index = _anomaly_index(norms) if index is None else index
     generalises = flips >= cfg.flip_threshold
-    ratio = cfg.blend_max_norm_ratio if kind == "blend" else cfg.max_norm_ratio
+    ratio = {"blend": cfg.blend_max_norm_ratio, "mix": cfg.mix_max_norm_ratio}.get(kind, cfg.max_norm_ratio)
     small = norms <= ratio * float(np.median(norms))
     return index, (index > cfg.anomaly_threshold) & generalises & small, np.where(generalises, index, -np.inf)
 
@@ -447,10 +479,11 @@ def _verdict(bank: dict, flip: dict, cfg: ScanSettings, holdout: Holdout, model:
     section: dict = {"kinds": list(cfg.kinds), "n": len(holdout), "n_opt": len(opt), "n_eval": len(held),
                      "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
                      "steps_run": trace["steps_run"], "bf16": trace["bf16"], "reached_success": {}}
+    if "mix_steps_run" in trace:
+        section["mix_steps_run"] = trace["mix_steps_run"]
     scores = np.full(num_classes, -np.inf)
     anomalous_classes: set[int] = set()
     flagged_kinds: dict[int, list[str]] = {}
-    optimised = [kind for kind in cfg.kinds if kind in OPTIMISED_KINDS]
     for kind in cfg.kinds:
         flips = np.asarray(flip[kind])
         if kind == "wave":  # an absolute test: no size to compare, every class has a best wave
@@ -470,6 +503,8 @@ def _verdict(bank: dict, flip: dict, cfg: ScanSettings, holdout: Holdout, model:
         parts = bank[kind]
         if kind == "patch":
             norms = parts["mask"].flatten(1).sum(1).cpu().numpy()  # mask L1 in pixels
+        elif kind == "mix":
+            norms = parts["mask"].flatten(1).mean(1).cpu().numpy()  # α
         else:
             norms = parts["delta"].abs().flatten(1).mean(1).cpu().numpy()  # mean |δ| per pixel and channel
         index, flagged, kind_scores = kind_verdict(norms, flips, cfg, kind=kind)
@@ -477,20 +512,22 @@ def _verdict(bank: dict, flip: dict, cfg: ScanSettings, holdout: Holdout, model:
             anomalous_classes.add(int(cls))
             flagged_kinds.setdefault(int(cls), []).append(kind)
         scores = np.maximum(scores, kind_scores)
-        kind_index = optimised.index(kind)
-        reached = trace["reached_success"][kind_index * num_classes:(kind_index + 1) * num_classes]
-        section["reached_success"][kind] = [bool(v) for v in reached]
+        section["reached_success"][kind] = [bool(v) for v in trace["reached_success"][kind]]
         if kind == "patch":
             section["mask_l1"] = [float(v) for v in norms]
             section["mask_fraction"] = [float(v) / (height * width) for v in norms]
             section["flip_rate"] = [float(v) for v in flips]
             section["anomaly_index"] = [float(v) for v in index]
+        elif kind == "mix":
+            section["mix"] = {"alpha": [float(v) for v in norms], "flip_rate": [float(v) for v in flips],
+                              "anomaly_index": [float(v) for v in index]}
         else:
             section["blend"] = {"mean_abs_delta": [float(v) for v in norms], "flip_rate": [float(v) for v in flips],
                                 "anomaly_index": [float(v) for v in index]}
     if "patch" not in cfg.kinds:  # the SPEC names stay meaningful with --kinds blend (or wave)
-        searched = section.get("wave", {}).get("flip_rate") or section["noise"]["take"]
-        fallback = section.get("blend") or {"flip_rate": searched, "anomaly_index": [None] * num_classes}
+        fallback = section.get("blend") or section.get("mix") or {
+            "flip_rate": section.get("wave", {}).get("flip_rate") or section["noise"]["take"],
+            "anomaly_index": [None] * num_classes}
         section["mask_l1"], section["flip_rate"] = None, fallback["flip_rate"]
         section["anomaly_index"] = fallback["anomaly_index"]
     if anomalous_classes:  # the suspect is a flagged class: the highest score, then the best wave
@@ -564,7 +601,7 @@ def _render_pngs(bank: dict, section: dict, held: Holdout, sample_images: int) -
         parts = bank[kind]
         num_classes = len(next(iter(parts.values())))
         for cls in range(num_classes):
-            if kind in ("patch", "noise"):
+            if kind in ("patch", "noise", "mix"):
                 mask, pattern = parts["mask"][cls], parts["pattern"][cls]
                 view = torch.cat([pattern * mask, mask.expand_as(pattern)], dim=2)
             else:

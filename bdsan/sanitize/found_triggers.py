@@ -23,6 +23,8 @@ SCAN_SKIP_NET_ASR = 0.9
 # backdoored 86% CIFAR-10 models answer one anywhere (95.7–99.8%), a clean twin does not (3.5%), nor does a network
 # whose backdoor is tied to one place (the tests' tiny_cnn: 0%)
 ROAM_MIN_FLIP = 0.5
+# the optimised kinds of the defenses' fit-split scan: every unlearn/D-BR/FMP number was measured with these two
+DEFENSE_SCAN_KINDS = ("patch", "blend")
 
 
 def scan_mode(value: bool | str) -> str:
@@ -116,18 +118,18 @@ def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, a
     (``roaming_patch``), kept when it flips at least ``ROAM_MIN_FLIP`` of its images.
     """
     from ..detectors.keys import further_patch_keys, roaming_patch
-    from ..detectors.scan import OPTIMISED_KINDS, anomalous_triggers, scan, scan_section
+    from ..detectors.scan import anomalous_triggers, scan, scan_section
 
     started = time.perf_counter()
     loaded = from_module(model, "module", train.num_classes, Preprocessing(), list(train.classes))
     # patch and blend with the selection and size tests every unlearn/D-BR/FMP number was measured with; the
     # detection scan's later defaults (keep=measured, patch size test 0.35) were chosen for detection
-    kinds = OPTIMISED_KINDS + (("wave",) if wave else ()) + (("noise",) if noise else ())
+    kinds = DEFENSE_SCAN_KINDS + (("wave",) if wave else ()) + (("noise",) if noise else ())
     result = scan(loaded, train, steps=steps, batch_size=ctx.batch_size, device=ctx.device, seed=ctx.seed,
                   kinds=kinds, keep="after-step", max_norm_ratio=0.3, blend_max_norm_ratio=0.3,
                   noise_channels=(1, 3))
     model.eval()
-    usable = [t for t in result["reconstructed"] if t.params["kind"] in OPTIMISED_KINDS or t.params["anomalous"]]
+    usable = [t for t in result["reconstructed"] if t.params["kind"] in DEFENSE_SCAN_KINDS or t.params["anomalous"]]
     if all_classes:
         found = usable
     else:

@@ -56,9 +56,9 @@ def test_cli_refuses_an_unknown_scan_kind_before_any_work(run_cli, clean_safeten
 
 def test_cli_default_scan_kinds_are_the_scans_own():
     from bdsan.cli import SCAN_KINDS_DEFAULT, SCAN_KINDS_HELP
-    from bdsan.detectors.scan import KINDS, ScanSettings
+    from bdsan.detectors.scan import DEFAULT_KINDS, KINDS, ScanSettings
 
-    assert SCAN_KINDS_DEFAULT == ",".join(KINDS) == ",".join(ScanSettings().kinds)
+    assert SCAN_KINDS_DEFAULT == ",".join(DEFAULT_KINDS) == ",".join(ScanSettings().kinds)
     assert all(f"{kind} " in SCAN_KINDS_HELP for kind in KINDS)  # the help explains every kind
 
 
