@@ -88,6 +88,20 @@ def test_scan_noise_kind_hands_a_flagged_class_its_noise_blend():
     assert scan_helpers.ColourSink()(noise[0](x)).argmax(1).eq(0).all()
 
 
+def test_scan_mix_kind_hands_a_flagged_class_its_picture_blend():
+    """``scan_mix_kind`` (unlearn, opt-in): the defenses' scan optimises the mix kind too, and the class of a
+    picture-blend backdoor gets its mix reconstruction as a found trigger, which flips images to it."""
+    toy = scan_helpers.picture_blend_toy()
+    net = toy.model.normalized().eval()
+    found, summary = scan_fit_split(net, toy.holdout, Context(), steps=150, mix=True)
+    mix = [t for t in found if t.params["kind"] == "mix"]
+    assert [t.params["target"] for t in mix] == [scan_helpers.UNKNOWN_TARGET] and mix[0].params["anomalous"]
+    assert min(range(5), key=summary["mix"]["alpha"].__getitem__) == scan_helpers.UNKNOWN_TARGET
+    x = toy.holdout.x[toy.holdout.y != scan_helpers.UNKNOWN_TARGET].float() / 255
+    with torch.no_grad():
+        assert net(mix[0](x)).argmax(1).eq(scan_helpers.UNKNOWN_TARGET).float().mean() >= 0.5
+
+
 def _scan_wave() -> tuple[torch.Tensor, Trigger]:
     """(the change, a Trigger like the scan's wave kind): 2 periods of a 0.1 sine down the rows of 16×16 images."""
     rows_wave = torch.sin(2 * torch.pi * 2 * torch.arange(16) / 16).view(1, 1, 16, 1).expand(1, 3, 16, 16) * 0.1

@@ -48,7 +48,8 @@ def audit_found_backdoor(ctx: Context) -> bool:
 
 def gather_triggers(model: nn.Module, train: Holdout, ctx: Context, mode: str, steps: int,
                     all_classes: bool = False, wave: bool = False, keys: int = 0, roam: int = 0,
-                    roam_audit: bool = False, noise: bool = False) -> tuple[list, list[dict], dict | None]:
+                    roam_audit: bool = False, noise: bool = False, mix: bool = False
+                    ) -> tuple[list, list[dict], dict | None]:
     """(triggers, where each came from, scan summary or None): the audit's, then the scan's when ``mode`` says
     (``scan_mode``). ``roam_audit``: when the scan does not run, a ``roam``×``roam`` roaming patch toward each class
     a suite patch was flagged for at backdoor strength (``roam_from_audit``)."""
@@ -56,7 +57,7 @@ def gather_triggers(model: nn.Module, train: Holdout, ctx: Context, mode: str, s
     sources = [{"name": t.name, "source": "audit"} for t in triggers]
     summary = None
     if mode == "always" or (mode == "auto" and not audit_found_backdoor(ctx)) or (mode == "if-none" and not triggers):
-        found, summary = scan_fit_split(model, train, ctx, steps, all_classes, wave, keys, roam, noise)
+        found, summary = scan_fit_split(model, train, ctx, steps, all_classes, wave, keys, roam, noise, mix)
         triggers += found
         sources += [{"name": t.name, "source": "scan", "target": t.params["target"], "kind": t.params["kind"]}
                     for t in found]
@@ -105,14 +106,16 @@ def _kept_roaming(tried: list, started: float) -> tuple[list, dict]:
 
 
 def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, all_classes: bool = False,
-                   wave: bool = False, keys: int = 0, roam: int = 0, noise: bool = False) -> tuple[list, dict]:
+                   wave: bool = False, keys: int = 0, roam: int = 0, noise: bool = False, mix: bool = False
+                   ) -> tuple[list, dict]:
     """Run the scan on fit images; return its reconstructed triggers worth using and a summary.
 
     Without ``all_classes``: the anomalous classes' triggers, or — when none is anomalous and the audit knew no
     trigger — the most suspicious class's (a weak scan signal is still the best lead a small holdout gives).
     ``wave``: search the scan's ``wave`` kind too; a class's best plane wave is used only where it flagged the
     class (every class has a best wave, most of them mean nothing). ``noise``: search the noise kind too (grey and
-    colour noise blended at 0.2); a flagged class's noise blend is used, as a wave is. ``keys``: for each patch among them, up to
+    colour noise blended at 0.2); a flagged class's noise blend is used, as a wave is. ``mix``: optimise the mix
+    kind too (a full-image blend toward a picture); a flagged class's is used. ``keys``: for each patch among them, up to
     that many further patches toward its class on pixels it does not cover (``further_patch_keys``). ``roam``:
     for each patch among them, a ``roam``×``roam`` patch toward its class optimised and stamped at random positions
     (``roaming_patch``), kept when it flips at least ``ROAM_MIN_FLIP`` of its images.
@@ -124,7 +127,7 @@ def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, a
     loaded = from_module(model, "module", train.num_classes, Preprocessing(), list(train.classes))
     # patch and blend with the selection and size tests every unlearn/D-BR/FMP number was measured with; the
     # detection scan's later defaults (keep=measured, patch size test 0.35) were chosen for detection
-    kinds = DEFENSE_SCAN_KINDS + (("wave",) if wave else ()) + (("noise",) if noise else ())
+    kinds = DEFENSE_SCAN_KINDS + (("wave",) if wave else ()) + (("noise",) if noise else ()) + (("mix",) if mix else ())
     result = scan(loaded, train, steps=steps, batch_size=ctx.batch_size, device=ctx.device, seed=ctx.seed,
                   kinds=kinds, keep="after-step", max_norm_ratio=0.3, blend_max_norm_ratio=0.3,
                   noise_channels=(1, 3))
@@ -155,6 +158,8 @@ def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, a
                if k in section}
     if wave:
         summary["wave"] = {k: section["wave"][k] for k in ("flip_rate", "wave", "edge_ratio", "scrambled_flip_rate")}
+    if mix:
+        summary["mix"] = {k: section["mix"][k] for k in ("alpha", "flip_rate", "anomaly_index")}
     if noise:
         summary["noise"] = {k: section["noise"][k] for k in ("take", "form")}
     if keys > 0:

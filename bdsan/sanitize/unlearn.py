@@ -117,6 +117,8 @@ class Unlearn:
     scan_wave: bool = True
     # the noise kind too: default since its blind check (BENCHMARKS.md "Colour noise"; FMP too, D-BR opt-in)
     scan_noise_kind: bool = True
+    # the mix kind (a full-image blend toward an optimised picture, for image blends): opt-in, development only
+    scan_mix_kind: bool = False
     scan_keys: int = 0
     scan_roam: int = 4
     roam_audit: bool = False
@@ -232,7 +234,7 @@ class Unlearn:
         triggers, sources, scan_summary = gather_triggers(model, train, ctx, self.scan, self.scan_steps,
                                                           self.scan_all_classes, self.scan_wave, self.scan_keys,
                                                           self.scan_roam, self.roam_audit,
-                                                          noise=self.scan_noise_kind)
+                                                          noise=self.scan_noise_kind, mix=self.scan_mix_kind)
         if scan_summary is not None:
             timings["scan"] = round(time.perf_counter() - scan_started, 3)
         tie, pick = SELECT_RULES[self.select]
