@@ -404,11 +404,17 @@ def test_adding_the_mix_kind_leaves_the_other_kinds_as_they_were(unknown_patch_t
 
 
 def test_the_mix_kind_has_its_own_size_test():
-    alphas = np.array([0.06, 0.14, 0.13, 0.15, 0.12, 0.16, 0.14, 0.15])  # the target at 0.43 of the median
+    # α shaped like development GTSRB seed 46's image blend: the target at 0.43 of the median, which the patch
+    # kind's 0.35 would miss; the mix kind's own test is 0.5
+    alphas = np.array([0.06, 0.14, 0.13, 0.15, 0.12, 0.16, 0.14, 0.15])
     flips = np.full(8, 0.8)
-    assert not kind_verdict(alphas, flips, ScanSettings(mix_max_norm_ratio=0.35), kind="mix")[1].any()
-    flagged = kind_verdict(alphas, flips, ScanSettings(mix_max_norm_ratio=0.5, max_norm_ratio=0.35), kind="mix")[1]
-    assert flagged.tolist() == [True] + [False] * 7
+    assert ScanSettings().mix_max_norm_ratio == 0.5
+    assert kind_verdict(alphas, flips, ScanSettings(), kind="mix")[1].tolist() == [True] + [False] * 7
+    assert not kind_verdict(alphas, flips, ScanSettings(), kind="patch")[1].any()
+    # a clean class at 0.62 of the median (development GTSRB clean twin 236's lowest) is not flagged
+    clean = alphas.copy()
+    clean[0] = 0.087  # 0.62 of the median 0.14
+    assert not kind_verdict(clean, flips, ScanSettings(), kind="mix")[1].any()
 
 
 def test_further_keys_avoid_the_first_reconstruction_and_flip_toward_its_class(unknown_patch_toy, unknown_patch_scan):

@@ -100,8 +100,9 @@ class ScanSettings:
     max_norm_ratio: float = 0.35  # 0.3 before blind seed 13 (BENCHMARKS.md, "the wave kind's edge rule, and blind seed 12")
     # the blend kind's size test (BENCHMARKS.md, "Seeds 10 (development) and 11 (blind)": 0.75 gave a false positive)
     blend_max_norm_ratio: float = 0.3
-    # the mix kind's size test: α ≤ this · the median class's α
-    mix_max_norm_ratio: float = 0.35
+    # the mix kind's size test: α ≤ this · the median class's α; the geometric middle of the development image- and
+    # noise-blend targets' highest 0.438 and any other class's lowest 0.576 (BENCHMARKS.md, "The mix kind")
+    mix_max_norm_ratio: float = 0.5
     # "measured": keep the tensors a successful batch's success was measured on (BENCHMARKS.md "Why the noise
     # blend's reconstruction did not generalise"; the default since blind seed 11); "after-step": as they are after
     # the optimiser step that followed (the default before; the defenses' scans keep it)
