@@ -198,6 +198,8 @@ def _gated_rows(audit: dict) -> list[dict]:
     return list(audit.get("triggers") or []) + _sweep_rows(audit)
 
 
+MIX_NAME = "mix (a full-image blend toward a picture, as an image-blend backdoor)"
+
 def render_scan_table(scan: dict, class_names: list[str] | None = None) -> list[str]:
     """Lines for the scan section: per class the reconstructed trigger sizes, held-out flip rates, anomaly index."""
     verdict = ("ANOMALOUS: class(es) " + ", ".join(_class_label(c, class_names) for c in scan["anomalous_classes"])
@@ -206,8 +208,10 @@ def render_scan_table(scan: dict, class_names: list[str] | None = None) -> list[
               f"({scan.get('steps_run')} steps, {scan.get('time_s', 0):.1f} s, {scan.get('n_opt')} images optimised, "
               f"{scan.get('n_eval')} held out)")]
     blend, wave, noise = scan.get("blend") or {}, scan.get("wave") or {}, scan.get("noise") or {}
+    mix = scan.get("mix") or {}
     lines.append(f"  {'class':12s} {'mask px':>8s} {'flip':>7s} {'anomaly':>8s}" +
                  (f"  {'blend |δ|':>9s} {'flip':>7s} {'anomaly':>8s}" if blend else "") +
+                 (f"  {'mix α':>6s} {'flip':>7s} {'anomaly':>8s}" if mix else "") +
                  (f"  {'noise take':>10s}" if noise else "") +
                  (f"  {'wave flip':>9s}  best wave" if wave else ""))
     for cls in range(len(scan.get("flip_rate") or [])):
@@ -217,6 +221,8 @@ def render_scan_table(scan: dict, class_names: list[str] | None = None) -> list[
         if blend:
             row += (f"  {blend['mean_abs_delta'][cls]:9.4f} {_pct(blend['flip_rate'][cls]):>7s} "
                     f"{blend['anomaly_index'][cls]:8.2f}")
+        if mix:
+            row += f"  {mix['alpha'][cls]:6.3f} {_pct(mix['flip_rate'][cls]):>7s} {mix['anomaly_index'][cls]:8.2f}"
         if noise:
             row += f"  {_pct(noise['take'][cls]):>10s}"
         if wave:
@@ -255,7 +261,8 @@ def _scan_message(scan: dict, names: list[str] | None) -> str:
         return (f"Fresh {form} noise blended at {noise['weight']:.0%} sends {_pct(noise['take'][target])} of held-out "
                 f"images to class {_class_label(target, names)} (anomalous classes: {scan.get('anomalous_classes')}); "
                 f"the model likely has a noise-blend backdoor (clean benchmark models' noise sinks took at most 46%).")
-    kinds = ", ".join(kind for kind in found if kind not in ("wave", "noise")) or "patch/blend"
+    kinds = ", ".join(MIX_NAME if kind == "mix" else kind for kind in found if kind not in ("wave", "noise"))
+    kinds = kinds or "patch/blend"
     return (f"Trigger reverse-engineering found an anomalously small {kinds} trigger for class "
             f"{_class_label(target, names)} (anomalous classes: {scan.get('anomalous_classes')}); "
             f"the model likely has a backdoor with an unknown trigger.")

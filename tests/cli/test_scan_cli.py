@@ -134,3 +134,17 @@ def test_text_and_sarif_name_the_noise_that_flagged_a_class():
     report.scan["anomalous_kinds"] = {"1": ["patch", "noise"]}  # a small patch too: the patch message
     message = json.loads(render_sarif(report))["runs"][0]["results"][0]["message"]["text"]
     assert "anomalously small patch trigger for class 1" in message
+
+
+def test_text_and_sarif_name_the_mix_kind():
+    from bdsan.report import Report, render_sarif, render_text
+
+    report = Report("scan")
+    report.scan = {"anomalous": True, "anomalous_classes": [0], "anomalous_kinds": {"0": ["mix"]},
+                   "suspected_target": 0, "mask_l1": [40.0, 38.0, 39.0], "flip_rate": [0.6, 0.7, 0.7],
+                   "anomaly_index": [0.1, 0.2, 0.0], "steps_run": 50, "time_s": 1.0, "n_opt": 10, "n_eval": 10,
+                   "mix": {"alpha": [0.062, 0.141, 0.15], "flip_rate": [0.79, 0.7, 0.7], "anomaly_index": [4.24, 0, 0]}}
+    text = render_text(report)
+    assert "mix α" in text and " 0.062   79.0%     4.24  ANOMALOUS" in text
+    message = json.loads(render_sarif(report))["runs"][0]["results"][0]["message"]["text"]
+    assert "anomalously small mix (a full-image blend toward a picture" in message
