@@ -185,11 +185,11 @@ _REPORT_STREAM = None  # the real stdout while a --format json command runs
 
 SCAN_PRECISIONS = ("auto", "bf16", "fp32")  # bdsan.device.PRECISIONS, spelled out so --help never imports torch
 # the scan's default kinds, written out so that --help needs no torch import (a test checks it against the scan's)
-SCAN_KINDS_DEFAULT = "patch,blend,wave,noise"
+SCAN_KINDS_DEFAULT = "patch,blend,wave,noise,mix"
 SCAN_KINDS_HELP = ("Trigger kinds to look for: patch (mask + pattern) and blend (full-image additive) are "
                    "reverse-engineered; wave searches grey plane waves, SIG's family (about 40 s more on a CPU); "
                    "noise flags a class that fresh grey or colour noise blended at 0.2 sends ≥ 70% of images "
-                   "to (a noise-blend backdoor; a few seconds); mix (opt-in) reverse-engineers a full-image "
+                   "to (a noise-blend backdoor; a few seconds); mix reverse-engineers a full-image "
                    "blend toward an optimised picture, one weight per class (an image-blend backdoor).")
 SCAN_PRECISION_HELP = ("Arithmetic of the scan's passes: auto = bf16 on CUDA and on CPUs with native bf16 "
                        "(AVX512-BF16/AMX; about 2x faster there), fp32 elsewhere.")
