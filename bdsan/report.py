@@ -200,6 +200,7 @@ def _gated_rows(audit: dict) -> list[dict]:
 
 MIX_NAME = "mix (a full-image blend toward a picture, as an image-blend backdoor)"
 
+
 def render_scan_table(scan: dict, class_names: list[str] | None = None) -> list[str]:
     """Lines for the scan section: per class the reconstructed trigger sizes, held-out flip rates, anomaly index."""
     verdict = ("ANOMALOUS: class(es) " + ", ".join(_class_label(c, class_names) for c in scan["anomalous_classes"])

@@ -1,18 +1,20 @@
 """Trigger reverse-engineering for unknown triggers (Neural-Cleanse-style, ALGORITHMS.md §5 "scan").
 
-For every candidate target class t two triggers are optimised, all classes and both kinds stacked into one
-batched problem (each step forwards (2K)×B stamped images, chunked by ``batch_size``):
+For every candidate target class t three triggers are optimised: patch and blend with all classes stacked into one
+batched problem (each step forwards (2K)×B stamped images, chunked by ``batch_size``), then mix, all classes, as a
+second one:
 
 * ``patch``: x' = (1−m)·x + m·p with m = sigmoid(a) (1×H×W) and p = sigmoid(b) (C×H×W); loss = CE(f(x'), t)
   + λ_t·mean(m). A real patch backdoor needs a far smaller mask for its target than any clean class needs.
 * ``blend``: x' = clip(x + δ), δ = ε·tanh(d) (C×H×W, full image); loss = CE + λ_t·mean(|δ|). Covers blended and
   additive triggers (noise blends, low-frequency) that no small mask reproduces. It does not single out SIG: a
   sine of amplitude 40/255 is larger than the universal perturbation any class has (BENCHMARKS.md, scan).
-* ``mix`` (a default since its blind check: BENCHMARKS.md, "The mix kind"): x' = (1−α)·x + α·p, one α = sigmoid(a) per class (a constant full-image mask) and p = sigmoid(b)
-  (C×H×W); loss = CE + λ_t·α. The form of an image-blend attack (a fixed picture blended at 0.2), whose key is
-  too large for the blend kind's small δ and spread over the whole image, where a patch mask finds cheaper local
-  answers for clean classes (BENCHMARKS.md, "Natural-image blends"). Optimised as a problem of its own, after
-  patch and blend, so that it leaves their triggers as they were.
+* ``mix`` (a default since its blind check: BENCHMARKS.md, "The mix kind"): x' = (1−α)·x + α·p, one
+  α = sigmoid(a) per class (a constant full-image mask) and p = sigmoid(b) (C×H×W); loss = CE + λ_t·α. The form
+  of an image-blend attack (a fixed picture blended at 0.2), whose key is too large for the blend kind's small δ
+  and spread over the whole image, where a patch mask finds cheaper local answers for clean classes
+  (BENCHMARKS.md, "Natural-image blends"). Optimised as a problem of its own, after patch and blend, so that it
+  leaves their triggers as they were.
 
 A third kind, ``wave`` (a default since it passed a blind test), is searched, not optimised: SIG's own family, per
 class the grey plane wave (rows or columns, 1–``wave_periods`` periods, four phases, amplitude ``wave_amplitude``)
@@ -75,7 +77,7 @@ from .waves import best_waves, edge_ratios, plane_waves, wave_name, wave_rates, 
 log = logging.getLogger("bdsan.scan")
 
 KINDS = ("patch", "blend", "wave", "noise", "mix")
-DEFAULT_KINDS = ("patch", "blend", "wave", "noise", "mix")
+DEFAULT_KINDS = KINDS  # every kind since the mix kind's blind check
 OPTIMISED_KINDS = ("patch", "blend", "mix")
 MIX_ALPHA_INIT = -2.0  # the mix kind's initial α logit: sigmoid(−2) ≈ 0.12
 SCRAMBLE_DRAWS = 4  # pixel shuffles averaged by the wave kind's structure control
@@ -464,8 +466,8 @@ def kind_verdict(norms: np.ndarray, flips: np.ndarray, cfg: ScanSettings, index:
     """One kind's per-class trigger sizes and held-out flip rates → (anomaly index, anomalous, ranking score).
 
     Anomalous: index > ``anomaly_threshold``, flip ≥ ``flip_threshold`` and size ≤ ratio·median size, the ratio
-    being ``max_norm_ratio`` (patch), ``blend_max_norm_ratio`` (blend) or ``mix_max_norm_ratio`` (mix). The ranking score is the index where the
-    trigger generalises (flip ≥ ``flip_threshold``), else −∞. ``index`` replaces :func:`_anomaly_index`
+    being ``max_norm_ratio`` (patch), ``blend_max_norm_ratio`` (blend) or ``mix_max_norm_ratio`` (mix). The
+    ranking score is the index where the trigger generalises (flip ≥ ``flip_threshold``), else −∞. ``index`` replaces :func:`_anomaly_index`
     (``benchmarks/rescore_scan.py`` compares index rules this way)."""
     index = _anomaly_index(norms) if index is None else index
     generalises = flips >= cfg.flip_threshold
