@@ -96,6 +96,8 @@ def test_scan_mix_kind_hands_a_flagged_class_its_picture_blend():
     found, summary = scan_fit_split(net, toy.holdout, Context(), steps=150, mix=True)
     mix = [t for t in found if t.params["kind"] == "mix"]
     assert [t.params["target"] for t in mix] == [scan_helpers.UNKNOWN_TARGET] and mix[0].params["anomalous"]
+    # that class's patch and blend reconstructions come with it
+    assert {t.params["kind"] for t in found if t.params["target"] == scan_helpers.UNKNOWN_TARGET} >= {"patch", "blend"}
     assert min(range(5), key=summary["mix"]["alpha"].__getitem__) == scan_helpers.UNKNOWN_TARGET
     x = toy.holdout.x[toy.holdout.y != scan_helpers.UNKNOWN_TARGET].float() / 255
     with torch.no_grad():

@@ -139,6 +139,10 @@ def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, a
         found = anomalous_triggers(result)
         if not found and not ctx.known_triggers and result["suspected_target"] is not None:
             found = [t for t in usable if t.params["target"] == result["suspected_target"]]
+        # a class the mix kind flagged gets its patch and blend too, as an unflagged suspect does (development)
+        mixed = {t.params["target"] for t in found if t.params["kind"] == "mix"}
+        found += [t for t in usable if t.params["target"] in mixed and t not in found
+                  and t.params["kind"] in DEFENSE_SCAN_KINDS]
     if keys > 0:
         keys_started = time.perf_counter()
         found += [key for trigger in found if trigger.params["kind"] == "patch"
