@@ -1,5 +1,7 @@
 """Mix probe: the scan's patch kind with one mask value per class (x' = (1−α)·x + α·p, a full-image blend toward
-an optimised picture p), the form of an image-blend attack, on cached harness models and their clean twins.
+an optimised picture p), the form of an image-blend attack, on cached harness models and their clean twins. It
+measured the mix kind's development table (BENCHMARKS.md, "The mix kind") before the scan had the kind; the scan's
+own ``mix`` kind draws its picture's initial values differently (``scan_detect.py --kinds … mix`` runs it).
 
     PYTHONPATH=benchmarks python benchmarks/mix_probe.py --data /work/shared/data/cifar10.npz \
         --seed-attacks 50:blend_image:source=gtsrb32,index=0 --clean-per-seed 0 --out bench_out/mix-probe.json
@@ -15,7 +17,7 @@ import torch
 from scan_detect import add_probe_arguments, probe_jobs
 
 import bdsan.detectors.scan as scan_module
-from bdsan.detectors.scan import TriggerBank, scan, scan_section
+from bdsan.detectors.scan import MIX_ALPHA_INIT, TriggerBank, scan, scan_section
 
 
 class MixBank(TriggerBank):
@@ -24,11 +26,8 @@ class MixBank(TriggerBank):
     def __init__(self, kinds, num_classes, shape, epsilon, mask_init, generator, device):
         super().__init__(kinds, num_classes, shape, epsilon, mask_init, generator, device)
         if "patch" in kinds:
-            mask = torch.full((num_classes, 1, 1, 1), MASK_INIT)
+            mask = torch.full((num_classes, 1, 1, 1), MIX_ALPHA_INIT)
             self.params["patch"][0] = mask.to(device).requires_grad_()
-
-
-MASK_INIT = -2.0
 
 
 def main() -> None:
