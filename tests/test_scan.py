@@ -11,7 +11,13 @@ import torch
 from scan_helpers import UNKNOWN_TARGET
 
 from bdsan.cli import SCAN_PRECISIONS
-from bdsan.detectors.keys import KEY_MASK_CUTOFF, further_patch_keys, paste_at_random, roaming_patch
+from bdsan.detectors.keys import (
+    KEY_MASK_CUTOFF,
+    further_patch_keys,
+    mix_picture,
+    paste_at_random,
+    roaming_patch,
+)
 from bdsan.detectors.noise import noise_verdict
 from bdsan.detectors.scan import (
     ScanSettings,
@@ -474,6 +480,31 @@ def test_roaming_patch_finds_a_position_invariant_backdoor_and_not_a_missing_one
         with torch.no_grad():
             flips.append(float((model.module(stamped).argmax(1) == TARGET).float().mean()))
     assert flips[0] >= 0.9 and flips[1] == 0.0, flips
+
+
+class _RedMean(torch.nn.Module):
+    """Class 0 when an image's mean red value is above 0.6, class 1 otherwise."""
+
+    def forward(self, x):
+        red = x[:, 0].mean((1, 2))
+        return torch.stack([100 * (red - 0.6), torch.zeros_like(red)], 1)
+
+
+def test_mix_picture_finds_the_picture_a_blend_weight_allows_and_no_more():
+    """A picture blended at a fixed weight toward a class: on grey images (0.5) a network that answers a mean red
+    above 0.6 is reached at weight 0.5 by a red picture, and no picture reaches it at 0.1 (at most 0.55)."""
+    holdout = Holdout(torch.full((32, 3, 8, 8), 128, dtype=torch.uint8), torch.ones(32, dtype=torch.long), ["a", "b"])
+    flips = {}
+    for alpha in (0.5, 0.1):
+        found = mix_picture(_RedMean(), holdout, 0, alpha, steps=60, images_per_step=16, seed=0,
+                            name="refresh", params={"source": "scan", "target": 5})
+        assert found.name == "refresh" and found.params["kind"] == "mix" and found.params["target"] == 0
+        x = holdout.x.float().div(255)
+        assert torch.allclose(found.apply(x), (1 - alpha) * x + alpha * found.fn.parts["pattern"], atol=1e-6)
+        flips[alpha] = found.params["flip"]
+        if alpha == 0.5:
+            assert found.fn.parts["pattern"][0, 0].mean() > 0.7  # a red picture
+    assert flips == {0.5: 1.0, 0.1: 0.0}
 
 
 def test_paste_at_random_puts_the_patch_inside_the_image_and_is_differentiable():

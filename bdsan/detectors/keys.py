@@ -3,6 +3,8 @@
 A network backdoored with a random-colour patch answers fragments of its colours at many positions, and the
 scan's smallest reconstruction covers one of them: :func:`further_patch_keys` finds more such keys on pixels the
 earlier ones leave free, :func:`roaming_patch` optimises a small patch that works at any position.
+:func:`mix_picture` optimises a picture blended at a fixed weight toward a class against a network as it is now
+(unlearn re-optimises one each epoch for a class the mix kind flagged).
 """
 from __future__ import annotations
 
@@ -79,6 +81,36 @@ def roaming_patch(model: LoadedModel, holdout: Holdout, trigger, side: int, *, s
     patch = torch.sigmoid(logits).detach().cpu()
     params = dict(trigger.params) | {"roam": side, "flip": round(float(hits) / (min(steps, 8) * batch), 4)}
     return Trigger(f"{trigger.name}_roam", params, _RoamingPatch(patch, seed))
+
+
+def mix_picture(net: torch.nn.Module, others: Holdout, target: int, alpha: float, *, steps: int = 100,
+                images_per_step: int = 64, seed: int = 0, bf16: bool = False, name: str = "mix_picture",
+                params: dict | None = None):
+    """A picture p that, blended as (1−``alpha``)·x + ``alpha``·p on ``others`` (images of classes other than
+    ``target``, on ``net``'s device, [0,1] or uint8), sends them to ``target``: Adam on its logits (lr 0.1, a fresh
+    seeded start), cross-entropy to the class, for ``steps`` steps. ``net`` is used as it is (eval mode is the
+    caller's); only the picture gets gradients. Returns the mix-kind Trigger; ``flip`` in its params: the share of
+    the last 8 steps' images it sent to the class."""
+    device = others.x.device
+    generator = torch.Generator().manual_seed(seed)
+    logits = (2.0 * torch.randn(1, *others.x.shape[1:], generator=generator)).to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([logits], lr=0.1, betas=(0.5, 0.9))
+    batch = min(images_per_step, len(others))
+    labels = torch.full((batch,), target, device=device)
+    hits = torch.zeros((), device=device)
+    for step in range(steps):
+        x = to_float(others.x[torch.randint(len(others), (batch,), generator=generator).to(device)])
+        with precision_autocast(device, bf16):
+            out = net((1 - alpha) * x + alpha * torch.sigmoid(logits)).float()
+        (grad,) = torch.autograd.grad(F.cross_entropy(out, labels), [logits])
+        logits.grad = grad
+        optimizer.step()
+        if step >= steps - 8:
+            hits += (out.argmax(1) == labels).sum().detach()
+    parts = {"mask": torch.full((1, 1, 1, 1), float(alpha)), "pattern": torch.sigmoid(logits).detach().cpu()}
+    flip = round(float(hits) / (min(steps, 8) * batch), 4)
+    return Trigger(name, dict(params or {}) | {"kind": "mix", "target": target, "flip": flip},
+                   ReconstructedTrigger("mix", parts))
 
 
 def _toward_class(holdout: Holdout, trigger, device, precision: str) -> tuple[torch.device, bool, int, Holdout]:

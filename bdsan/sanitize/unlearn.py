@@ -6,7 +6,10 @@ flagged (``ctx.known_triggers``) and, with ``scan=auto`` unless one of those fir
 plane wave, stamped at a random phase with ``wave_phase=random``). For each patch the scan found, ``scan_roam`` adds
 a 4×4 patch optimised at random positions toward its class (kept when it flips at least half of its images) and
 ``scan_keys`` (opt-in) further reconstructions on pixels the first does not cover; ``roam_audit`` (experimental)
-adds a roaming patch toward each class a suite patch was flagged for when the scan does not run.
+adds a roaming patch toward each class a suite patch was flagged for when the scan does not run. With
+``scan_mix_kind`` (opt-in) the scan's mix kind is searched too, and with ``mix_refresh`` every epoch of the
+fine-tuning first optimises a fresh picture toward each mix-flagged class against the model as it is then, blended
+at the scan's median class's α (``mix_refresh_alpha``), and stamps it from then on (for image blends).
 
 1. **Prune** (``prune_schedule=fewest``): among the ``prune_ratio`` (1/64) of each conv layer's channels the found
    triggers excite most (FMP's ``rank=triggers`` on ``prune_images`` fit images), zero the fewest — most excited
@@ -56,6 +59,7 @@ from .batchnorm import ShiftedStatistics, check_bn_mode, checkpoint_bn, set_trai
 from .context import Context, DefenseResult
 from .fmp import ChannelMask, class_balanced_batch, conv_bn_pairs, select_channels, trigger_response
 from .found_triggers import (
+    ROAM_MIN_FLIP,
     found_by_scan,
     gather_triggers,
     is_full_image,
@@ -76,6 +80,7 @@ STAMPED_LOSSES = ("ce", "consistency")
 STAMP_MODES = ("all", "patches")
 MIX_TARGETS = ("drop", "cap", "suppress")
 MIX_KINDS = ("blend", "box")
+MIX_REFRESH_ALPHAS = ("median", "own")
 OBJECTIVES = ("target-rate", "triggered-error")
 WAVE_PHASES = ("random", "found")
 PRUNE_SCHEDULES = ("at-once", "fewest")
@@ -119,6 +124,11 @@ class Unlearn:
     scan_noise_kind: bool = True
     # the mix kind (a full-image blend toward an optimised picture, for image blends): opt-in, development only
     scan_mix_kind: bool = False
+    # each epoch, a fresh picture toward each mix-flagged class against the model as it is then (development)
+    mix_refresh: bool = False
+    mix_refresh_steps: int = 100
+    mix_refresh_alpha: str = "median"
+    mix_refresh_scale: float = 1.0
     scan_keys: int = 0
     scan_roam: int = 4
     roam_audit: bool = False
@@ -179,6 +189,10 @@ class Unlearn:
             raise ValueError("need 0 < strength_min ≤ strength_max")
         if not 0 < self.wave_strength_min <= self.wave_strength_max:
             raise ValueError("need 0 < wave_strength_min ≤ wave_strength_max")
+        if self.mix_refresh_alpha not in MIX_REFRESH_ALPHAS:
+            raise ValueError(f"mix_refresh_alpha must be one of {', '.join(MIX_REFRESH_ALPHAS)}")
+        if self.mix_refresh_steps < 1 or self.mix_refresh_scale <= 0:
+            raise ValueError("need mix_refresh_steps ≥ 1 and mix_refresh_scale > 0")
         if min(self.wave_neighbours, self.scan_keys, self.scan_roam, self.floor_se_images) < 0:
             raise ValueError("wave_neighbours, scan_keys, scan_roam and floor_se_images must be ≥ 0")
         if self.few_stamp_fraction != "auto" and (isinstance(self.few_stamp_fraction, str) or
@@ -289,7 +303,7 @@ class Unlearn:
             with channels_last(model):  # faster convolutions (oneDNN, CUDA); the layout is given back afterwards
                 epochs_log = self._finetune(model, train, stamped, suspected, guard, measure, ctx, teacher, mask,
                                             settings["bn"], settings["lr"], settings["stamp_fraction"],
-                                            settings["mix_distill"])
+                                            settings["mix_distill"], median_alpha=_median_mix_alpha(scan_summary))
             timings["finetune"] = round(time.perf_counter() - ft_started, 3)
         else:
             details["note"] = ("only full-image triggers found: pruned, not fine-tuned (fine-tuning without them "
@@ -314,7 +328,8 @@ class Unlearn:
         re-estimated (``reestimate-augmented``). ``lr=auto``: 0.01, or with frozen
         statistics None — ``frozen_statistics_lr`` calibrates it on the model about to be fine-tuned.
         ``stop_at_floor=auto``: stop at the floor only when the statistics are re-estimated (that re-estimation is
-        what fine-tuning after pruning cost: BENCHMARKS.md "BatchNorm statistics after pruning"). With re-estimated
+        what fine-tuning after pruning cost: BENCHMARKS.md "BatchNorm statistics after pruning"), and not with
+        ``mix_refresh`` and a mix picture found. With re-estimated
         statistics and fewer than ``few_per_class`` fit-train images per class (GTSRB's 5% holdout: 2), nothing is
         pruned (BENCHMARKS.md "Unlearn without pruning and a tenth of each batch stamped"), ``mix_distill=auto``
         distils mixes and ``few_stamp_fraction=auto`` stamps a fifth of the clean rows with them, a tenth without
@@ -333,7 +348,10 @@ class Unlearn:
             out |= {"primary_target": primary, "toward_primary": [t.name for t in toward], "full_image": full,
                     "from_scan": scanned}
         lr = self.lr if self.lr != "auto" else (None if bn == "frozen" else DEFAULT_LR)  # None: calibrated later
-        stop = self.stop_at_floor if self.stop_at_floor != "auto" else bn != "frozen"
+        # with mix_refresh and a picture found, fine-tuning always runs: the floor is measured on the found picture,
+        # which pruning silences while the real blend still fires (BENCHMARKS.md "Fresh pictures each epoch")
+        refresh = self.mix_refresh and any(found_by_scan(t) and t.params.get("kind") == "mix" for t in triggers)
+        stop = self.stop_at_floor if self.stop_at_floor != "auto" else bn != "frozen" and not refresh
         per_class = len(train) / max(1, fit.num_classes)
         few = bn != "frozen" and per_class < self.few_per_class
         mix = self.mix_distill if self.mix_distill != "auto" else (
@@ -460,9 +478,13 @@ class Unlearn:
 
     def _finetune(self, model: nn.Module, train: Holdout, triggers: list, suspected: list[int], guard: FitValGuard,
                   measure, ctx: Context, teacher: nn.Module | None, mask: ChannelMask | None, bn: str,
-                  lr: float, stamp_fraction: float, mix_share: float) -> list[dict]:
+                  lr: float, stamp_fraction: float, mix_share: float, median_alpha: float | None = None
+                  ) -> list[dict]:
         device = ctx.device
         bf16 = training_bf16(device, self.precision)
+        triggers = list(triggers)  # mix_refresh adds to it; the BN stamping below sees the same list
+        pictures = [t for t in triggers if found_by_scan(t) and t.params.get("kind") == "mix"] if self.mix_refresh \
+            else []
         generator = ctx.generator(offset=31)
         mix_generator = ctx.generator(offset=37)  # its own stream: the other draws stay as without mixes
         mix = mixup_pairs if self.mix_kind == "blend" else boxmix_pairs
@@ -484,6 +506,7 @@ class Unlearn:
                                       transform_for=bn_stamp)
             shift.start(model)
         for epoch in range(1, self.epochs + 1):
+            refreshed = self._refresh_pictures(model, train, pictures, triggers, epoch, ctx.seed, bf16, median_alpha)
             set_training(model, bn)
             sums = {"ce": 0.0, "reg": 0.0}
             for _ in range(steps_per_epoch):
@@ -551,8 +574,37 @@ class Unlearn:
             objective, objective_se = measure(model)
             guard.check(model, f"epoch {epoch}", objective=objective, objective_se=objective_se)
             log.append({"epoch": epoch, "ce": sums["ce"] / steps_per_epoch, "reg": sums["reg"] / steps_per_epoch,
-                        f"{self.objective}_fit_val": objective})
+                        f"{self.objective}_fit_val": objective} | ({"mix_refresh": refreshed} if pictures else {}))
         return log
+
+    def _refresh_pictures(self, model: nn.Module, train: Holdout, pictures: list, triggers: list, epoch: int,
+                          seed: int, bf16: bool, median_alpha: float | None) -> list[dict]:
+        """``mix_refresh``: for each of the scan's mix triggers, a fresh picture toward its class optimised against
+        ``model`` as it is now (``mix_picture``), blended at ``mix_refresh_scale`` × ``mix_refresh_alpha``:
+        ``median`` — the scan's median class's α (``median_alpha``: the weight at which a picture reaches an
+        ordinary class) — or ``own``, the trigger's; added to ``triggers`` when it sends at least ``ROAM_MIN_FLIP``
+        of its images there.
+        Returns what was tried."""
+        from ..detectors.keys import mix_picture
+
+        tried = []
+        model.eval()
+        for number, found in enumerate(pictures):
+            target = int(found.params["target"])
+            others = train.subset(torch.nonzero(train.y != target).flatten())
+            own = float(found.fn.parts["mask"].flatten()[0])
+            alpha = self.mix_refresh_scale * ((median_alpha or own) if self.mix_refresh_alpha == "median" else own)
+            if not len(others) or alpha >= 1:
+                continue
+            picture = mix_picture(model, others, target, alpha, steps=self.mix_refresh_steps,
+                                  seed=seed * 1_000_003 + 53 * epoch + number, bf16=bf16,
+                                  name=f"{found.name}_refresh{epoch}", params=found.params | {"refresh": epoch})
+            kept = picture.params["flip"] >= ROAM_MIN_FLIP
+            if kept:
+                triggers.append(picture)
+            tried.append({"name": picture.name, "alpha": round(alpha, 4), "flip": picture.params["flip"],
+                          "kept": kept})
+        return tried
 
 
 def frozen_statistics_lr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cap: float = DEFAULT_LR
@@ -604,6 +656,12 @@ def _at_floor(rate: tuple[float | None, int], floor: tuple[float | None, int], z
         return False
     n, m = max(n, se_images), max(m, se_images)
     return p <= f + z * math.sqrt(p * (1 - p) / n + f * (1 - f) / m)
+
+
+def _median_mix_alpha(scan_summary: dict | None) -> float | None:
+    """The fit-split scan's median class's mix α (None without the mix kind)."""
+    alphas = ((scan_summary or {}).get("mix") or {}).get("alpha")
+    return statistics.median(alphas) if alphas else None
 
 
 def _trigger_targets(ctx: Context, triggers: list) -> dict[str, int | None]:
