@@ -526,6 +526,11 @@ def render_sanitize_text(report: Report) -> str:
             lines.append("  roaming patches: " + ", ".join(
                 f"{r.get('name')} (flips {_pct(r.get('flip'))}, {'used' if r.get('kept') else 'not used'})"
                 for r in roaming))
+        refreshed = [entry for epoch in details.get("epochs") or [] for entry in epoch.get("mix_refresh") or []]
+        if refreshed:
+            lines.append(f"  fresh pictures each epoch (mix_refresh, weight {refreshed[0].get('alpha')}): flips "
+                         + " → ".join(_pct(r.get("flip")) for r in refreshed)
+                         + f"; {sum(bool(r.get('kept')) for r in refreshed)} used")
         guard = defense.get("guard") or {}
         if guard:
             lines.append(f"  guard: clean accuracy on verify {_pct(guard.get('ca_verify_before'))} → "

@@ -84,6 +84,20 @@ def test_text_report_names_the_triggers_the_fit_split_scan_found():
             in render_sanitize_text(report))
 
 
+def test_text_report_gives_the_fresh_pictures_flips_epoch_by_epoch():
+    from bdsan.report import Report, render_sanitize_text
+
+    report = Report("sanitize")
+    report.defense = {"method": "unlearn", "params": {"mix_refresh": True}, "details": {"epochs": [
+        {"epoch": 1, "mix_refresh": [{"name": "scan_mix_class0_refresh1", "alpha": 0.203, "flip": 1.0, "kept": True}]},
+        {"epoch": 2, "mix_refresh": [{"name": "scan_mix_class0_refresh2", "alpha": 0.203, "flip": 0.42,
+                                      "kept": False}]}]}}
+    assert ("  fresh pictures each epoch (mix_refresh, weight 0.203): flips 100.0% → 42.0%; 1 used\n"
+            in render_sanitize_text(report))
+    report.defense["details"]["epochs"] = [{"epoch": 1}]
+    assert "fresh pictures" not in render_sanitize_text(report)
+
+
 def test_text_report_says_how_unlearn_treated_batchnorm_and_why():
     from bdsan.report import Report, render_sanitize_text
 
