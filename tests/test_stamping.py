@@ -74,6 +74,25 @@ def test_the_defenses_scan_keeps_the_settings_their_numbers_were_measured_with(m
     assert seen["kinds"] == ("patch", "blend", "wave") and seen["keep"] == "after-step"
 
 
+def test_with_the_mix_kind_an_unflagged_suspect_gets_its_mix_picture_too(monkeypatch):
+    """Nothing flagged and no suite trigger known: the most suspicious class's patch and blend are used, and with
+    ``mix`` (unlearn's ``scan_mix_kind``) its mix picture too, so that ``mix_refresh`` has a class to work on."""
+    reconstructed = [Trigger(f"scan_{kind}_class{cls}", {"source": "scan", "kind": kind, "target": cls,
+                                                          "anomalous": False}, lambda x, **_: x)
+                     for kind in ("patch", "blend", "mix") for cls in (0, 1)]
+
+    def fake_scan(model, holdout, **kwargs):
+        return {"reconstructed": reconstructed, "suspected_target": 1, "anomalous": False,
+                "mix": {"alpha": [0.2, 0.1], "flip_rate": [0.5, 0.9], "anomaly_index": [0.7, 0.7]}}
+
+    monkeypatch.setattr(scan_module, "scan", fake_scan)
+    train = Holdout(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]), ["a", "b"])
+    names = {mix: [t.name for t in scan_fit_split(torch.nn.Flatten(), train, Context(), steps=1, mix=mix)[0]]
+             for mix in (False, True)}
+    assert names == {False: ["scan_patch_class1", "scan_blend_class1"],
+                     True: ["scan_patch_class1", "scan_blend_class1", "scan_mix_class1"]}
+
+
 def test_scan_noise_kind_hands_a_flagged_class_its_noise_blend():
     """``scan_noise_kind``: the defenses' scan searches the noise kind (grey and colour) too, and a class it flags
     gets that noise blend as a found trigger; without it no noise trigger is found."""

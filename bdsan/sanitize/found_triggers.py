@@ -111,7 +111,8 @@ def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, a
     """Run the scan on fit images; return its reconstructed triggers worth using and a summary.
 
     Without ``all_classes``: the anomalous classes' triggers, or — when none is anomalous and the audit knew no
-    trigger — the most suspicious class's (a weak scan signal is still the best lead a small holdout gives).
+    trigger — the most suspicious class's (a weak scan signal is still the best lead a small holdout gives; with
+    ``mix`` its mix picture too).
     ``wave``: search the scan's ``wave`` kind too; a class's best plane wave is used only where it flagged the
     class (every class has a best wave, most of them mean nothing). ``noise``: search the noise kind too (grey and
     colour noise blended at 0.2); a flagged class's noise blend is used, as a wave is. ``mix``: optimise the mix
@@ -138,7 +139,9 @@ def scan_fit_split(model: nn.Module, train: Holdout, ctx: Context, steps: int, a
     else:
         found = anomalous_triggers(result)
         if not found and not ctx.known_triggers and result["suspected_target"] is not None:
-            found = [t for t in usable if t.params["target"] == result["suspected_target"]]
+            # with ``mix`` the suspect's mix picture too (development: BENCHMARKS.md "Fresh pictures each epoch")
+            found = [t for t in result["reconstructed"] if t.params["target"] == result["suspected_target"]
+                     and (t in usable or mix and t.params["kind"] == "mix")]
         # a class the mix kind flagged gets its patch and blend too, as an unflagged suspect does (development)
         mixed = {t.params["target"] for t in found if t.params["kind"] == "mix"}
         found += [t for t in usable if t.params["target"] in mixed and t not in found
