@@ -74,8 +74,8 @@ def test_scan_wave_gives_unlearn_a_sine_only_the_wave_kind_knows():
 def test_mix_refresh_removes_a_picture_blend_the_found_picture_alone_leaves():
     """An image-blend backdoor (a picture blended at 0.2): unlearn with the mix kind's reconstruction alone leaves
     much of it (about half on this toy: the scan's picture works at a smaller weight than the real one); with
-    ``mix_refresh`` a fresh picture toward the class, blended at the scan's median class's α and optimised against
-    the model of each epoch, is stamped too, and the real trigger goes under the gate."""
+    ``mix_refresh`` a fresh picture toward the class, blended at twice the scan's median class's α (the default
+    scale) and optimised against the model of each epoch, is stamped too, and the real trigger goes under the gate."""
     toy = scan_helpers.picture_blend_toy()
     fit, verify = split_holdout(toy.holdout, 0.5, 0)
     asr = functools.partial(trigger_asr, x_uint8=verify.x, y=verify.y, trigger=scan_helpers.blended_picture)
@@ -89,7 +89,7 @@ def test_mix_refresh_removes_a_picture_blend_the_found_picture_alone_leaves():
     assert asr(results[False].model) > 0.3 and asr(results[True].model) <= 0.2
     median_alpha = statistics.median(results[True].details["scan"]["mix"]["alpha"])
     tried = [entry for epoch in results[True].details["epochs"] for entry in epoch["mix_refresh"]]
-    assert len(tried) == 5 and all(entry["alpha"] == round(median_alpha, 4) for entry in tried)
+    assert len(tried) == 5 and all(entry["alpha"] == round(2 * median_alpha, 4) for entry in tried)
     assert all("mix_refresh" not in epoch for epoch in results[False].details["epochs"])
 
 

@@ -124,11 +124,13 @@ class Unlearn:
     scan_noise_kind: bool = True
     # the mix kind (a full-image blend toward an optimised picture, for image blends): opt-in, development only
     scan_mix_kind: bool = False
-    # each epoch, a fresh picture toward each mix-flagged class against the model as it is then (development)
+    # each epoch, a fresh picture toward each mix-flagged class against the model as it is then, blended at twice the
+    # median class's α (chosen on two development image blends; opt-in after its blind check: BENCHMARKS.md "Fresh
+    # pictures each epoch")
     mix_refresh: bool = False
     mix_refresh_steps: int = 100
     mix_refresh_alpha: str = "median"
-    mix_refresh_scale: float = 1.0
+    mix_refresh_scale: float = 2.0
     scan_keys: int = 0
     scan_roam: int = 4
     roam_audit: bool = False
