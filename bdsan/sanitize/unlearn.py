@@ -8,8 +8,9 @@ a 4×4 patch optimised at random positions toward its class (kept when it flips 
 ``scan_keys`` (opt-in) further reconstructions on pixels the first does not cover; ``roam_audit`` (experimental)
 adds a roaming patch toward each class a suite patch was flagged for when the scan does not run. With
 ``scan_mix_kind`` (opt-in) the scan's mix kind is searched too, and with ``mix_refresh`` every epoch of the
-fine-tuning first optimises a fresh picture toward each mix-flagged class against the model as it is then, blended
-at the scan's median class's α (``mix_refresh_alpha``), and stamps it from then on (for image blends).
+fine-tuning first optimises a fresh picture toward each mix-flagged class (or, nothing flagged, the suspect class)
+against the model as it is then, blended at ``mix_refresh_scale`` (2) × the scan's median class's α, and stamps it
+from then on (for image blends).
 
 1. **Prune** (``prune_schedule=fewest``): among the ``prune_ratio`` (1/64) of each conv layer's channels the found
    triggers excite most (FMP's ``rank=triggers`` on ``prune_images`` fit images), zero the fewest — most excited
@@ -585,8 +586,7 @@ class Unlearn:
         ``model`` as it is now (``mix_picture``), blended at ``mix_refresh_scale`` × ``mix_refresh_alpha``:
         ``median`` — the scan's median class's α (``median_alpha``: the weight at which a picture reaches an
         ordinary class) — or ``own``, the trigger's; added to ``triggers`` when it sends at least ``ROAM_MIN_FLIP``
-        of its images there.
-        Returns what was tried."""
+        of its images there. Returns what was tried."""
         from ..detectors.keys import mix_picture
 
         tried = []
