@@ -372,7 +372,7 @@ def test_the_blend_kind_has_its_own_size_test():
 
 
 def test_mix_kind_flags_an_image_blend_and_not_a_clean_model(toy_clean):
-    """The opt-in mix kind (x' = (1−α)·x + α·p, one α per class) flags the target of a picture blended at 0.2 with
+    """The mix kind (x' = (1−α)·x + α·p, one α per class) flags the target of a picture blended at 0.2 with
     the smallest α, and its reconstruction flips held-out images; a clean model's classes are all ordinary."""
     assert "mix" in ScanSettings().kinds  # a default since its blind check
     toy = scan_helpers.picture_blend_toy()

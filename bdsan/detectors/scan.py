@@ -16,7 +16,7 @@ second one:
   (BENCHMARKS.md, "Natural-image blends"). Optimised as a problem of its own, after patch and blend, so that it
   leaves their triggers as they were.
 
-A third kind, ``wave`` (a default since it passed a blind test), is searched, not optimised: SIG's own family, per
+A fourth kind, ``wave`` (a default since it passed a blind test), is searched, not optimised: SIG's own family, per
 class the grey plane wave (rows or columns, 1–``wave_periods`` periods, four phases, amplitude ``wave_amplitude``)
 that flips most of ``wave_select`` optimisation images to the class. Class t is anomalous for it when its wave
 flips ≥ ``wave_threshold`` (0.9) of the held-out images (an absolute rule: BENCHMARKS.md, "the best plane wave")
@@ -467,8 +467,8 @@ def kind_verdict(norms: np.ndarray, flips: np.ndarray, cfg: ScanSettings, index:
 
     Anomalous: index > ``anomaly_threshold``, flip ≥ ``flip_threshold`` and size ≤ ratio·median size, the ratio
     being ``max_norm_ratio`` (patch), ``blend_max_norm_ratio`` (blend) or ``mix_max_norm_ratio`` (mix). The
-    ranking score is the index where the trigger generalises (flip ≥ ``flip_threshold``), else −∞. ``index`` replaces :func:`_anomaly_index`
-    (``benchmarks/rescore_scan.py`` compares index rules this way)."""
+    ranking score is the index where the trigger generalises (flip ≥ ``flip_threshold``), else −∞. ``index``
+    replaces :func:`_anomaly_index` (``benchmarks/rescore_scan.py`` compares index rules this way)."""
     index = _anomaly_index(norms) if index is None else index
     generalises = flips >= cfg.flip_threshold
     ratio = {"blend": cfg.blend_max_norm_ratio, "mix": cfg.mix_max_norm_ratio}.get(kind, cfg.max_norm_ratio)

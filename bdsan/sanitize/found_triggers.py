@@ -207,9 +207,9 @@ def stamp_leading(x: torch.Tensor, triggers: list, fraction: float, generator: t
         rows = torch.nonzero(choice == index).flatten().to(x.device)
         if not len(rows):
             continue
-        is_wave = _is_reconstructed(trigger, "wave")
+        is_wave = is_reconstructed(trigger, "wave")
         scale = wave_strength if wave_strength is not None and is_wave else strength
-        if jitter > 0 and (_is_reconstructed(trigger, "patch") or jitter_suite and not is_full_image(trigger, x[rows[:1]])):
+        if jitter > 0 and (is_reconstructed(trigger, "patch") or jitter_suite and not is_full_image(trigger, x[rows[:1]])):
             dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
             out[rows] = _stamped_shifted(trigger, x[rows], dy, dx)
         elif wave_phase and is_wave:  # a whole-period roll of the wave: its phase
@@ -227,7 +227,7 @@ def neighbour_waves(triggers: list, count: int) -> list:
     at more than the scan's amplitude")."""
     from ..detectors.waves import WAVES_PER_FREQUENCY, plane_wave_trigger
 
-    waves = [t.params for t in triggers if _is_reconstructed(t, "wave") and "wave_index" in t.params]
+    waves = [t.params for t in triggers if is_reconstructed(t, "wave") and "wave_index" in t.params]
     return [plane_wave_trigger(wave["wave_index"] + step * WAVES_PER_FREQUENCY, wave["target"], wave["amplitude"])
             for wave in waves for step in range(-count, count + 1)
             if step and wave["wave_index"] + step * WAVES_PER_FREQUENCY >= 0]
@@ -271,5 +271,6 @@ def found_by_scan(trigger) -> bool:
     return (getattr(trigger, "params", None) or {}).get("source") == "scan"
 
 
-def _is_reconstructed(trigger, kind: str) -> bool:
+def is_reconstructed(trigger, kind: str) -> bool:
+    """Is ``trigger`` the scan's reconstruction of ``kind``?"""
     return found_by_scan(trigger) and trigger.params.get("kind") == kind

@@ -64,6 +64,7 @@ from .found_triggers import (
     found_by_scan,
     gather_triggers,
     is_full_image,
+    is_reconstructed,
     neighbour_waves,
     scan_mode,
     stamp_leading,
@@ -353,7 +354,7 @@ class Unlearn:
         lr = self.lr if self.lr != "auto" else (None if bn == "frozen" else DEFAULT_LR)  # None: calibrated later
         # with mix_refresh and a picture found, fine-tuning always runs: the floor is measured on the found picture,
         # which pruning silences while the real blend still fires (BENCHMARKS.md "Fresh pictures each epoch")
-        refresh = self.mix_refresh and any(found_by_scan(t) and t.params.get("kind") == "mix" for t in triggers)
+        refresh = self.mix_refresh and any(is_reconstructed(t, "mix") for t in triggers)
         stop = self.stop_at_floor if self.stop_at_floor != "auto" else bn != "frozen" and not refresh
         per_class = len(train) / max(1, fit.num_classes)
         few = bn != "frozen" and per_class < self.few_per_class
@@ -486,8 +487,7 @@ class Unlearn:
         device = ctx.device
         bf16 = training_bf16(device, self.precision)
         triggers = list(triggers)  # mix_refresh adds to it; the BN stamping below sees the same list
-        pictures = [t for t in triggers if found_by_scan(t) and t.params.get("kind") == "mix"] if self.mix_refresh \
-            else []
+        pictures = [t for t in triggers if is_reconstructed(t, "mix")] if self.mix_refresh else []
         generator = ctx.generator(offset=31)
         mix_generator = ctx.generator(offset=37)  # its own stream: the other draws stay as without mixes
         mix = mixup_pairs if self.mix_kind == "blend" else boxmix_pairs
